@@ -1,0 +1,153 @@
+"""Guidance: nudge the latents down the gradient of the AI-T2I loss during the first steps.
+
+The data flow of one update, end to end, is :func:`guidance_step`: enable grad, run the
+conditional UNet pass under attention capture, compute the losses per prompt, differentiate
+w.r.t. the latents, step. :class:`Guide` applies it on the schedule of ``ScheduleConfig`` (and the
+optional iterative refinement); adapters call ``Guide.update(i, latents)`` before each guided
+denoising step ``i`` and know nothing about the losses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .capture import StopForward, capture_attention
+from .config import AIT2IConfig
+from .objective import LossTerms, compute_losses
+from .tokens import TokenGroup
+
+logger = logging.getLogger(__name__)
+
+# Runs the conditional UNet pass of the adapter's pipeline on ``latents`` at timestep ``t``.
+UNetForward = Callable[[torch.Tensor, torch.Tensor], object]
+
+
+@dataclass(frozen=True)
+class PromptTarget:
+    """What the losses need of one prompt: its groups, end-of-text index and image count."""
+
+    groups: tuple[TokenGroup, ...]
+    eot_index: int
+    num_images: int
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """Diagnostics of one guided denoising step (losses are means over the batch, before the update)."""
+
+    step: int
+    timestep: float
+    step_size: float
+    iterations: int
+    losses: dict[str, float]
+
+
+def batch_losses(attn: torch.Tensor, targets: Sequence[PromptTarget], config: AIT2IConfig) -> LossTerms:
+    """Losses of a batch laid out prompt after prompt (``num_images`` rows each).
+
+    Args:
+        attn: ``(B, H, W, T)`` captured maps, ``B = sum(t.num_images)``.
+        targets: one :class:`PromptTarget` per prompt, in batch order.
+    """
+    parts, start = [], 0
+    for target in targets:
+        rows = attn[start : start + target.num_images]
+        parts.append(compute_losses(rows, target.groups, target.eot_index, config.loss))
+        start += target.num_images
+    if start != attn.shape[0]:
+        raise ValueError(f"batch of {attn.shape[0]} maps does not match the prompts' {start} images")
+    fields = LossTerms.__dataclass_fields__
+    return LossTerms(**{name: torch.cat([getattr(p, name) for p in parts]) for name in fields})
+
+
+def capture_maps(unet, forward: UNetForward, latents: torch.Tensor, t, config: AIT2IConfig) -> torch.Tensor:
+    """Run ``forward`` under capture and return the maps ``(B, H, W, T)`` with their graph."""
+    truncated = config.mode == "truncated"
+    with capture_attention(unet, tuple(latents.shape[-2:]), config.attention_resolution, stop_early=truncated) as store:
+        try:
+            forward(latents, t)
+        except StopForward:
+            pass
+        return store.maps()
+
+
+def guidance_step(
+    unet,
+    forward: UNetForward,
+    latents: torch.Tensor,
+    t,
+    targets: Sequence[PromptTarget],
+    config: AIT2IConfig,
+    step_size: float,
+    input_scale: float = 1.0,
+) -> tuple[torch.Tensor, LossTerms, torch.Tensor]:
+    """One latent update ``z <- z - step_size * grad_z L``, taken in the UNet's input space.
+
+    ``input_scale`` is the factor ``c`` the scheduler applies before the UNet (``scale_model_input``;
+    1 for DDIM/PNDM/DPM, ``1/sqrt(sigma^2+1)`` for Euler-type). The step is taken on ``c * z`` so that
+    ``step_size`` means the same for every scheduler: ``z <- z - step_size * grad_z L / c^2``.
+
+    Returns:
+        The updated latents (detached, same dtype), the loss terms before the update, and the
+        captured maps ``(B, H, W, T)`` (detached).
+    """
+    with torch.enable_grad():
+        z = latents.detach().requires_grad_(True)
+        attn = capture_maps(unet, forward, z, t, config)
+        terms = batch_losses(attn, targets, config)
+        (grad,) = torch.autograd.grad(terms.total.sum(), z)
+    new = (z.detach() - (step_size / input_scale**2) * grad.to(z.dtype)).to(latents.dtype)
+    return new, _detach(terms), attn.detach()
+
+
+def _detach(terms: LossTerms) -> LossTerms:
+    return LossTerms(**{k: getattr(terms, k).detach() for k in LossTerms.__dataclass_fields__})
+
+
+class Guide:
+    """Applies :func:`guidance_step` on the schedule and keeps the diagnostics of the run.
+
+    Args:
+        unet: the UNet whose cross-attention is read.
+        forward: the adapter's conditional UNet pass.
+        targets: the prompts' groups, in batch order.
+        timesteps: the scheduler's timesteps for this run (one entry per denoising step).
+        config: the run's configuration.
+        input_scale: ``t -> c``, the scheduler's model-input scaling at ``t`` (see :func:`guidance_step`).
+    """
+
+    def __init__(self, unet, forward: UNetForward, targets, timesteps, config: AIT2IConfig, input_scale=None):
+        self.unet, self.forward, self.targets, self.config = unet, forward, tuple(targets), config
+        self.input_scale = input_scale or (lambda t: 1.0)
+        self.timesteps = list(timesteps)
+        self.step_sizes = config.schedule.step_sizes(len(self.timesteps))
+        self.num_guided = config.schedule.num_guided_steps(len(self.timesteps))
+        self.thresholds = dict(config.schedule.refinement_thresholds) if config.schedule.refinement else {}
+        self.records: list[StepRecord] = []
+        self.last_maps: torch.Tensor | None = None
+
+    def is_guided(self, i: int) -> bool:
+        """Step ``i`` is on the schedule (with ``step_scale=0`` its losses are still recorded)."""
+        return 0 <= i < self.num_guided
+
+    def update(self, i: int, latents: torch.Tensor) -> torch.Tensor:
+        """The latents for denoising step ``i``: guided when ``i`` is on the schedule, else unchanged."""
+        if not self.is_guided(i):
+            return latents
+        t, alpha = self.timesteps[i], self.step_sizes[i]
+        args = (self.unet, self.forward, latents, t, self.targets, self.config, alpha, self.input_scale(t))
+        latents, terms, maps = guidance_step(*args)
+        iterations = 1
+        if i in self.thresholds:
+            target = 1.0 - self.thresholds[i]
+            while float(terms.existence.max()) > target and iterations < self.config.schedule.max_refinement_iters:
+                latents, terms, maps = guidance_step(*args[:2], latents, *args[3:])
+                iterations += 1
+        self.last_maps = maps
+        self.records.append(StepRecord(i, float(t), alpha, iterations, terms.as_floats()))
+        logger.debug("step %d: %s", i, self.records[-1].losses)
+        return latents

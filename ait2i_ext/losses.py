@@ -1,0 +1,341 @@
+"""The AI-T2I losses as pure functions on attention maps (``shared/METHOD.md``, Losses and Layout).
+
+Conventions shared by every function here:
+
+- A map is a float tensor of shape ``(N, H, W)`` (``N`` images in the batch); a stack of maps, one
+  per token group, is ``(N, G, H, W)``. Maps are non-negative (attention probabilities).
+- Coordinates are ``(y, x)`` in grid cells: cell ``(i, j)`` sits at ``(i, j)``, so a map spans
+  ``[0, H - 1] x [0, W - 1]``.
+- Distances are Euclidean. Every loss returns one value per image, shape ``(N,)``, and is lower
+  when the maps look more like what the method asks for.
+- Weights, radii and modes are arguments; their defaults live in :class:`ait2i_ext.config.LossConfig`.
+- Inputs are never modified and never moved; results live on the inputs' device and dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .config import IsolationMode
+
+
+def scaled_radius(radius: float, size: int, reference_resolution: int) -> float:
+    """A radius given in cells of a ``reference_resolution`` map, converted to a ``size`` map.
+
+    ``LossConfig`` radii are tuned on 16x16 maps (SD 1.x at 512 px); a 32x32 map (SDXL at 1024 px)
+    covers the same image with twice as many cells, so it needs twice the radius.
+
+    Args:
+        radius (`float`): radius in cells of the reference map.
+        size (`int`): side ``H`` of the map the radius is used on.
+        reference_resolution (`int`): side of the map ``radius`` was given for.
+    """
+    return radius * size / reference_resolution
+
+
+def _grid(height: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """``(H, W, 2)`` tensor of cell coordinates ``(y, x)`` in the dtype and on the device of ``like``."""
+    ys = torch.arange(height, dtype=like.dtype, device=like.device)
+    xs = torch.arange(width, dtype=like.dtype, device=like.device)
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1)
+
+
+def _diagonal(height: int, width: int) -> float:
+    """Longest distance between two cells of an ``H x W`` grid (1 for a single cell, never 0)."""
+    return max(math.hypot(height - 1, width - 1), 1.0)
+
+
+def centroid(m: torch.Tensor, fallback: torch.Tensor | None = None) -> torch.Tensor:
+    """Centre of mass ``c(M) = sum_p p M[p] / sum_p M[p]`` of each map.
+
+    Args:
+        m (`torch.Tensor` of shape `(N, H, W)`): non-negative maps.
+        fallback (`torch.Tensor` of shape `(N, 2)`, *optional*): returned for maps without mass.
+            Defaults to the centre of the grid.
+
+    Returns:
+        `torch.Tensor` of shape `(N, 2)`: ``(y, x)`` per map; differentiable w.r.t. ``m``, finite
+        (also in its gradient) when a map is all zeros.
+    """
+    n, height, width = m.shape
+    mass = m.sum(dim=(1, 2))
+    has_mass = mass > torch.finfo(m.dtype).tiny
+    weighted = torch.einsum("nhw,hwc->nc", m, _grid(height, width, m))
+    # Dividing by 1 where there is no mass keeps the unused branch of `where` finite, so its
+    # gradient (multiplied by 0) stays finite too.
+    safe_mass = torch.where(has_mass, mass, torch.ones_like(mass))
+    if fallback is None:
+        fallback = m.new_tensor([(height - 1) / 2, (width - 1) / 2]).expand(n, 2)
+    return torch.where(has_mass[:, None], weighted / safe_mass[:, None], fallback.to(m.dtype))
+
+
+def ball_mask(center: torch.Tensor, height: int, width: int, radius: float) -> torch.Tensor:
+    """Ball masks ``B_r(p)``: 1 on the cells ``q`` with ``|q - p| < r``, 0 elsewhere.
+
+    Args:
+        center (`torch.Tensor` of shape `(N, 2)`): ball centres ``p`` as ``(y, x)`` in cells.
+        height (`int`), width (`int`): grid size ``H``, ``W``.
+        radius (`float`): ``r`` in cells.
+
+    Returns:
+        `torch.Tensor` of shape `(N, H, W)`, in ``center``'s floating dtype (float32 for integer
+        centres).
+    """
+    if not center.is_floating_point():
+        center = center.float()
+    dist = torch.linalg.vector_norm(_grid(height, width, center)[None] - center[:, None, None, :], dim=-1)
+    return (dist < radius).to(center.dtype)
+
+
+def _argmax_cell(m: torch.Tensor) -> torch.Tensor:
+    """``(y, x)`` of the largest cell of each ``(N, H, W)`` map, as a detached ``(N, 2)`` float tensor."""
+    width = m.shape[-1]
+    flat = m.detach().flatten(1).argmax(dim=1)
+    return torch.stack((flat // width, flat % width), dim=-1).to(m.dtype)
+
+
+def peak_centroids(m: torch.Tensor, k: int, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy top-``k`` peak regions of each map.
+
+    For ``i = 1..k``: ``p_i`` is the argmax of what remains of the map (no gradient through the
+    choice), ``c_i`` is the centroid of the remaining map inside ``B_r(p_i)`` (differentiable), then
+    ``B_r(p_i)`` is removed from the remaining map. A region is cut out once, so later regions do
+    not count mass already claimed by an earlier one.
+
+    When nothing is left (a map with fewer than ``k`` separated peaks, e.g. one blob inside the
+    first ball), the missing ``p_i`` and ``c_i`` are set to ``p_1``: they add nothing to the losses
+    built on them, and never produce NaN.
+
+    Args:
+        m (`torch.Tensor` of shape `(N, H, W)`): non-negative maps.
+        k (`int`): number of peaks ``K``.
+        radius (`float`): ball radius ``r`` in cells of this map.
+
+    Returns:
+        `tuple`: ``peaks`` (`torch.Tensor` of shape `(N, k, 2)`, detached) and ``centroids``
+        (`torch.Tensor` of shape `(N, k, 2)`), both ``(y, x)`` in cells.
+    """
+    _, height, width = m.shape
+    remaining = m
+    first_peak = None
+    peaks, centroids = [], []
+    for _ in range(k):
+        peak = _argmax_cell(remaining)
+        ball = ball_mask(peak, height, width, radius)
+        if first_peak is None:
+            first_peak = peak
+        else:
+            empty = remaining.detach().sum(dim=(1, 2)) <= torch.finfo(m.dtype).tiny
+            peak = torch.where(empty[:, None], first_peak, peak)
+        centroids.append(centroid(remaining * ball, fallback=first_peak))
+        peaks.append(peak)
+        remaining = remaining * (1 - ball)
+    return torch.stack(peaks, dim=1), torch.stack(centroids, dim=1)
+
+
+def _peak_spread(anchor: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """``sum_i |anchor - c_i| + sum_{2 <= i < j <= k} |c_i - c_j|`` per image, shape ``(N,)``.
+
+    For ``k = 3`` the second sum is the reference ``|c_2 - c_3|``; for ``k > 3`` every pair of
+    secondary centroids is pulled together; for ``k < 3`` it is empty.
+    """
+    to_anchor = torch.linalg.vector_norm(centroids - anchor[:, None, :], dim=-1).sum(dim=1)
+    secondary = centroids[:, 1:]
+    pairs = torch.triu_indices(secondary.shape[1], secondary.shape[1], offset=1, device=centroids.device)
+    between = torch.linalg.vector_norm(secondary[:, pairs[0]] - secondary[:, pairs[1]], dim=-1).sum(dim=1)
+    return to_anchor + between
+
+
+def aggregation_loss(m: torch.Tensor, k: int, radius: float) -> torch.Tensor:
+    """Aggregation ``L_agg``: pulls the secondary blobs of a map onto its main peak.
+
+    ``L_agg = [sum_{i=1..k} |sg(p_1) - c_i| + sum_{2 <= i < j <= k} |c_i - c_j|] / D`` with
+    ``D = sqrt((H - 1)^2 + (W - 1)^2)`` and ``p_i``, ``c_i`` from :func:`peak_centroids`.
+
+    Args:
+        m (`torch.Tensor` of shape `(N, H, W)`): non-negative maps (a subject token's attention).
+        k (`int`): number of peak regions ``K``.
+        radius (`float`): ball radius ``r`` in cells of this map (see :func:`scaled_radius`).
+
+    Returns:
+        `torch.Tensor` of shape `(N,)`.
+    """
+    peaks, centroids = peak_centroids(m, k, radius)
+    return _peak_spread(peaks[:, 0], centroids) / _diagonal(*m.shape[-2:])
+
+
+def alignment_loss(member: torch.Tensor, anchor: torch.Tensor, k: int, radius: float) -> torch.Tensor:
+    """Group-member alignment ``L_align``: pulls a member token's blobs onto its subject's peak.
+
+    The form of :func:`aggregation_loss` on ``member``'s peak regions, with ``p_1`` the argmax of
+    ``anchor`` (the group's main noun map) instead of the member's own.
+
+    Args:
+        member (`torch.Tensor` of shape `(N, H, W)`): map of an attribute, identifier, alias or
+            other sub-word piece of the group.
+        anchor (`torch.Tensor` of shape `(N, H, W)`): map of the group's main token.
+        k (`int`): number of peak regions ``K``.
+        radius (`float`): ball radius ``r`` in cells of this map.
+
+    Returns:
+        `torch.Tensor` of shape `(N,)`.
+    """
+    if member.shape != anchor.shape:
+        raise ValueError(
+            f"member shape {tuple(member.shape)} does not match anchor shape {tuple(anchor.shape)}"
+        )
+    _, centroids = peak_centroids(member, k, radius)
+    return _peak_spread(_argmax_cell(anchor), centroids) / _diagonal(*member.shape[-2:])
+
+
+def _pairs(num_groups: int, device: torch.device) -> torch.Tensor:
+    return torch.triu_indices(num_groups, num_groups, offset=1, device=device)
+
+
+def isolation_loss(maps: torch.Tensor, mode: IsolationMode = "euclidean") -> torch.Tensor:
+    """Isolation ``L_iso`` between the groups' maps, averaged over pairs of groups.
+
+    - ``"euclidean"``: ``1 - |c(A_i) - c(A_j)| / sqrt(H^2 + W^2)``, low when the centroids are far
+      apart.
+    - ``"cosine"``: the cosine similarity ``<vec A_i, vec A_j> / (|A_i| |A_j|)``, low when the maps
+      do not overlap. (``shared/METHOD.md`` writes ``1 - cos``; that is a distance to maximise, so
+      the minimised loss is the similarity itself.)
+
+    Args:
+        maps (`torch.Tensor` of shape `(N, G, H, W)`): one non-negative map per group.
+        mode (`str`): ``"euclidean"`` or ``"cosine"``.
+
+    Returns:
+        `torch.Tensor` of shape `(N,)`; zeros when ``G < 2``.
+    """
+    n, num_groups, height, width = maps.shape
+    if mode not in ("euclidean", "cosine"):
+        raise ValueError(f"mode={mode!r} is invalid: expected 'euclidean' or 'cosine'")
+    if num_groups < 2:
+        return maps.new_zeros(n)
+    i, j = _pairs(num_groups, maps.device)
+    if mode == "euclidean":
+        centres = centroid(maps.flatten(0, 1)).view(n, num_groups, 2)
+        dist = torch.linalg.vector_norm(centres[:, i] - centres[:, j], dim=-1)
+        return (1 - dist / math.hypot(height, width)).mean(dim=1)
+    vectors = maps.flatten(2)
+    return F.cosine_similarity(vectors[:, i], vectors[:, j], dim=-1).mean(dim=1)
+
+
+def smooth(m: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
+    """Gaussian smoothing exactly as Attend-and-Excite's ``GaussianSmoothing`` (reflect padding).
+
+    Its kernel is ``exp(-((x - mean) / (2 sigma))^2)`` (that code's form, kept so that existence
+    values match it), normalised to sum 1.
+
+    Args:
+        m (`torch.Tensor` of shape `(N, H, W)`): maps; ``H`` and ``W`` must exceed ``kernel // 2``.
+        kernel (`int`): odd kernel side.
+        sigma (`float`): the kernel's ``sigma``.
+
+    Returns:
+        `torch.Tensor` of shape `(N, H, W)`.
+    """
+    mean = (kernel - 1) / 2
+    x = torch.arange(kernel, dtype=m.dtype, device=m.device)
+    ramp = torch.exp(-(((x - mean) / (2 * sigma)) ** 2))
+    weight = ramp[:, None] * ramp[None, :]
+    weight = (weight / weight.sum())[None, None]
+    pad = kernel // 2
+    padded = F.pad(m[:, None], (pad, pad, pad, pad), mode="reflect")
+    return F.conv2d(padded, weight)[:, 0]
+
+
+def existence_loss(token_maps: torch.Tensor) -> torch.Tensor:
+    """Attend-and-Excite's existence term ``max(0, 1 - min_g max_p A_g[p])``.
+
+    Args:
+        token_maps (`torch.Tensor` of shape `(N, G, H, W)`): per-group maps, already softmaxed over
+            tokens and smoothed by the caller (see ``objective.existence_maps``).
+
+    Returns:
+        `torch.Tensor` of shape `(N,)`.
+    """
+    weakest = token_maps.amax(dim=(2, 3)).amin(dim=1)
+    return (1 - weakest).clamp(min=0)
+
+
+def box_masks(boxes: torch.Tensor | Sequence[Sequence[float]], height: int, width: int) -> torch.Tensor:
+    """Cells of an ``H x W`` grid covered by each layout box.
+
+    A cell belongs to a box when its centre ``((x + 0.5) / W, (y + 0.5) / H)`` lies inside it
+    (edges included). A box too small to contain any cell centre gets the cell holding its centre.
+
+    Args:
+        boxes (`torch.Tensor` of shape `(G, 4)` or a sequence of 4-tuples): ``(x0, y0, x1, y1)``
+            normalised to ``[0, 1]`` with ``x0 <= x1`` and ``y0 <= y1``.
+        height (`int`), width (`int`): grid size.
+
+    Returns:
+        `torch.Tensor` of shape `(G, H, W)`, float, on ``boxes``' device (float32 unless ``boxes``
+        is a floating tensor).
+    """
+    boxes = torch.as_tensor(boxes)
+    if not boxes.is_floating_point():
+        boxes = boxes.float()
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(
+            f"boxes of shape {tuple(boxes.shape)} are invalid: expected (G, 4) as (x0, y0, x1, y1)"
+        )
+    x0, y0, x1, y1 = boxes.unbind(dim=1)
+    valid = (x0 >= 0) & (y0 >= 0) & (x1 <= 1) & (y1 <= 1) & (x0 <= x1) & (y0 <= y1)
+    if not bool(valid.all()):
+        raise ValueError(
+            f"boxes={boxes.tolist()!r} are invalid: expected (x0, y0, x1, y1) in [0, 1] with x0 <= x1, y0 <= y1"
+        )
+    ys = (torch.arange(height, dtype=boxes.dtype, device=boxes.device) + 0.5) / height
+    xs = (torch.arange(width, dtype=boxes.dtype, device=boxes.device) + 0.5) / width
+    inside_y = (ys[None] >= y0[:, None]) & (ys[None] <= y1[:, None])
+    inside_x = (xs[None] >= x0[:, None]) & (xs[None] <= x1[:, None])
+    masks = inside_y[:, :, None] & inside_x[:, None, :]
+    # Cell holding the box centre, for boxes that cover no cell centre.
+    cy = ((y0 + y1) / 2 * height).long().clamp(0, height - 1)
+    cx = ((x0 + x1) / 2 * width).long().clamp(0, width - 1)
+    nearest = torch.zeros_like(masks)
+    nearest[torch.arange(len(boxes), device=boxes.device), cy, cx] = True
+    empty = ~masks.flatten(1).any(dim=1)
+    return torch.where(empty[:, None, None], nearest, masks).to(boxes.dtype)
+
+
+def box_loss(maps: torch.Tensor, masks: torch.Tensor, centroid_weight: float) -> torch.Tensor:
+    """Layout term: each group's attention inside its own box and out of the other groups' boxes.
+
+    Per group ``g`` with total mass ``S_g``::
+
+        1 - mass(M_g in box_g) / S_g
+          + mass(M_g in the other boxes, outside box_g) / S_g
+          + centroid_weight * |c(M_g) - c(box_g)| / sqrt((H - 1)^2 + (W - 1)^2)
+
+    averaged over the groups, where ``c(box_g)`` is the centre of the cells the box covers. Every
+    group passed in must have a box: select the boxed groups before calling.
+
+    Args:
+        maps (`torch.Tensor` of shape `(N, G, H, W)`): non-negative maps of the boxed groups.
+        masks (`torch.Tensor` of shape `(G, H, W)`): their boxes, from :func:`box_masks`.
+        centroid_weight (`float`): weight of the centroid-to-box-centre pull.
+
+    Returns:
+        `torch.Tensor` of shape `(N,)`.
+    """
+    n, num_groups, height, width = maps.shape
+    if masks.shape != maps.shape[1:]:
+        raise ValueError(f"masks of shape {tuple(masks.shape)} are invalid: expected {tuple(maps.shape[1:])}")
+    masks = masks.to(maps.dtype)
+    total = maps.sum(dim=(2, 3)).clamp(min=torch.finfo(maps.dtype).tiny)
+    inside = (maps * masks).sum(dim=(2, 3)) / total
+    # Union of the other groups' boxes, minus this group's own box.
+    others = ((masks.sum(dim=0, keepdim=True) - masks).clamp(max=1)) * (1 - masks)
+    leaked = (maps * others).sum(dim=(2, 3)) / total
+    box_centres = centroid(masks)
+    map_centres = centroid(maps.flatten(0, 1)).view(n, num_groups, 2)
+    offset = torch.linalg.vector_norm(map_centres - box_centres, dim=-1) / _diagonal(height, width)
+    return (1 - inside + leaked + centroid_weight * offset).mean(dim=1)

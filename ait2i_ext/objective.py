@@ -1,0 +1,188 @@
+"""Maps per group -> losses: the AI-T2I objective on one captured attention tensor.
+
+``compute_losses`` takes the averaged cross-attention probabilities ``(N, H, W, T)`` and the prompt's
+token groups, picks each group's maps, and combines the pure losses of :mod:`ait2i_ext.losses` with
+the weights of a :class:`~ait2i_ext.config.LossConfig`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+
+from . import losses
+from .config import LossConfig
+from .tokens import TokenGroup
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """The objective and its unweighted terms, one value per image, each of shape ``(N,)``.
+
+    ``total`` is the weighted sum; the other fields are the raw terms (``aggregation`` and
+    ``alignment`` already summed over groups and members). Terms that do not apply (isolation with
+    one group, box without boxes) are zeros.
+    """
+
+    total: torch.Tensor
+    isolation: torch.Tensor
+    aggregation: torch.Tensor
+    alignment: torch.Tensor
+    existence: torch.Tensor
+    box: torch.Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        """Batch means of every field as Python floats, for logging."""
+        return {f.name: float(getattr(self, f.name).detach().mean()) for f in fields(self)}
+
+
+def _check_attention(attn: torch.Tensor) -> None:
+    if attn.ndim != 4:
+        raise ValueError(f"attention of shape {tuple(attn.shape)} is invalid: expected (N, H, W, T)")
+
+
+def _check_groups(groups: Sequence[TokenGroup], low: int, high: int, expected: str) -> None:
+    if len(groups) == 0:
+        raise ValueError("groups is empty: expected at least one TokenGroup")
+    for group in groups:
+        for index in group.indices:
+            if not low <= index < high:
+                raise ValueError(
+                    f"token index {index} of group {group.name!r} is invalid: expected {low} <= index < {high} "
+                    f"({expected})"
+                )
+
+
+def _check_eot(eot_index: int, num_tokens: int) -> None:
+    if not 1 < eot_index < num_tokens:
+        raise ValueError(
+            f"eot_index={eot_index!r} is invalid: expected 1 < eot_index < {num_tokens} (the end-of-text "
+            f"token after at least one word, within the T={num_tokens} tokens of the attention)"
+        )
+
+
+def group_maps(attn: torch.Tensor, groups: Sequence[TokenGroup]) -> torch.Tensor:
+    """The main token's map of each group.
+
+    Args:
+        attn (`torch.Tensor` of shape `(N, H, W, T)`): cross-attention probabilities per token.
+        groups (`Sequence[TokenGroup]`): the prompt's token groups.
+
+    Returns:
+        `torch.Tensor` of shape `(N, G, H, W)`.
+    """
+    _check_attention(attn)
+    num_tokens = attn.shape[-1]
+    _check_groups(groups, 0, num_tokens, f"the attention has T={num_tokens} tokens")
+    return attn[..., [group.main for group in groups]].permute(0, 3, 1, 2)
+
+
+def existence_maps(
+    attn: torch.Tensor, groups: Sequence[TokenGroup], eot_index: int, cfg: LossConfig
+) -> torch.Tensor:
+    """Each group's main map as Attend-and-Excite's existence term reads it.
+
+    The word tokens ``1 .. eot_index - 1`` are scaled by ``cfg.softmax_scale`` and softmaxed over
+    tokens (so start and end tokens cannot absorb the attention), then each group's main map is
+    smoothed with ``cfg.smoothing_kernel`` / ``cfg.smoothing_sigma``.
+
+    Args:
+        attn (`torch.Tensor` of shape `(N, H, W, T)`): cross-attention probabilities per token.
+        groups (`Sequence[TokenGroup]`): the prompt's token groups (indices of word tokens).
+        eot_index (`int`): index of the prompt's end-of-text token.
+        cfg (`LossConfig`): scale and smoothing.
+
+    Returns:
+        `torch.Tensor` of shape `(N, G, H, W)`.
+    """
+    _check_attention(attn)
+    _check_eot(eot_index, attn.shape[-1])
+    _check_groups(groups, 1, eot_index, f"a word token, before eot_index={eot_index}")
+    words = torch.softmax(attn[..., 1:eot_index] * cfg.softmax_scale, dim=-1)
+    maps = words[..., [group.main - 1 for group in groups]].permute(0, 3, 1, 2)
+    n, num_groups, height, width = maps.shape
+    smoothed = losses.smooth(
+        maps.reshape(n * num_groups, height, width), cfg.smoothing_kernel, cfg.smoothing_sigma
+    )
+    return smoothed.view(n, num_groups, height, width)
+
+
+def compute_losses(
+    attn: torch.Tensor,
+    groups: Sequence[TokenGroup],
+    eot_index: int,
+    cfg: LossConfig,
+    boxes_enabled: bool = True,
+) -> LossTerms:
+    """The AI-T2I objective on one captured attention tensor.
+
+    - aggregation: sum over groups of :func:`~ait2i_ext.losses.aggregation_loss` of the main map
+      (radius ``cfg.aggregation_radius``);
+    - alignment: sum over groups and their members of :func:`~ait2i_ext.losses.alignment_loss` of
+      the member's map anchored on the main map (radius ``cfg.alignment_radius``);
+    - isolation: :func:`~ait2i_ext.losses.isolation_loss` of the main maps (zero for one group);
+    - existence: :func:`~ait2i_ext.losses.existence_loss` of :func:`existence_maps`;
+    - box: :func:`~ait2i_ext.losses.box_loss` over the groups with a ``box`` (zero when none, or
+      when ``boxes_enabled`` is ``False``).
+
+    Radii are given for ``cfg.reference_resolution`` and scaled to the map's height. Everything is
+    computed in float32 whatever the dtype of ``attn``.
+
+    Args:
+        attn (`torch.Tensor` of shape `(N, H, W, T)`): cross-attention probabilities per token,
+            averaged over layers and heads.
+        groups (`Sequence[TokenGroup]`): the prompt's token groups; all indices must be word tokens
+            (``1 <= index < eot_index``).
+        eot_index (`int`): index of the prompt's end-of-text token.
+        cfg (`LossConfig`): weights and geometry.
+        boxes_enabled (`bool`): whether the groups' boxes add the box term.
+
+    Returns:
+        `LossTerms`: the weighted total and every unweighted term, each of shape `(N,)`.
+    """
+    _check_attention(attn)
+    _check_eot(eot_index, attn.shape[-1])
+    _check_groups(groups, 1, eot_index, f"a word token, before eot_index={eot_index}")
+    attn = attn.float()
+    n, height, width, _ = attn.shape
+    main = group_maps(attn, groups)
+
+    aggregation_radius = losses.scaled_radius(cfg.aggregation_radius, height, cfg.reference_resolution)
+    alignment_radius = losses.scaled_radius(cfg.alignment_radius, height, cfg.reference_resolution)
+    aggregation = attn.new_zeros(n)
+    alignment = attn.new_zeros(n)
+    for g, group in enumerate(groups):
+        aggregation = aggregation + losses.aggregation_loss(main[:, g], cfg.top_k, aggregation_radius)
+        for member in group.members:
+            alignment = alignment + losses.alignment_loss(
+                attn[..., member], main[:, g], cfg.top_k, alignment_radius
+            )
+
+    isolation = losses.isolation_loss(main, cfg.isolation)
+    existence = losses.existence_loss(existence_maps(attn, groups, eot_index, cfg))
+
+    boxed = [g for g, group in enumerate(groups) if group.box is not None] if boxes_enabled else []
+    if boxed:
+        boxes = torch.tensor([groups[g].box for g in boxed], dtype=attn.dtype, device=attn.device)
+        masks = losses.box_masks(boxes, height, width)
+        box = losses.box_loss(main[:, boxed], masks, cfg.box_centroid_weight)
+    else:
+        box = attn.new_zeros(n)
+
+    total = (
+        cfg.w_isolation * isolation
+        + cfg.w_aggregation * aggregation
+        + cfg.w_existence * existence
+        + cfg.w_alignment * alignment
+        + cfg.w_box * box
+    )
+    return LossTerms(
+        total=total,
+        isolation=isolation,
+        aggregation=aggregation,
+        alignment=alignment,
+        existence=existence,
+        box=box,
+    )

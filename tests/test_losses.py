@@ -1,0 +1,228 @@
+"""Pure loss functions on synthetic maps: properties, not magic numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ait2i_ext import losses
+from ait2i_ext.config import LossConfig
+
+CFG = LossConfig()
+SIZE = 16
+
+
+def blob(
+    center: tuple[float, float], size: int = SIZE, sigma: float = 1.0, mass: float = 1.0
+) -> torch.Tensor:
+    """A Gaussian blob of total ``mass`` centred at ``(y, x)`` on a ``size x size`` grid."""
+    ys, xs = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    g = torch.exp(-((ys - center[0]) ** 2 + (xs - center[1]) ** 2) / (2 * sigma**2))
+    return g / g.sum() * mass
+
+
+def batch(*maps: torch.Tensor) -> torch.Tensor:
+    return torch.stack(maps).clone().requires_grad_(True)
+
+
+def assert_unchanged_and_grad(fn, *inputs: torch.Tensor) -> torch.Tensor:
+    """Calls ``fn``, checks the inputs are untouched and the gradient w.r.t. the first is finite, non-zero."""
+    before = [x.detach().clone() for x in inputs]
+    out = fn(*inputs)
+    for x, b in zip(inputs, before, strict=True):
+        assert torch.equal(x.detach(), b)
+    assert torch.isfinite(out).all()
+    (grad,) = torch.autograd.grad(out.sum(), inputs[0])
+    assert torch.isfinite(grad).all()
+    assert grad.abs().sum() > 0
+    return out
+
+
+def test_scaled_radius_scales_with_resolution():
+    assert losses.scaled_radius(5.0, 16, 16) == 5.0
+    assert losses.scaled_radius(5.0, 32, 16) == 10.0
+
+
+def test_centroid_of_blob_and_point():
+    m = torch.stack([blob((4.0, 11.0)), torch.zeros(SIZE, SIZE)])
+    m[1, 2, 7] = 3.0
+    c = losses.centroid(m)
+    assert c.shape == (2, 2)
+    torch.testing.assert_close(c[0], torch.tensor([4.0, 11.0]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(c[1], torch.tensor([2.0, 7.0]))
+
+
+def test_centroid_of_empty_map_is_finite_with_finite_gradient():
+    m = torch.zeros(1, 5, 7, requires_grad=True)
+    c = losses.centroid(m)
+    torch.testing.assert_close(c, torch.tensor([[2.0, 3.0]]))
+    (grad,) = torch.autograd.grad(c.sum(), m)
+    assert torch.isfinite(grad).all()
+
+
+def test_ball_mask_is_strict_disc():
+    mask = losses.ball_mask(torch.tensor([[5.0, 5.0]]), 16, 16, radius=2.0)
+    assert mask.shape == (1, 16, 16)
+    assert mask[0, 5, 5] == 1 and mask[0, 5, 6] == 1 and mask[0, 6, 6] == 1
+    assert mask[0, 5, 7] == 0  # distance exactly r is outside
+    assert mask.sum() == 9  # (0,0), 4 at distance 1, 4 at sqrt(2)
+
+
+def test_peak_centroids_finds_separated_peaks_in_order():
+    m = batch(blob((3.0, 3.0), mass=2.0) + blob((12.0, 12.0), mass=1.0))
+    peaks, centroids = losses.peak_centroids(m, 2, radius=5.0)
+    assert peaks.shape == centroids.shape == (1, 2, 2)
+    assert not peaks.requires_grad and centroids.requires_grad
+    torch.testing.assert_close(peaks[0], torch.tensor([[3.0, 3.0], [12.0, 12.0]]))
+    torch.testing.assert_close(centroids[0], peaks[0], atol=0.05, rtol=0)
+
+
+def test_peak_centroids_with_fewer_peaks_than_k_fall_back_to_first_peak():
+    m = torch.zeros(1, SIZE, SIZE)
+    m[0, 8, 8] = 1.0
+    m.requires_grad_(True)
+    peaks, centroids = losses.peak_centroids(m, 3, radius=5.0)
+    assert torch.isfinite(centroids).all()
+    assert (peaks == torch.tensor([8.0, 8.0])).all()
+    torch.testing.assert_close(centroids, peaks)
+    (grad,) = torch.autograd.grad(losses.aggregation_loss(m, 3, 5.0).sum(), m)
+    assert torch.isfinite(grad).all()
+
+
+def test_aggregation_prefers_one_compact_blob():
+    compact = blob((8.0, 8.0), mass=2.0)
+    split = blob((2.0, 2.0)) + blob((13.0, 13.0))
+    m = batch(compact, split)
+    loss = assert_unchanged_and_grad(
+        lambda x: losses.aggregation_loss(x, CFG.top_k, CFG.aggregation_radius), m
+    )
+    assert loss.shape == (2,)
+    assert loss[0] < loss[1]
+
+
+def test_aggregation_is_scale_invariant_and_survives_zero_maps():
+    m = blob((2.0, 2.0)) + blob((13.0, 13.0))
+    loss = losses.aggregation_loss(torch.stack([m, 10 * m, torch.zeros_like(m)]), 3, 5.0)
+    torch.testing.assert_close(loss[0], loss[1])
+    assert loss[2] == 0
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_aggregation_any_k(k):
+    m = batch(blob((2.0, 2.0)) + blob((13.0, 13.0)) + blob((2.0, 13.0)))
+    loss = losses.aggregation_loss(m, k, 3.0)
+    assert loss.shape == (1,) and torch.isfinite(loss).all() and loss.item() >= 0
+
+
+def test_alignment_prefers_member_on_anchor_peak():
+    anchor = blob((4.0, 4.0))
+    on = blob((4.0, 4.0))
+    off = blob((12.0, 12.0))
+    members = batch(on, off)
+    anchors = torch.stack([anchor, anchor])
+    loss = assert_unchanged_and_grad(
+        lambda m, a: losses.alignment_loss(m, a, CFG.top_k, CFG.alignment_radius), members, anchors
+    )
+    assert loss[0] < loss[1]
+
+
+def test_alignment_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="anchor shape"):
+        losses.alignment_loss(torch.rand(1, 8, 8), torch.rand(1, 16, 16), 3, 5.0)
+
+
+@pytest.mark.parametrize("mode", ["euclidean", "cosine"])
+def test_isolation_prefers_far_apart_groups(mode):
+    apart = torch.stack([blob((2.0, 2.0)), blob((13.0, 13.0))])
+    overlapping = torch.stack([blob((7.0, 7.0)), blob((8.0, 8.0))])
+    maps = batch(apart, overlapping)
+    loss = assert_unchanged_and_grad(lambda x: losses.isolation_loss(x, mode), maps)
+    assert loss.shape == (2,)
+    assert loss[0] < loss[1]
+
+
+@pytest.mark.parametrize("mode", ["euclidean", "cosine"])
+def test_isolation_of_one_group_is_zero(mode):
+    loss = losses.isolation_loss(torch.rand(3, 1, 8, 8), mode)
+    assert torch.equal(loss, torch.zeros(3))
+
+
+def test_isolation_averages_over_pairs_of_three_groups():
+    maps = torch.stack([blob((2.0, 2.0)), blob((13.0, 13.0)), blob((2.0, 13.0))])[None]
+    loss = losses.isolation_loss(maps, "euclidean")
+    pairs = [losses.isolation_loss(maps[:, list(p)], "euclidean") for p in ((0, 1), (0, 2), (1, 2))]
+    torch.testing.assert_close(loss, sum(pairs) / 3)
+
+
+def test_isolation_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="mode"):
+        losses.isolation_loss(torch.rand(1, 2, 8, 8), "manhattan")
+
+
+def test_smooth_preserves_constant_and_spreads_a_spike():
+    const = torch.full((1, 8, 8), 0.3)
+    torch.testing.assert_close(losses.smooth(const, CFG.smoothing_kernel, CFG.smoothing_sigma), const)
+    spike = torch.zeros(1, 8, 8)
+    spike[0, 4, 4] = 1.0
+    out = losses.smooth(spike, CFG.smoothing_kernel, CFG.smoothing_sigma)
+    assert out.shape == spike.shape and spike[0, 4, 4] == 1.0
+    assert 0 < out[0, 4, 4] < 1 and out[0, 4, 5] > 0 and out[0, 4, 6] == 0
+    torch.testing.assert_close(out.sum(), spike.sum())
+
+
+def test_existence_is_driven_by_the_weakest_group():
+    strong = torch.zeros(SIZE, SIZE)
+    strong[5, 5] = 0.9
+    weak = torch.full((SIZE, SIZE), 0.1)
+    maps = batch(torch.stack([strong, strong]), torch.stack([strong, weak]))
+    loss = assert_unchanged_and_grad(losses.existence_loss, maps)
+    torch.testing.assert_close(loss, torch.tensor([0.1, 0.9]))
+    assert losses.existence_loss(torch.full((1, 2, 4, 4), 2.0)).item() == 0
+
+
+def test_box_masks_cover_cell_centres_and_never_empty():
+    masks = losses.box_masks(
+        torch.tensor([[0.0, 0.0, 0.5, 0.25], [0.0, 0.0, 1.0, 1.0], [0.3, 0.3, 0.31, 0.31]]), 8, 8
+    )
+    assert masks.shape == (3, 8, 8)
+    assert masks[0].sum() == 4 * 2 and masks[0, :2, :4].all()
+    assert masks[1].all()
+    assert masks[2].sum() == 1 and masks[2, 2, 2] == 1
+
+
+def test_box_masks_reject_bad_boxes():
+    with pytest.raises(ValueError, match="x0 <= x1"):
+        losses.box_masks([(0.6, 0.0, 0.4, 1.0)], 8, 8)
+    with pytest.raises(ValueError, match=r"\(G, 4\)"):
+        losses.box_masks([(0.0, 0.0, 1.0)], 8, 8)
+
+
+def test_box_loss_lower_inside_own_box():
+    masks = losses.box_masks([(0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)], SIZE, SIZE)
+    inside = torch.stack([blob((4.0, 4.0)), blob((12.0, 12.0))])
+    swapped = torch.stack([blob((12.0, 12.0)), blob((4.0, 4.0))])
+    outside = torch.stack([blob((4.0, 12.0)), blob((12.0, 4.0))])  # in nobody's box
+    maps = batch(inside, swapped, outside)
+    loss = assert_unchanged_and_grad(lambda m: losses.box_loss(m, masks, CFG.box_centroid_weight), maps)
+    assert loss.shape == (3,)
+    assert loss[0] < loss[2] < loss[1]  # in the other group's box is worst
+    assert loss[0] < 0.1
+
+
+def test_box_loss_centroid_term_prefers_box_centre():
+    masks = losses.box_masks([(0.0, 0.0, 1.0, 1.0)], SIZE, SIZE)
+    maps = torch.stack([blob((7.5, 7.5)), blob((1.0, 1.0))])[:, None]
+    loss = losses.box_loss(maps, masks, centroid_weight=1.0)
+    assert loss[0] < loss[1]
+    torch.testing.assert_close(
+        losses.box_loss(maps, masks, centroid_weight=0.0), torch.zeros(2), atol=1e-6, rtol=0
+    )
+
+
+def test_losses_keep_dtype():
+    m = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    assert losses.isolation_loss(m).dtype == torch.float64
+    assert losses.aggregation_loss(m[:, 0], 3, 2.0).dtype == torch.float64
+    assert math.isfinite(losses.existence_loss(m).sum().item())

@@ -1,0 +1,166 @@
+"""The objective: maps per group -> weighted losses, on synthetic attention."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from ait2i_ext import losses
+from ait2i_ext.config import LossConfig
+from ait2i_ext.objective import LossTerms, compute_losses, existence_maps, group_maps
+from ait2i_ext.tokens import TokenGroup
+
+N, H, W, T = 2, 16, 16, 77
+EOT = 7  # "<bos> a red cat and a dog <eot>"
+CAT = TokenGroup("cat", main=3, members=(2,))
+DOG = TokenGroup("dog", main=6)
+TERMS = ("isolation", "aggregation", "alignment", "existence", "box")
+WEIGHTS = {
+    "isolation": "w_isolation",
+    "aggregation": "w_aggregation",
+    "alignment": "w_alignment",
+    "existence": "w_existence",
+    "box": "w_box",
+}
+
+
+def random_attention(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(N, H, W, T, generator=gen) * 3, dim=-1).to(dtype)
+
+
+def test_group_maps_picks_main_tokens():
+    attn = random_attention()
+    maps = group_maps(attn, [CAT, DOG])
+    assert maps.shape == (N, 2, H, W)
+    assert torch.equal(maps[:, 0], attn[..., 3]) and torch.equal(maps[:, 1], attn[..., 6])
+
+
+def test_existence_maps_follow_attend_and_excite():
+    attn = random_attention()
+    cfg = LossConfig()
+    maps = existence_maps(attn, [CAT, DOG], EOT, cfg)
+    assert maps.shape == (N, 2, H, W)
+    words = torch.softmax(attn[..., 1:EOT] * cfg.softmax_scale, dim=-1)
+    expected = losses.smooth(words[..., 2], cfg.smoothing_kernel, cfg.smoothing_sigma)
+    torch.testing.assert_close(maps[:, 0], expected)
+
+
+def test_compute_losses_shapes_grad_and_inputs_unchanged():
+    attn = random_attention().requires_grad_(True)
+    before = attn.detach().clone()
+    terms = compute_losses(attn, [dataclasses.replace(CAT, box=(0, 0, 0.5, 1)), DOG], EOT, LossConfig())
+    assert torch.equal(attn.detach(), before)
+    for field in dataclasses.fields(LossTerms):
+        value = getattr(terms, field.name)
+        assert value.shape == (N,) and value.dtype == torch.float32 and torch.isfinite(value).all()
+    for name in TERMS:
+        assert getattr(terms, name).abs().sum() > 0, name
+    (grad,) = torch.autograd.grad(terms.total.sum(), attn)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    floats = terms.as_floats()
+    assert set(floats) == {"total", *TERMS} and all(isinstance(v, float) for v in floats.values())
+
+
+def test_total_is_the_weighted_sum_and_zero_weight_removes_a_term():
+    attn = random_attention()
+    groups = [dataclasses.replace(CAT, box=(0, 0, 0.5, 1)), dataclasses.replace(DOG, box=(0.5, 0, 1, 1))]
+    cfg = LossConfig(w_isolation=0.5, w_aggregation=1.5, w_existence=2.0, w_alignment=3.0, w_box=4.0)
+    terms = compute_losses(attn, groups, EOT, cfg)
+    expected = sum(getattr(cfg, WEIGHTS[name]) * getattr(terms, name) for name in TERMS)
+    torch.testing.assert_close(terms.total, expected)
+    for name in TERMS:
+        zeroed = compute_losses(attn, groups, EOT, dataclasses.replace(cfg, **{WEIGHTS[name]: 0.0}))
+        torch.testing.assert_close(
+            zeroed.total, terms.total - getattr(cfg, WEIGHTS[name]) * getattr(terms, name)
+        )
+
+
+def test_one_group_has_zero_isolation_and_no_box_without_boxes():
+    terms = compute_losses(random_attention(), [CAT], EOT, LossConfig())
+    assert torch.equal(terms.isolation, torch.zeros(N))
+    assert torch.equal(terms.box, torch.zeros(N))
+    assert (terms.aggregation > 0).all()
+
+
+def test_boxes_can_be_disabled():
+    groups = [dataclasses.replace(CAT, box=(0, 0, 0.5, 1)), DOG]
+    attn = random_attention()
+    assert (compute_losses(attn, groups, EOT, LossConfig()).box > 0).all()
+    assert torch.equal(
+        compute_losses(attn, groups, EOT, LossConfig(), boxes_enabled=False).box, torch.zeros(N)
+    )
+
+
+def test_group_without_members_has_zero_alignment():
+    terms = compute_losses(random_attention(), [DOG], EOT, LossConfig())
+    assert torch.equal(terms.alignment, torch.zeros(N))
+
+
+def test_isolation_mode_comes_from_config():
+    attn = random_attention()
+    euclid = compute_losses(attn, [CAT, DOG], EOT, LossConfig(isolation="euclidean")).isolation
+    cosine = compute_losses(attn, [CAT, DOG], EOT, LossConfig(isolation="cosine")).isolation
+    assert not torch.allclose(euclid, cosine)
+
+
+def test_fp16_input_gives_fp32_losses():
+    attn = random_attention(dtype=torch.float16)
+    terms = compute_losses(attn, [CAT, DOG], EOT, LossConfig())
+    assert all(v.dtype == torch.float32 for v in dataclasses.asdict(terms).values())
+    reference = compute_losses(attn.float(), [CAT, DOG], EOT, LossConfig())
+    torch.testing.assert_close(terms.total, reference.total)
+
+
+def test_separated_attention_scores_lower_than_overlapping():
+    def attention(cat_at, dog_at):
+        attn = torch.full((1, H, W, T), 1e-3)
+        attn[0, cat_at[0] - 2 : cat_at[0] + 2, cat_at[1] - 2 : cat_at[1] + 2, CAT.main] = 1.0
+        attn[0, cat_at[0] - 2 : cat_at[0] + 2, cat_at[1] - 2 : cat_at[1] + 2, CAT.members[0]] = 1.0
+        attn[0, dog_at[0] - 2 : dog_at[0] + 2, dog_at[1] - 2 : dog_at[1] + 2, DOG.main] = 1.0
+        return attn
+
+    cfg = LossConfig()
+    apart = compute_losses(attention((3, 3), (12, 12)), [CAT, DOG], EOT, cfg)
+    together = compute_losses(attention((7, 7), (8, 8)), [CAT, DOG], EOT, cfg)
+    assert apart.isolation < together.isolation
+    assert apart.total < together.total
+
+
+@pytest.mark.parametrize(
+    ("groups", "eot", "match"),
+    [
+        ([TokenGroup("cat", main=80)], EOT, "token index 80 of group 'cat'"),
+        ([TokenGroup("cat", main=3, members=(9,))], EOT, "token index 9 of group 'cat'"),
+        ([TokenGroup("bos", main=0)], EOT, "token index 0"),
+        ([CAT], 77, "eot_index=77"),
+        ([CAT], 1, "eot_index=1"),
+        ([], EOT, "groups is empty"),
+    ],
+)
+def test_compute_losses_validates_indices(groups, eot, match):
+    with pytest.raises(ValueError, match=match):
+        compute_losses(random_attention(), groups, eot, LossConfig())
+
+
+def test_compute_losses_validates_attention_shape():
+    with pytest.raises(ValueError, match=r"\(N, H, W, T\)"):
+        compute_losses(torch.rand(H, W, T), [CAT], EOT, LossConfig())
+
+
+def test_group_maps_validates_token_range():
+    with pytest.raises(ValueError, match="T=77"):
+        group_maps(random_attention(), [TokenGroup("x", main=77)])
+
+
+def test_radii_scale_with_map_size():
+    # A 32x32 map of the 16x16 layout upsampled gives the same aggregation as the 16x16 map.
+    attn = torch.full((1, H, W, T), 1e-3)
+    attn[0, 2:4, 2:4, DOG.main] = 1.0
+    attn[0, 12:14, 12:14, DOG.main] = 0.5
+    big = attn.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+    small = compute_losses(attn, [DOG], EOT, LossConfig()).aggregation
+    large = compute_losses(big, [DOG], EOT, LossConfig()).aggregation
+    torch.testing.assert_close(small, large, atol=0.03, rtol=0)
