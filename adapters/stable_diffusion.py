@@ -22,7 +22,9 @@ class StableDiffusionAdapter:
     def tokenizer(self):
         return self.pipe.tokenizer
 
-    def encode(self, prompts: list[str], num_images: int, do_cfg: bool, call_kwargs: dict) -> tuple[dict, Callable]:
+    def encode(
+        self, prompts: list[str], num_images: int, do_cfg: bool, call_kwargs: dict
+    ) -> tuple[dict, Callable]:
         """Encode the prompts once; return the call's new kwargs and the conditional UNet pass."""
         pipe = self.pipe
         prompt_embeds, negative_embeds = pipe.encode_prompt(
@@ -37,7 +39,9 @@ class StableDiffusionAdapter:
 
         def forward(latents: torch.Tensor, t) -> torch.Tensor:
             x = pipe.scheduler.scale_model_input(latents, t)
-            return pipe.unet(x, t, encoder_hidden_states=prompt_embeds, cross_attention_kwargs=attention_kwargs).sample
+            return pipe.unet(
+                x, t, encoder_hidden_states=prompt_embeds, cross_attention_kwargs=attention_kwargs
+            ).sample
 
         return {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_embeds}, forward
 
@@ -62,7 +66,9 @@ class StableDiffusionAdapter:
 class StableDiffusionXLAdapter(StableDiffusionAdapter):
     """``StableDiffusionXLPipeline``: two text encoders, pooled embeddings and size conditioning."""
 
-    def encode(self, prompts: list[str], num_images: int, do_cfg: bool, call_kwargs: dict) -> tuple[dict, Callable]:
+    def encode(
+        self, prompts: list[str], num_images: int, do_cfg: bool, call_kwargs: dict
+    ) -> tuple[dict, Callable]:
         pipe = self.pipe
         device = pipe._execution_device
         prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
@@ -78,7 +84,9 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         height = call_kwargs.get("height") or pipe.default_sample_size * pipe.vae_scale_factor
         width = call_kwargs.get("width") or pipe.default_sample_size * pipe.vae_scale_factor
         projection_dim = (
-            pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(pooled.shape[-1])
+            pipe.text_encoder_2.config.projection_dim
+            if pipe.text_encoder_2 is not None
+            else int(pooled.shape[-1])
         )
         time_ids = pipe._get_add_time_ids(
             call_kwargs.get("original_size") or (height, width),
@@ -93,7 +101,11 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         def forward(latents: torch.Tensor, t) -> torch.Tensor:
             x = pipe.scheduler.scale_model_input(latents, t)
             return pipe.unet(
-                x, t, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added, cross_attention_kwargs=attention_kwargs
+                x,
+                t,
+                encoder_hidden_states=prompt_embeds,
+                added_cond_kwargs=added,
+                cross_attention_kwargs=attention_kwargs,
             ).sample
 
         new = {

@@ -1,7 +1,7 @@
 """AI-T2I: aggregating-and-isolating cross-attention guidance for diffusers pipelines.
 
-    from ait2i_ext import generate
-    out = generate(pipe, "a red circle and a blue square", subjects=["red circle", "blue square"])
+from ait2i_ext import generate
+out = generate(pipe, "a red circle and a blue square", subjects=["red circle", "blue square"])
 """
 
 from .config import AIT2IConfig, LossConfig, ScheduleConfig

@@ -56,7 +56,9 @@ def load_pipeline(args: argparse.Namespace):
     device, dtype = _device_and_dtype(args.device, args.dtype)
     model = args.model or default_model()
     if model is None:
-        raise ValueError("no --model given and no shipped default model is installed: pass --model PATH_OR_ID")
+        raise ValueError(
+            "no --model given and no shipped default model is installed: pass --model PATH_OR_ID"
+        )
     if args.gligen and args.controlnet:
         raise ValueError("--gligen and --controlnet are exclusive: choose one layout route")
     if args.gligen:
@@ -76,8 +78,12 @@ def load_pipeline(args: argparse.Namespace):
 
         path = Path(model)
         if path.exists() and not (path / "model_index.json").exists():
-            raise ValueError(f"--model {model!r} is a folder without model_index.json: expected a diffusers pipeline folder")
-        kwargs = {"safety_checker": None, "requires_safety_checker": False} if "xl" not in model.lower() else {}
+            raise ValueError(
+                f"--model {model!r} is a folder without model_index.json: expected a diffusers pipeline folder"
+            )
+        kwargs = (
+            {"safety_checker": None, "requires_safety_checker": False} if "xl" not in model.lower() else {}
+        )
         pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **kwargs)
     if args.lora:
         from .adapters.personalize import load_lora
@@ -97,9 +103,13 @@ def _subjects(args: argparse.Namespace, prompt: str):
         from .adapters.layout import parse_box_arg, subjects_with_boxes
 
         boxes = [parse_box_arg(b) for b in args.box]
-        subjects = subjects_with_boxes(subjects if subjects is not None else infer_subjects(prompt), boxes, prompt)
+        subjects = subjects_with_boxes(
+            subjects if subjects is not None else infer_subjects(prompt), boxes, prompt
+        )
     if args.identifier:
-        subjects = with_identifier(subjects if subjects is not None else infer_subjects(prompt), args.identifier, prompt)
+        subjects = with_identifier(
+            subjects if subjects is not None else infer_subjects(prompt), args.identifier, prompt
+        )
     return subjects
 
 
@@ -156,8 +166,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 generator = torch.Generator(device="cpu").manual_seed(seed)
                 t0 = time.perf_counter()
                 result = generate(
-                    pipe, args.prompt, subjects, config=config, guidance=guided,
-                    return_maps=args.attention_maps, generator=generator, **call,
+                    pipe,
+                    args.prompt,
+                    subjects,
+                    config=config,
+                    guidance=guided,
+                    return_maps=args.attention_maps,
+                    generator=generator,
+                    **call,
                 )
                 seconds = time.perf_counter() - t0
                 image = result.images[0]
@@ -165,7 +181,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 image.save(out / name)
                 pictures[label] = image
                 entry = {
-                    "file": name, "seed": seed, "guidance": guided, "seconds": round(seconds, 3),
+                    "file": name,
+                    "seed": seed,
+                    "guidance": guided,
+                    "seconds": round(seconds, 3),
                     "groups": [dataclasses.asdict(g) for g in result.groups[0]],
                     "loss_per_step": [dataclasses.asdict(s) for s in result.steps],
                 }
@@ -205,21 +224,36 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ait2i", description="AI-T2I attention guidance for diffusers pipelines.")
+    parser = argparse.ArgumentParser(
+        prog="ait2i", description="AI-T2I attention guidance for diffusers pipelines."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def subject_args(p):
         p.add_argument("--prompt", required=True, help="the text prompt")
-        p.add_argument("--subjects", nargs="+", metavar="WORDS",
-                       help='subjects by words, last word the noun: --subjects "red circle" "blue square" '
-                            "(default: inferred from the prompt)")
-        p.add_argument("--box", action="append", metavar="WORD:X0,Y0,X1,Y1",
-                       help='a layout box for a subject, normalised: --box "cat:0.05,0.2,0.5,0.9" (repeatable)')
-        p.add_argument("--identifier", help="personalisation token (e.g. sks) joining the group of the noun it precedes")
+        p.add_argument(
+            "--subjects",
+            nargs="+",
+            metavar="WORDS",
+            help='subjects by words, last word the noun: --subjects "red circle" "blue square" '
+            "(default: inferred from the prompt)",
+        )
+        p.add_argument(
+            "--box",
+            action="append",
+            metavar="WORD:X0,Y0,X1,Y1",
+            help='a layout box for a subject, normalised: --box "cat:0.05,0.2,0.5,0.9" (repeatable)',
+        )
+        p.add_argument(
+            "--identifier", help="personalisation token (e.g. sks) joining the group of the noun it precedes"
+        )
 
     g = sub.add_parser("generate", help="generate images with (or without) AI-T2I guidance")
     subject_args(g)
-    g.add_argument("--model", help="diffusers pipeline folder or hub id (default: the shipped shapes model); 'tiny' for random tiny components")
+    g.add_argument(
+        "--model",
+        help="diffusers pipeline folder or hub id (default: the shipped shapes model); 'tiny' for random tiny components",
+    )
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-images", type=int, default=1, help="images (consecutive seeds)")
@@ -229,16 +263,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
     g.add_argument("--no-guidance", action="store_true", help="plain sampling (the stock pipeline)")
-    g.add_argument("--compare", action="store_true", help="also sample plain with the same seed and save both side by side")
-    g.add_argument("--attention-maps", action="store_true", help="save a grid of per-subject attention maps next to each image")
+    g.add_argument(
+        "--compare",
+        action="store_true",
+        help="also sample plain with the same seed and save both side by side",
+    )
+    g.add_argument(
+        "--attention-maps",
+        action="store_true",
+        help="save a grid of per-subject attention maps next to each image",
+    )
     g.add_argument("--step-scale", type=float, default=20.0, help="alpha_i = step_scale * sqrt(s_i)")
     g.add_argument("--isolation", choices=["euclidean", "cosine"], default="euclidean")
-    g.add_argument("--mode", choices=["full", "truncated"], default="truncated",
-                   help="truncated (default) stops the guided UNet pass after the last layer it reads: same result, faster")
-    g.add_argument("--refinement", action="store_true", help="Attend-and-Excite iterative refinement at steps 0, 10, 20")
-    g.add_argument("--gligen", metavar="MODEL", help="a StableDiffusionGLIGENPipeline folder or hub id (boxes via --box)")
-    g.add_argument("--controlnet", metavar="MODEL", action="append", help="a ControlNet folder or hub id (repeatable)")
-    g.add_argument("--control", metavar="KIND:PATH", help="control image: canny:photo.png, lineart:photo.png or image:edges.png")
+    g.add_argument(
+        "--mode",
+        choices=["full", "truncated"],
+        default="truncated",
+        help="truncated (default) stops the guided UNet pass after the last layer it reads: same result, faster",
+    )
+    g.add_argument(
+        "--refinement", action="store_true", help="Attend-and-Excite iterative refinement at steps 0, 10, 20"
+    )
+    g.add_argument(
+        "--gligen", metavar="MODEL", help="a StableDiffusionGLIGENPipeline folder or hub id (boxes via --box)"
+    )
+    g.add_argument(
+        "--controlnet", metavar="MODEL", action="append", help="a ControlNet folder or hub id (repeatable)"
+    )
+    g.add_argument(
+        "--control",
+        metavar="KIND:PATH",
+        help="control image: canny:photo.png, lineart:photo.png or image:edges.png",
+    )
     g.add_argument("--lora", metavar="PATH", help="a LoRA (.safetensors file or folder) to load")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda, fp32 on cpu")
@@ -257,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, OSError, ImportError) as err:
         print(f"ait2i: error: {err}", file=sys.stderr)
         return 2
 

@@ -42,10 +42,19 @@ class LossConfig:
     box_centroid_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("w_isolation", "w_aggregation", "w_existence", "w_alignment", "w_box", "box_centroid_weight"):
+        for name in (
+            "w_isolation",
+            "w_aggregation",
+            "w_existence",
+            "w_alignment",
+            "w_box",
+            "box_centroid_weight",
+        ):
             value = getattr(self, name)
             _check(value >= 0, name, value, "a weight >= 0")
-        _check(self.isolation in ("euclidean", "cosine"), "isolation", self.isolation, "'euclidean' or 'cosine'")
+        _check(
+            self.isolation in ("euclidean", "cosine"), "isolation", self.isolation, "'euclidean' or 'cosine'"
+        )
         _check(self.top_k >= 1, "top_k", self.top_k, "an integer >= 1")
         for name in ("aggregation_radius", "alignment_radius", "softmax_scale", "smoothing_sigma"):
             value = getattr(self, name)
@@ -79,7 +88,12 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         _check(self.step_scale >= 0, "step_scale", self.step_scale, "a number >= 0")
-        _check(0.0 <= self.guided_fraction <= 1.0, "guided_fraction", self.guided_fraction, "a fraction in [0, 1]")
+        _check(
+            0.0 <= self.guided_fraction <= 1.0,
+            "guided_fraction",
+            self.guided_fraction,
+            "a fraction in [0, 1]",
+        )
         _check(self.max_refinement_iters >= 1, "max_refinement_iters", self.max_refinement_iters, ">= 1")
         for item in self.refinement_thresholds:
             _check(
@@ -100,7 +114,11 @@ class ScheduleConfig:
         guided = self.num_guided_steps(num_steps)
         out = []
         for i in range(num_steps):
-            s = self.scale_start if num_steps == 1 else self.scale_start + (self.scale_end - self.scale_start) * i / (num_steps - 1)
+            s = (
+                self.scale_start
+                if num_steps == 1
+                else self.scale_start + (self.scale_end - self.scale_start) * i / (num_steps - 1)
+            )
             out.append(self.step_scale * s**0.5 if i < guided else 0.0)
         return out
 
@@ -127,6 +145,13 @@ class AIT2IConfig:
     mode: GuidanceMode = "full"
 
     def __post_init__(self) -> None:
-        _check(self.mode in ("full", "truncated", "lagged"), "mode", self.mode, "'full', 'truncated' or 'lagged'")
+        _check(
+            self.mode in ("full", "truncated", "lagged"), "mode", self.mode, "'full', 'truncated' or 'lagged'"
+        )
         if self.attention_resolution is not None:
-            _check(self.attention_resolution >= 1, "attention_resolution", self.attention_resolution, ">= 1 or None")
+            _check(
+                self.attention_resolution >= 1,
+                "attention_resolution",
+                self.attention_resolution,
+                ">= 1 or None",
+            )

@@ -67,7 +67,9 @@ def batch_losses(attn: torch.Tensor, targets: Sequence[PromptTarget], config: AI
 def capture_maps(unet, forward: UNetForward, latents: torch.Tensor, t, config: AIT2IConfig) -> torch.Tensor:
     """Run ``forward`` under capture and return the maps ``(B, H, W, T)`` with their graph."""
     truncated = config.mode == "truncated"
-    with capture_attention(unet, tuple(latents.shape[-2:]), config.attention_resolution, stop_early=truncated) as store:
+    with capture_attention(
+        unet, tuple(latents.shape[-2:]), config.attention_resolution, stop_early=truncated
+    ) as store:
         try:
             forward(latents, t)
         except StopForward:
@@ -144,7 +146,10 @@ class Guide:
         iterations = 1
         if i in self.thresholds:
             target = 1.0 - self.thresholds[i]
-            while float(terms.existence.max()) > target and iterations < self.config.schedule.max_refinement_iters:
+            while (
+                float(terms.existence.max()) > target
+                and iterations < self.config.schedule.max_refinement_iters
+            ):
                 latents, terms, maps = guidance_step(*args[:2], latents, *args[3:])
                 iterations += 1
         self.last_maps = maps

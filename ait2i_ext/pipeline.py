@@ -20,8 +20,8 @@ import torch
 
 from .capture import capture_attention
 from .config import AIT2IConfig
-from .guidance import Guide, PromptTarget, StepRecord
 from .fast import LaggedGuide, sampling_hooks
+from .guidance import Guide, PromptTarget, StepRecord
 from .tokens import SubjectSpec, TokenGroup, eot_index, resolve_groups
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,9 @@ def generate(
     adapter = adapter or adapter_for(pipe)
     for key in ("prompt_embeds", "latents"):
         if call_kwargs.get(key) is not None:
-            raise ValueError(f"{key}= is not supported by ait2i.generate: pass the prompt text; ait2i encodes it")
+            raise ValueError(
+                f"{key}= is not supported by ait2i.generate: pass the prompt text; ait2i encodes it"
+            )
     prompts = _prompts(prompt)
     defaults = _call_defaults(pipe)
     num_images = int(call_kwargs.get("num_images_per_prompt") or 1)
@@ -140,10 +142,16 @@ def generate(
         steps = kwargs.pop("num_inference_steps", defaults.get("num_inference_steps", 50))
         embeds, forward = adapter.encode(prompts, num_images, guidance_scale > 1.0, kwargs)
         kwargs.update(embeds, num_images_per_prompt=1)  # the embeddings are already repeated per image
-        timesteps = adapter.timesteps(steps, kwargs) if hasattr(adapter, "timesteps") else _timesteps(pipe, steps, kwargs)
+        timesteps = (
+            adapter.timesteps(steps, kwargs)
+            if hasattr(adapter, "timesteps")
+            else _timesteps(pipe, steps, kwargs)
+        )
         latents = _initial_latents(pipe, len(prompts) * num_images, kwargs)
         guide_cls = LaggedGuide if config.mode == "lagged" else Guide  # ait2i_ext/fast.py
-        guide = guide_cls(pipe.unet, forward, targets, timesteps, config, lambda t: _input_scale(pipe.scheduler, t))
+        guide = guide_cls(
+            pipe.unet, forward, targets, timesteps, config, lambda t: _input_scale(pipe.scheduler, t)
+        )
         latents = guide.update(0, latents)
         kwargs.update(num_inference_steps=steps, latents=latents / pipe.scheduler.init_noise_sigma)
     else:

@@ -96,7 +96,12 @@ def tiny_sd_components(seed: int = 0) -> dict:
     vae = _tiny_vae()
     text_encoder = CLIPTextModel(_text_config(32, 2, 2))
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
     return dict(
         unet=unet.eval(),

@@ -26,7 +26,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 Box = tuple[float, float, float, float]
 
@@ -122,7 +121,7 @@ class Subject:
         return " ".join([*([self.identifier] if self.identifier else []), *self.attributes, self.noun])
 
 
-SubjectSpec = Union[str, Subject, Mapping]
+SubjectSpec = str | Subject | Mapping
 
 
 def validate_box(box: Sequence[float], name: str = "") -> Box:
@@ -217,7 +216,9 @@ def resolve_subject(tokenizer, prompt: str, subject: SubjectSpec) -> TokenGroup:
     return TokenGroup(name=subject.noun, main=main, members=members, box=subject.box)
 
 
-def resolve_groups(tokenizer, prompt: str, subjects: Sequence[SubjectSpec] | None = None) -> tuple[TokenGroup, ...]:
+def resolve_groups(
+    tokenizer, prompt: str, subjects: Sequence[SubjectSpec] | None = None
+) -> tuple[TokenGroup, ...]:
     """Resolve ``subjects`` (or, with ``None``, :func:`infer_subjects`) to token groups of ``prompt``.
 
     Args:
@@ -245,7 +246,9 @@ def resolve_groups(tokenizer, prompt: str, subjects: Sequence[SubjectSpec] | Non
     for g in groups:
         for i in g.indices:
             if i in owner:
-                word = tokenizer.convert_ids_to_tokens(_prompt_ids(tokenizer, prompt)[0][i]).replace("</w>", "")
+                word = tokenizer.convert_ids_to_tokens(_prompt_ids(tokenizer, prompt)[0][i]).replace(
+                    "</w>", ""
+                )
                 raise ValueError(
                     f"word {word!r} (token {i}) is in two groups, {owner[i]!r} and {g.name!r}, "
                     f"in prompt {prompt!r}: each word belongs to one subject"

@@ -7,7 +7,11 @@ from ait2i_ext.capture import StopForward, capture_attention, cross_attention_la
 def _inputs(pipe, batch=2, side=32):
     g = torch.Generator().manual_seed(0)
     dim = pipe.unet.config.cross_attention_dim
-    return torch.randn(batch, 4, side, side, generator=g), torch.tensor(500), torch.randn(batch, 77, dim, generator=g)
+    return (
+        torch.randn(batch, 4, side, side, generator=g),
+        torch.tensor(500),
+        torch.randn(batch, 77, dim, generator=g),
+    )
 
 
 def test_capture_output_equals_stock(tiny_sd):
@@ -47,7 +51,9 @@ def test_processors_restored_after_run_and_error(tiny_sd):
 def test_store_raises_naming_what_it_expected(tiny_sd):
     with capture_attention(tiny_sd.unet, 32) as store:
         pass
-    with pytest.raises(RuntimeError, match=r"no cross-attention was captured at 16x16: expected layers \['down_blocks"):
+    with pytest.raises(
+        RuntimeError, match=r"no cross-attention was captured at 16x16: expected layers \['down_blocks"
+    ):
         store.maps()
 
 
@@ -96,7 +102,9 @@ def test_capture_in_half_precision(tiny_sd, dtype):
 def test_capture_with_peft_lora(tiny_sd):
     from peft import LoraConfig
 
-    tiny_sd.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
+    tiny_sd.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+    )
     x, t, e = _inputs(tiny_sd)
     with torch.no_grad():
         ref = tiny_sd.unet(x, t, encoder_hidden_states=e).sample

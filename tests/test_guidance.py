@@ -66,7 +66,9 @@ def test_step_zero_is_guided(tiny_sd):
 
 def test_batch_images_per_prompt_negative_prompt_and_reproducible(tiny_sd):
     prompts = [PROMPT, "a cat and a dog"]
-    kw = dict(num_images_per_prompt=2, negative_prompt=["blurry", "blurry"], num_inference_steps=4, output_type="np")
+    kw = dict(
+        num_images_per_prompt=2, negative_prompt=["blurry", "blurry"], num_inference_steps=4, output_type="np"
+    )
     a = generate(tiny_sd, prompts, generator=_gen(3), return_maps=True, **kw)
     b = generate(tiny_sd, prompts, generator=_gen(3), **kw)
     assert a.images.shape == (4, 64, 64, 3)
@@ -76,7 +78,9 @@ def test_batch_images_per_prompt_negative_prompt_and_reproducible(tiny_sd):
     assert set(maps) == {"cat", "dog"} and maps["cat"].shape == (16, 16)
 
 
-@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler"])
+@pytest.mark.parametrize(
+    "scheduler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler"]
+)
 def test_any_scheduler(tiny_sd, scheduler):
     import diffusers
 
@@ -88,7 +92,9 @@ def test_any_scheduler(tiny_sd, scheduler):
 
 
 def test_refinement_option_runs_extra_iterations(tiny_sd):
-    cfg = AIT2IConfig(schedule=ScheduleConfig(refinement=True, refinement_thresholds=((0, 0.99),), max_refinement_iters=3))
+    cfg = AIT2IConfig(
+        schedule=ScheduleConfig(refinement=True, refinement_thresholds=((0, 0.99),), max_refinement_iters=3)
+    )
     out = _run(tiny_sd, cfg, num_inference_steps=4)
     assert out.steps[0].iterations == 3 and out.steps[1].iterations == 1
 

@@ -62,7 +62,11 @@ def test_inferred_groups(tokenizer):
 
 
 def test_describe_names_tokens(tokenizer):
-    text = describe(tokenizer, "a hippopotamus and a hot dog", resolve_groups(tokenizer, "a hippopotamus and a hot dog", ["hippopotamus", "hot dog"]))
+    text = describe(
+        tokenizer,
+        "a hippopotamus and a hot dog",
+        resolve_groups(tokenizer, "a hippopotamus and a hot dog", ["hippopotamus", "hot dog"]),
+    )
     assert "hippo@2" in text and "potam@3" in text and "dog@8" in text and "hot@7" in text
 
 
@@ -89,8 +93,19 @@ def test_bad_subjects_raise(tokenizer, prompt, subjects, message):
 
 
 @pytest.mark.parametrize(
-    "box, message", [((0.5, 0.2, 0.4, 0.9), "empty"), ((-0.1, 0, 0.5, 0.5), r"outside \[0, 1\]"), ((0, 0, 1), "4 numbers")]
+    "box, message",
+    [((0.5, 0.2, 0.4, 0.9), "empty"), ((-0.1, 0, 0.5, 0.5), r"outside \[0, 1\]"), ((0, 0, 1), "4 numbers")],
 )
 def test_bad_boxes(box, message):
     with pytest.raises(ValueError, match=message):
         validate_box(box, "cat")
+
+
+def test_identifier_joins_the_subject_it_precedes(tokenizer):
+    from ait2i_ext.tokens import with_identifier
+
+    subjects = with_identifier(["sks dog", "cat"], "sks", "a sks dog and a cat")
+    dog, cat = resolve_groups(tokenizer, "a sks dog and a cat", subjects)
+    assert subjects[0].identifier == "sks" and dog.members == (2,) and cat.members == ()
+    with pytest.raises(ValueError, match="identifier 'zzz' is not in the prompt"):
+        with_identifier(["dog"], "zzz", "a dog")

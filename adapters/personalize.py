@@ -1,0 +1,281 @@
+"""Personalisation: a LoRA/DreamBooth concept loaded into a pipeline, its identifier in its noun's group.
+
+A learned concept is used as "a sks dog": the identifier ``sks`` joins the group of the class noun it
+precedes, so aggregation pulls the identifier's map onto the noun's peak and isolation keeps the
+concept apart from the other subjects (``shared/METHOD.md``, Personalisation). Nothing else changes:
+the LoRA-loaded pipeline is still a stock Stable Diffusion pipeline, and :func:`ait2i_ext.generate`
+runs on it through the plain SD adapter.
+
+    from ait2i_ext import generate
+    from ait2i_ext.adapters.personalize import load_lora, personalized_subjects
+
+    load_lora(pipe, "runs/sks-dog")                      # folder or .safetensors file
+    prompt = "a sks dog and a cat"
+    out = generate(pipe, prompt, personalized_subjects(prompt, "sks"))
+
+Only safetensors is loaded. A LoRA whose layers do not fit the pipeline's models is refused before
+anything is injected, and a load that fails or injects less than the file holds is undone, so the
+pipeline is left as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ait2i_ext.tokens import Subject, SubjectSpec, infer_subjects, with_identifier
+
+logger = logging.getLogger(__name__)
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers and training/train_lora.py write
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+# A LoRA key in peft form: "<layer>.lora_A.weight", "<layer>.lora_B.weight" (+ bias), "<layer>.lora_magnitude_vector".
+_PEFT_KEY = re.compile(
+    r"^(?P<layer>.+?)\.(?:lora_(?P<side>[AB])\.(?:[\w-]+\.)?(?:weight|bias)|lora_magnitude_vector(?:\.[\w-]+)?)$"
+)
+
+
+def lora_file(path: str | Path) -> Path:
+    """The safetensors file a LoRA ``path`` names: the file itself, or ``path/pytorch_lora_weights.safetensors``.
+
+    Raises:
+        ValueError: the path does not exist, is a pickle (``.bin``, ``.pt``, ``.ckpt``, ...), is not a
+            ``.safetensors`` file, or is a folder without ``pytorch_lora_weights.safetensors``.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ValueError(
+            f"LoRA {str(path)!r} does not exist: expected a .safetensors file or a folder holding {LORA_WEIGHT_NAME}"
+        )
+    if path.is_dir():
+        file = path / LORA_WEIGHT_NAME
+        if file.is_file():
+            return file
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            raise ValueError(
+                f"LoRA folder {str(path)!r} holds only pickle weights {pickles}: only safetensors is loaded "
+                f"(expected {LORA_WEIGHT_NAME}; convert with safetensors.torch.save_file)"
+            )
+        found = sorted(p.name for p in path.glob("*.safetensors"))
+        hint = f"; pass one of {found} as the path" if found else ""
+        raise ValueError(f"LoRA folder {str(path)!r} has no {LORA_WEIGHT_NAME}{hint}")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(
+            f"LoRA {str(path)!r} is a pickle ({path.suffix}): only safetensors is loaded "
+            "(pickles can run code when loaded; convert with safetensors.torch.save_file)"
+        )
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"LoRA {str(path)!r} is not a .safetensors file: only safetensors is loaded")
+    return path
+
+
+def _components(pipe) -> dict[str, torch.nn.Module]:
+    """The models a LoRA state dict addresses by key prefix (``unet.``, ``text_encoder.``, ...)."""
+    names = ("unet", "text_encoder", "text_encoder_2")
+    return {n: getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None}
+
+
+def _to_peft(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One component's keys in peft form (``...lora_A.weight``), as diffusers converts them when loading."""
+    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    if prefix == "unet":
+        return convert_unet_state_dict_to_peft(state)
+    if any(".lora_A." in k or ".lora_B." in k for k in state):
+        return state
+    return convert_state_dict_to_peft(state)
+
+
+def _base_layer(module: torch.nn.Module) -> torch.nn.Module:
+    get_base = getattr(module, "get_base_layer", None)  # a layer already wrapped by another adapter
+    return get_base() if get_base is not None else module
+
+
+def _layer_shape(module: torch.nn.Module) -> tuple[int, int] | None:
+    """``(inputs, outputs)`` of a Linear or Conv layer, ``None`` for anything a LoRA cannot wrap."""
+    module = _base_layer(module)
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+        return module.in_channels, module.out_channels
+    return None
+
+
+def check_lora_fits(pipe, state_dict: dict[str, torch.Tensor], source: str = "LoRA") -> dict[str, set[str]]:
+    """Check that every key of a LoRA ``state_dict`` addresses a layer of ``pipe`` with matching shapes.
+
+    diffusers/peft either raise deep in ``load_state_dict`` or, for keys naming no layer, log a warning
+    and load the rest; this check runs first and touches nothing.
+
+    Args:
+        pipe: the pipeline the LoRA is meant for.
+        state_dict: the LoRA as ``pipe.lora_state_dict`` returns it (keys prefixed ``unet.`` /
+            ``text_encoder.``).
+        source: how to name the LoRA in errors (its path).
+
+    Returns:
+        Per component (``"unet"``, ``"text_encoder"``, ...), the names of the layers the LoRA adapts.
+
+    Raises:
+        ValueError: keys that match no layer (naming a few and the count), a key whose shape does not
+            fit its layer (naming the key and both shapes), or no UNet layer at all.
+    """
+    components = _components(pipe)
+    by_prefix: dict[str, dict[str, torch.Tensor]] = {}
+    unmatched: list[str] = []
+    for key, value in state_dict.items():
+        prefix, _, rest = key.partition(".")
+        if prefix in components and rest:
+            by_prefix.setdefault(prefix, {})[rest] = value
+        else:
+            unmatched.append(key)
+    layers: dict[str, set[str]] = {}
+    for prefix, state in by_prefix.items():
+        model = components[prefix]
+        modules = dict(model.named_modules())
+        for key, value in _to_peft(prefix, state).items():
+            match = _PEFT_KEY.match(key)
+            layer = modules.get(match["layer"]) if match else None
+            shape = _layer_shape(layer) if layer is not None else None
+            if shape is None:
+                unmatched.append(f"{prefix}.{key}")
+                continue
+            layers.setdefault(prefix, set()).add(match["layer"])
+            side = match["side"]
+            if side is None or not key.endswith(".weight"):
+                continue
+            dim, expected = (1, shape[0]) if side == "A" else (0, shape[1])
+            if value.ndim < 2 or value.shape[dim] != expected:
+                kind = "inputs" if side == "A" else "outputs"
+                raise ValueError(
+                    f"{source} does not fit this {type(pipe).__name__}: key {f'{prefix}.{key}'!r} has shape "
+                    f"{tuple(value.shape)} but layer {prefix}.{match['layer']} ({type(_base_layer(layer)).__name__} "
+                    f"{shape[0]} -> {shape[1]}) has {expected} {kind}: the LoRA was trained for another model"
+                )
+    if unmatched:
+        raise ValueError(
+            f"{source} does not match this {type(pipe).__name__}: {len(unmatched)} key(s) name no layer of "
+            f"{sorted(components)}, e.g. {sorted(unmatched)[:3]}: the LoRA was trained for another model"
+        )
+    if not layers.get("unet"):
+        raise ValueError(f"{source} holds no UNet layer: expected keys starting with 'unet.'")
+    return layers
+
+
+def _injected(model: torch.nn.Module, adapter_name: str) -> set[str]:
+    """Names of the layers of ``model`` that carry the LoRA adapter ``adapter_name``."""
+    return {
+        name
+        for name, module in model.named_modules()
+        if adapter_name in getattr(module, "lora_A", {})
+        or adapter_name in getattr(module, "lora_magnitude_vector", {})
+    }
+
+
+def _adapter_names(pipe) -> set[str]:
+    return {name for names in pipe.get_list_adapters().values() for name in names}
+
+
+def unload_lora(pipe, adapter_name: str) -> None:
+    """Remove the LoRA adapter ``adapter_name`` from every model of ``pipe`` (no-op if absent)."""
+    if adapter_name in _adapter_names(pipe):
+        pipe.delete_adapters(adapter_name)
+
+
+def load_lora(pipe, path: str | Path, adapter_name: str | None = None, scale: float = 1.0) -> str:
+    """Load a LoRA (e.g. from ``training/train_lora.py``) into ``pipe`` as the active adapter.
+
+    The file's peft metadata is honoured, so a LoRA trained with ``lora_alpha != rank`` loads at its
+    real strength (as ``pipe.load_lora_weights`` does). Like ``load_lora_weights``, the new adapter
+    becomes the active one.
+
+    Args:
+        pipe: a diffusers pipeline with LoRA support (``StableDiffusionPipeline`` and relatives).
+        path (`str` or `Path`): a ``.safetensors`` file, or a folder holding
+            ``pytorch_lora_weights.safetensors`` (a training run's ``output_dir`` or ``checkpoint-N``).
+        adapter_name (`str`, *optional*): name of the adapter; default ``default_<i>``, the first free one.
+        scale (`float`): the adapter's weight (``pipe.set_adapters``); 1.0 is the trained strength.
+
+    Returns:
+        The adapter's name.
+
+    Raises:
+        ValueError: the path is missing, a pickle or not safetensors; the file is unreadable; the LoRA's
+            keys or shapes do not match the pipeline's layers; the name is taken; or the pipeline cannot
+            load LoRAs. On any error the pipeline is left as it was.
+    """
+    if not hasattr(pipe, "load_lora_weights"):
+        raise ValueError(
+            f"pipeline {type(pipe).__name__} cannot load LoRAs: expected a pipeline with load_lora_weights"
+        )
+    file = lora_file(path)
+    source = f"LoRA {str(file)!r}"
+    existing = _adapter_names(pipe)
+    if adapter_name is None:
+        adapter_name = next(
+            f"default_{i}" for i in range(len(existing) + 1) if f"default_{i}" not in existing
+        )
+    elif adapter_name in existing:
+        raise ValueError(
+            f"adapter_name={adapter_name!r} is already loaded in this pipeline: pick another name or unload it"
+        )
+
+    try:
+        state_dict, _ = pipe.lora_state_dict(str(file.parent), weight_name=file.name)
+    except Exception as err:  # safetensors raises its own error type for a corrupt header
+        raise ValueError(f"{source} could not be read as safetensors: {err}") from err
+    if not state_dict or not all("lora" in key for key in state_dict):
+        raise ValueError(
+            f"{source} is not a LoRA: expected keys containing 'lora', got {sorted(state_dict)[:3]}"
+        )
+    expected = check_lora_fits(pipe, state_dict, source)
+
+    try:
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
+        components = _components(pipe)
+        for prefix, layers in expected.items():
+            missing = layers - _injected(components[prefix], adapter_name)
+            if missing:
+                raise ValueError(
+                    f"{source}: {len(missing)} {prefix} layer(s) were not adapted after loading, e.g. {sorted(missing)[:3]}"
+                )
+        if scale != 1.0:
+            pipe.set_adapters(adapter_name, adapter_weights=scale)
+    except Exception as err:
+        unload_lora(pipe, adapter_name)
+        if isinstance(err, ValueError):
+            raise
+        raise ValueError(f"{source} could not be loaded into {type(pipe).__name__}: {err}") from err
+    logger.info("loaded %s as adapter %r (%d UNet layers)", source, adapter_name, len(expected["unet"]))
+    return adapter_name
+
+
+def personalized_subjects(
+    prompt: str, identifier: str, subjects: Sequence[SubjectSpec] | None = None
+) -> list[Subject]:
+    """The prompt's subjects with ``identifier`` in the group of the noun it precedes.
+
+    "a sks dog and a cat" -> ``[Subject("dog", identifier="sks"), Subject("cat")]``; ``subjects=None``
+    infers them from the prompt (:func:`ait2i_ext.tokens.infer_subjects`). Subjects with layout boxes
+    keep their boxes.
+
+    Raises:
+        ValueError: the identifier is not a word of the prompt, or precedes none of the subjects.
+    """
+    return with_identifier(subjects if subjects is not None else infer_subjects(prompt), identifier, prompt)
+
+
+__all__ = [
+    "LORA_WEIGHT_NAME",
+    "check_lora_fits",
+    "load_lora",
+    "lora_file",
+    "personalized_subjects",
+    "unload_lora",
+]

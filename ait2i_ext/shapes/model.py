@@ -1,0 +1,112 @@
+"""Architecture of the shapes-world text-to-image model and where its shipped weights live.
+
+The model is a standard diffusers ``StableDiffusionPipeline``: 64 px images, a small ``AutoencoderKL``
+that downsamples by 4 (16x16x4 latents), a ``UNet2DConditionModel`` with cross-attention at 16x16,
+8x8 and 4x4, and a 3-layer ``CLIPTextModel`` on the real CLIP vocabulary, trained from scratch by
+``training/train_shapes.py``. The UNet predicts ``v`` (``prediction_type="v_prediction"``).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ..testing import BOS_ID, CLIP_VOCAB_SIZE, EOS_ID, load_clip_tokenizer
+
+TEXT_HIDDEN = 64
+LATENT_CHANNELS = 4
+
+
+def default_model_path() -> str:
+    """Folder of the shipped shapes model (a ``StableDiffusionPipeline`` saved with ``save_pretrained``)."""
+    return str(resources.files("ait2i_ext") / "assets" / "shapes_model")
+
+
+def text_encoder_config() -> CLIPTextConfig:
+    """A 3-layer, 64-wide CLIP text encoder on the 49408-token CLIP vocabulary."""
+    return CLIPTextConfig(
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=EOS_ID,
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=TEXT_HIDDEN * 4,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        max_position_embeddings=77,
+        layer_norm_eps=1e-5,
+        hidden_act="quick_gelu",
+    )
+
+
+def vae_config() -> dict:
+    """``AutoencoderKL``: 64x64x3 images <-> 16x16x4 latents (two downsamplings)."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def unet_config() -> dict:
+    """``UNet2DConditionModel`` on 16x16 latents with cross-attention at 16x16, 8x8 and 4x4."""
+    return dict(
+        sample_size=16,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        block_out_channels=(64, 96, 128),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=4,  # the number of heads, despite the name
+        norm_num_groups=16,
+    )
+
+
+def scheduler_config() -> dict:
+    """Stable Diffusion's noise schedule; the model predicts ``v``."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def build_shapes_pipeline(seed: int = 0, vae_scaling_factor: float = 1.0):
+    """A randomly initialised shapes-world ``StableDiffusionPipeline`` (the training starting point).
+
+    Args:
+        seed: seed of the initial weights.
+        vae_scaling_factor: the latent scale stored in the VAE config (set after the VAE is trained).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**vae_config(), scaling_factor=vae_scaling_factor)
+    unet = UNet2DConditionModel(**unet_config())
+    text_encoder = CLIPTextModel(text_encoder_config())
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=load_clip_tokenizer(),
+        unet=unet,
+        scheduler=DDIMScheduler(**scheduler_config()),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipe

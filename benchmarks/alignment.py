@@ -1,0 +1,290 @@
+"""Alignment benchmark: methods side by side on the same prompts, seeds and model.
+
+    python benchmarks/alignment.py                          # shipped shapes model, CPU
+    accelerate launch benchmarks/alignment.py --seeds 64    # seeds sharded over processes / GPUs
+    python benchmarks/alignment.py --model PATH --clip-model CLIP_PATH   # a user's SD checkpoint
+
+Methods: ``plain`` (the stock pipeline), ``attend-excite`` (diffusers'
+``StableDiffusionAttendAndExcitePipeline`` on the same components, its defaults), ``ait2i``
+(defaults), ``ait2i-no-agg`` (aggregation and alignment weights 0), ``ait2i-no-iso`` (isolation
+weight 0); ``--methods`` picks. On the shapes model every image is scored by
+``ait2i_ext.shapes.evaluator``: all subjects present (colour and shape), colours bound, fully
+correct; plus seconds per image. With ``--model`` (a Stable Diffusion checkpoint) the prompts are
+Attend-and-Excite's "a {animal} and a {animal}" pairs, scored with CLIP when ``--clip-model`` is given.
+Prints one table and writes ``--out``/table.json and a PNG grid of examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ait2i_ext import AIT2IConfig, LossConfig, generate
+from ait2i_ext.tokens import resolve_groups
+
+METHODS = ("plain", "attend-excite", "ait2i", "ait2i-no-agg", "ait2i-no-iso")
+ANIMALS = (
+    "cat",
+    "dog",
+    "bird",
+    "bear",
+    "lion",
+    "horse",
+    "elephant",
+    "monkey",
+    "frog",
+    "turtle",
+    "rabbit",
+    "mouse",
+)
+
+
+def method_config(method: str, mode: str) -> AIT2IConfig | None:
+    loss = {
+        "ait2i": LossConfig(),
+        "ait2i-no-agg": LossConfig(w_aggregation=0.0, w_alignment=0.0),
+        "ait2i-no-iso": LossConfig(w_isolation=0.0),
+    }.get(method)
+    return None if loss is None else AIT2IConfig(loss=loss, mode=mode)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    set_name: str
+    text: str
+    subjects: tuple  # subject specs for ait2i (strings "colour shape")
+    objects: tuple  # evaluator requests (shapes model) or animal names
+
+
+def shapes_cases(sets: list[str], per_set: int) -> list[Case]:
+    from ait2i_ext.shapes.prompts import prompt_set
+
+    cases = []
+    for name in sets:
+        for p in prompt_set(name)[:per_set]:
+            subjects = tuple(f"{o.colour} {o.shape}" for o in p.objects)
+            cases.append(Case(name, p.text, subjects, p.objects))
+    return cases
+
+
+def animal_cases(per_set: int) -> list[Case]:
+    pairs = [(a, b) for i, a in enumerate(ANIMALS) for b in ANIMALS[i + 1 :]][:per_set]
+    return [Case("animals", f"a {a} and a {b}", (a, b), (a, b)) for a, b in pairs]
+
+
+def run_method(pipe, ae_pipe, method: str, case: Case, seeds: list[int], args) -> tuple[list, float]:
+    """Images for ``seeds`` (one batch) and seconds per image."""
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    call = dict(
+        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, num_images_per_prompt=len(seeds)
+    )
+    start = time.perf_counter()
+    if method == "plain":
+        images = pipe(case.text, generator=generators, **call).images
+    elif method == "attend-excite":
+        groups = resolve_groups(pipe.tokenizer, case.text, list(case.subjects))
+        images = ae_pipe(
+            case.text, token_indices=[g.main for g in groups], generator=generators, **call
+        ).images
+    else:
+        out = generate(
+            pipe,
+            case.text,
+            list(case.subjects),
+            config=method_config(method, args.mode),
+            generator=generators,
+            **call,
+        )
+        images = out.images
+    return images, (time.perf_counter() - start) / len(seeds)
+
+
+def score_shapes(image, case: Case) -> dict[str, float]:
+    from ait2i_ext.shapes.evaluator import evaluate
+
+    s = evaluate(image, case.objects)
+    return {"present": float(s.all_present), "bound": float(s.all_bound), "correct": float(s.correct)}
+
+
+class ClipScorer:
+    """Full-prompt and minimum-subject CLIP similarity, as Attend-and-Excite reports."""
+
+    def __init__(self, path: str, device: str):
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.model = CLIPModel.from_pretrained(path).to(device).eval()
+        self.processor = CLIPProcessor.from_pretrained(path)
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, image, case: Case) -> dict[str, float]:
+        texts = [case.text] + [f"a photo of a {a}" for a in case.objects]
+        inputs = self.processor(text=texts, images=image, return_tensors="pt", padding=True).to(self.device)
+        out = self.model(**inputs)
+        sims = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds)
+        return {"clip_full": float(sims[0]), "clip_min_subject": float(sims[1:].min())}
+
+
+def example_grid(rows: list[tuple[str, dict]], methods: list[str]):
+    from PIL import Image
+
+    from ait2i_ext.viz import side_by_side
+
+    strips = [side_by_side({m: images[m] for m in methods}, title=text, cell=160) for text, images in rows]
+    grid = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), (255, 255, 255))
+    y = 0
+    for s in strips:
+        grid.paste(s, (0, y))
+        y += s.height
+    return grid
+
+
+def format_table(rows: list[dict], keys: list[str]) -> str:
+    header = f"{'set':<14}{'method':<15}" + "".join(f"{k:>18}" for k in keys) + f"{'s/image':>10}{'n':>6}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        cells = "".join(
+            f"{100 * r[k]:>17.1f}%" if k in ("present", "bound", "correct") else f"{r[k]:>18.4f}"
+            for k in keys
+        )
+        lines.append(f"{r['set']:<14}{r['method']:<15}{cells}{r['seconds']:>10.3f}{r['n']:>6}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from diffusers import DiffusionPipeline, StableDiffusionAttendAndExcitePipeline
+    from tqdm.auto import tqdm
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model", help="a Stable Diffusion pipeline folder or hub id (default: the shipped shapes model)"
+    )
+    parser.add_argument(
+        "--prompts",
+        choices=["shapes", "animals"],
+        help="prompt family (default: shapes for the shapes model, animals with --model)",
+    )
+    parser.add_argument("--clip-model", help="CLIP model folder for CLIP scores (with --model)")
+    parser.add_argument(
+        "--sets", default="two,three,held_out,hard", help="shapes prompt sets, comma-separated"
+    )
+    parser.add_argument("--prompts-per-set", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=64, help="seeds 0..N-1 for every prompt and method")
+    parser.add_argument("--batch", type=int, default=32, help="seeds sampled together")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--mode", default="truncated", choices=["full", "truncated"])
+    parser.add_argument("--examples", type=int, default=6, help="prompts shown in the PNG grid")
+    parser.add_argument("--out", default="out/alignment")
+    args = parser.parse_args(argv)
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"--methods: {m!r} is invalid: expected some of {list(METHODS)}")
+    state = PartialState()
+    device = state.device
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    family = args.prompts or ("animals" if args.model else "shapes")
+    if args.model:
+        model = args.model
+    else:
+        from ait2i_ext.shapes.model import default_model_path
+
+        model = default_model_path()
+    if family == "animals":
+        cases = animal_cases(args.prompts_per_set)
+    else:
+        cases = shapes_cases([s.strip() for s in args.sets.split(",")], args.prompts_per_set)
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    ae_pipe = None
+    if "attend-excite" in methods:
+        ae_pipe = StableDiffusionAttendAndExcitePipeline(
+            **{k: v for k, v in pipe.components.items() if k != "image_encoder"}
+        )
+        ae_pipe.set_progress_bar_config(disable=True)
+    clip = ClipScorer(args.clip_model, device) if args.clip_model else None
+
+    # warm-up (first calls allocate and pick kernels), so the first method timed is not penalised
+    pipe(cases[0].text, num_inference_steps=1, guidance_scale=args.guidance_scale)
+    seeds_all = list(range(args.seeds))
+    records, examples = [], {}
+    with state.split_between_processes(seeds_all) as my_seeds:
+        batches = [my_seeds[i : i + args.batch] for i in range(0, len(my_seeds), args.batch)]
+        bar = tqdm(
+            total=len(cases) * len(methods) * len(batches), desc="batches", disable=not state.is_main_process
+        )
+        for case in cases:
+            for method in methods:
+                for seeds in batches:
+                    images, seconds = run_method(pipe, ae_pipe, method, case, seeds, args)
+                    for seed, image in zip(seeds, images):
+                        scores = (
+                            score_shapes(image, case)
+                            if family == "shapes"
+                            else (clip(image, case) if clip else {})
+                        )
+                        records.append(
+                            {
+                                "set": case.set_name,
+                                "method": method,
+                                "prompt": case.text,
+                                "seed": seed,
+                                "seconds": seconds,
+                                **scores,
+                            }
+                        )
+                        if seed == 0 and len({c for c, _ in examples}) < args.examples:
+                            examples[(case.text, method)] = image
+                    bar.update(1)
+        bar.close()
+    records = gather_object(records)
+    examples = gather_object([examples])
+    if not state.is_main_process:
+        return 0
+
+    keys = [k for k in ("present", "bound", "correct", "clip_full", "clip_min_subject") if k in records[0]]
+    rows = []
+    for set_name in list(dict.fromkeys([r["set"] for r in records])) + ["all"]:
+        for method in methods:
+            rs = [r for r in records if r["method"] == method and (set_name == "all" or r["set"] == set_name)]
+            if rs:
+                row = {
+                    "set": set_name,
+                    "method": method,
+                    "n": len(rs),
+                    "seconds": sum(r["seconds"] for r in rs) / len(rs),
+                }
+                row.update({k: sum(r[k] for r in rs) / len(rs) for k in keys})
+                rows.append(row)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_table(rows, keys)
+    print(
+        f"model: {model}; {len(cases)} prompts x {args.seeds} seeds; {args.steps} steps; "
+        f"guidance scale {args.guidance_scale}; device {device}"
+    )
+    print(table)
+    merged = {k: v for part in examples for k, v in part.items()}
+    texts = list(dict.fromkeys(t for t, _ in merged))
+    grid_rows = [
+        (t, {m: merged[(t, m)] for m in methods}) for t in texts if all((t, m) in merged for m in methods)
+    ]
+    if grid_rows:
+        example_grid(grid_rows, methods).save(out / "examples.png")
+    (out / "table.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    print(f"wrote {out / 'table.json'} and {out / 'examples.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

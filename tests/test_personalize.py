@@ -1,0 +1,285 @@
+"""The personalisation adapter on a tiny pipeline: load a LoRA, put the identifier in its noun's group,
+generate from Python and the CLI, and refuse bad LoRAs without touching the pipeline. Offline, CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ait2i_ext.adapters import personalize
+from ait2i_ext.adapters.layout import subjects_with_boxes
+from ait2i_ext.adapters.personalize import load_lora, lora_file, personalized_subjects, unload_lora
+
+from ait2i_ext import AIT2IConfig, ScheduleConfig, Subject, cli, generate, resolve_groups
+from ait2i_ext.testing import tiny_sd_pipeline, tiny_unet_config
+from ait2i_ext.tokens import with_identifier
+
+try:  # installed: training/ is ait2i_ext.training
+    from ait2i_ext.training import train_lora
+except ImportError:  # source checkout run from the repository root
+    from training import train_lora
+
+PROMPT = "a sks dog and a cat"
+SKS = 2  # <bos> a sks dog and a cat: "sks" is token 2, "dog" token 3 (single CLIP tokens)
+GUIDED = AIT2IConfig(schedule=ScheduleConfig(guided_fraction=1.0))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread is faster than contended OpenMP threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    tiny_sd_pipeline(seed=0).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(model_dir, tmp_path_factory) -> Path:
+    """Two steps of the fine-tuning script, UNet and text encoder, alpha != rank: its output folder."""
+    from PIL import Image
+
+    images = tmp_path_factory.mktemp("instance")
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    out = tmp_path_factory.mktemp("lora")
+    train_lora.main(
+        ["--pretrained_model", str(model_dir), "--instance_data_dir", str(images),
+         "--instance_prompt", "a photo of sks dog", "--output_dir", str(out), "--resolution", "64",
+         "--max_train_steps", "2", "--learning_rate", "1e-2", "--rank", "2", "--lora_alpha", "8",
+         "--train_text_encoder", "--checkpointing_steps", "1000"]
+    )  # fmt: skip
+    return out
+
+
+def _save_random_lora(folder: Path, cross_attention_dim: int = 32) -> Path:
+    """A non-zero peft LoRA on a tiny UNet, saved as diffusers does (``save_lora_weights``)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**tiny_unet_config(cross_attention_dim=cross_attention_dim))
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k", "to_v"], init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(
+        str(folder), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    )
+    return folder / personalize.LORA_WEIGHT_NAME
+
+
+def _images(pipe, seed: int = 0) -> np.ndarray:
+    generator = torch.Generator().manual_seed(seed)
+    return pipe("a sks dog", num_inference_steps=2, generator=generator, output_type="np").images
+
+
+def _lora_layers(pipe) -> int:
+    return sum(1 for _, m in pipe.unet.named_modules() if getattr(m, "lora_A", None))
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("as_file", [False, True], ids=["folder", "file"])
+def test_load_lora_gives_the_images_of_load_lora_weights(trained, as_file):
+    reference = tiny_sd_pipeline()
+    base = _images(reference)
+    reference.load_lora_weights(str(trained))
+    expected = _images(reference)
+    assert np.abs(expected - base).max() > 1e-4, "the LoRA had no effect: the comparison proves nothing"
+
+    pipe = tiny_sd_pipeline()
+    name = load_lora(pipe, trained / personalize.LORA_WEIGHT_NAME if as_file else trained)
+    assert pipe.get_list_adapters() == {"unet": [name], "text_encoder": [name]}
+    np.testing.assert_allclose(_images(pipe), expected, atol=1e-6)
+
+
+def test_scale_zero_is_the_base_model_and_unload_restores_it(trained):
+    pipe = tiny_sd_pipeline()
+    base = _images(pipe)
+    name = load_lora(pipe, trained, adapter_name="concept", scale=0.0)
+    assert name == "concept"
+    np.testing.assert_allclose(_images(pipe), base, atol=1e-6)
+    with pytest.raises(ValueError, match=r"adapter_name='concept' is already loaded"):
+        load_lora(pipe, trained, adapter_name="concept")
+    unload_lora(pipe, "concept")
+    assert pipe.get_list_adapters() == {}
+
+
+# --- grouping ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "subjects", [None, ["dog", "cat"], ["sks dog", "cat"]], ids=["inferred", "nouns", "phrase"]
+)
+def test_identifier_joins_its_noun_group(tokenizer, subjects):
+    dog, cat = resolve_groups(tokenizer, PROMPT, personalized_subjects(PROMPT, "sks", subjects))
+    assert (dog.name, dog.main, dog.members) == ("dog", SKS + 1, (SKS,))
+    assert cat.name == "cat" and SKS not in cat.indices
+
+
+def test_identifier_not_in_the_prompt_raises():
+    with pytest.raises(ValueError, match=r"identifier 'zzz' is not in the prompt 'a sks dog and a cat'"):
+        personalized_subjects(PROMPT, "zzz")
+
+
+# --- generating ----------------------------------------------------------------------------------
+
+
+def test_generate_on_the_lora_pipeline_records_losses(trained, tokenizer):
+    pipe = tiny_sd_pipeline()
+    load_lora(pipe, trained)
+    subjects = with_identifier(["dog", "cat"], "sks", PROMPT)
+    out = generate(
+        pipe,
+        PROMPT,
+        subjects,
+        config=GUIDED,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+    )
+    dog, cat = out.groups[0]
+    assert SKS in dog.members and SKS not in cat.indices
+    assert len(out.steps) >= 2 and all(np.isfinite(s.losses["total"]) for s in out.steps)
+
+
+def test_concept_with_layout_boxes(trained):
+    pipe = tiny_sd_pipeline()
+    load_lora(pipe, trained)
+    dog_box, cat_box = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
+    boxed = subjects_with_boxes(None, {"dog": dog_box, "cat": cat_box}, PROMPT)
+    subjects = personalized_subjects(PROMPT, "sks", boxed)
+    assert subjects[0] == Subject("dog", identifier="sks", box=dog_box)
+    out = generate(
+        pipe,
+        PROMPT,
+        subjects,
+        config=GUIDED,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+    )
+    dog, cat = out.groups[0]
+    assert (dog.box, cat.box) == (dog_box, cat_box) and SKS in dog.members
+    assert all(s.losses["box"] > 0 for s in out.steps)
+
+
+def test_cli_generate_with_lora_and_identifier(model_dir, trained, tmp_path):
+    out = tmp_path / "out"
+    argv = ["generate", "--model", str(model_dir), "--lora", str(trained), "--identifier", "sks",
+            "--prompt", PROMPT, "--steps", "2", "--out", str(out), "--device", "cpu", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0
+    record = json.loads((out / "run.json").read_text())
+    groups = {g["name"]: g for g in record["images"][0]["groups"]}
+    assert SKS in groups["dog"]["members"] and SKS not in [groups["cat"]["main"], *groups["cat"]["members"]]
+    assert record["images"][0]["loss_per_step"]
+    assert (out / record["images"][0]["file"]).is_file()
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def test_cli_identifier_not_in_prompt_exits_2(model_dir, trained, tmp_path, capsys):
+    argv = ["generate", "--model", str(model_dir), "--lora", str(trained), "--identifier", "zzz",
+            "--prompt", PROMPT, "--steps", "2", "--out", str(tmp_path), "--device", "cpu", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert "identifier 'zzz' is not in the prompt 'a sks dog and a cat'" in capsys.readouterr().err
+
+
+def test_cli_pickle_lora_exits_2(model_dir, tmp_path, capsys):
+    pickle = tmp_path / "concept.bin"
+    torch.save({"unet.x.lora.down.weight": torch.zeros(1)}, pickle)
+    argv = ["generate", "--model", str(model_dir), "--lora", str(pickle), "--prompt", PROMPT,
+            "--steps", "2", "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert "only safetensors is loaded" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("missing", r"LoRA '.*nowhere' does not exist"),
+        ("bin", r"LoRA '.*concept\.bin' is a pickle \(\.bin\): only safetensors is loaded"),
+        ("ckpt", r"LoRA '.*concept\.ckpt' is a pickle \(\.ckpt\): only safetensors is loaded"),
+        (
+            "pickle_folder",
+            r"holds only pickle weights \['pytorch_lora_weights\.bin'\]: only safetensors is loaded",
+        ),
+        ("empty_folder", r"LoRA folder '.*empty' has no pytorch_lora_weights\.safetensors"),
+        ("corrupt", r"could not be read as safetensors"),
+    ],
+)
+def test_bad_lora_paths_raise_naming_the_path(case, match, tmp_path):
+    paths = {
+        "missing": tmp_path / "nowhere",
+        "bin": tmp_path / "concept.bin",
+        "ckpt": tmp_path / "concept.ckpt",
+        "pickle_folder": tmp_path / "pickled",
+        "empty_folder": tmp_path / "empty",
+        "corrupt": tmp_path / "corrupt.safetensors",
+    }
+    for name in ("bin", "ckpt"):
+        paths[name].write_bytes(b"pickle")
+    paths["pickle_folder"].mkdir()
+    (paths["pickle_folder"] / "pytorch_lora_weights.bin").write_bytes(b"pickle")
+    paths["empty_folder"].mkdir()
+    paths["corrupt"].write_bytes(b"not a safetensors header")
+    pipe = tiny_sd_pipeline()
+    with pytest.raises(ValueError, match=match):
+        load_lora(pipe, paths[case])
+    assert pipe.get_list_adapters() == {}
+
+
+def test_lora_for_another_cross_attention_dim_raises_naming_key_and_shapes(tmp_path):
+    file = _save_random_lora(tmp_path, cross_attention_dim=16)
+    pipe = tiny_sd_pipeline()
+    base = _images(pipe)
+    with pytest.raises(
+        ValueError,
+        match=r"key 'unet\..*attn2\.to_k\.lora_A\.weight' has shape \(2, 16\) but layer .*has 32 inputs",
+    ):
+        load_lora(pipe, file)
+    assert pipe.get_list_adapters() == {} and _lora_layers(pipe) == 0
+    np.testing.assert_allclose(_images(pipe), base, atol=0)
+
+
+def test_lora_with_keys_naming_no_layer_raises(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(_save_random_lora(tmp_path / "good")))
+    renamed = {k.replace("attn2.to_k", "attn2.to_kk"): v for k, v in state.items()}
+    save_file(renamed, str(tmp_path / "renamed.safetensors"))
+    pipe = tiny_sd_pipeline()
+    with pytest.raises(
+        ValueError, match=r"\d+ key\(s\) name no layer of \['text_encoder', 'unet'\], e\.g\. \['unet\..*to_kk"
+    ):
+        load_lora(pipe, tmp_path / "renamed.safetensors")
+    assert pipe.get_list_adapters() == {} and _lora_layers(pipe) == 0
+
+
+def test_a_load_that_adapts_too_few_layers_is_undone(tmp_path, monkeypatch):
+    """diffusers/peft may skip layers silently: the adapter checks after loading and unloads."""
+    file = _save_random_lora(tmp_path)
+    pipe = tiny_sd_pipeline()
+    base = _images(pipe)
+    monkeypatch.setattr(personalize, "_injected", lambda model, name: set())
+    with pytest.raises(ValueError, match=r"unet layer\(s\) were not adapted after loading"):
+        load_lora(pipe, file)
+    assert pipe.get_list_adapters() == {}
+    np.testing.assert_allclose(_images(pipe), base, atol=0)
+
+
+def test_lora_file_accepts_a_training_checkpoint_folder(trained, tmp_path):
+    assert lora_file(trained) == trained / "pytorch_lora_weights.safetensors"
+    with pytest.raises(ValueError, match=r"is not a \.safetensors file"):
+        (tmp_path / "weights.txt").write_text("x")
+        lora_file(tmp_path / "weights.txt")

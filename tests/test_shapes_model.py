@@ -1,0 +1,78 @@
+"""The shapes-world model: its architecture, the shipped weights, and a training smoke run."""
+
+import os
+
+import pytest
+import torch
+
+from ait2i_ext.shapes.model import build_shapes_pipeline, default_model_path
+
+SHIPPED = os.path.isfile(os.path.join(default_model_path(), "model_index.json"))
+
+
+def _cross_attention_resolutions(pipe, height: int = 64) -> set[int]:
+    """Side lengths of the maps every cross-attention layer sees, found with forward hooks."""
+    seen = set()
+    hooks = [
+        module.register_forward_hook(
+            lambda m, args, kwargs, out: seen.add(int(args[0].shape[1] ** 0.5)), with_kwargs=True
+        )
+        for name, module in pipe.unet.named_modules()
+        if name.endswith("attn2")
+    ]
+    try:
+        latent = height // pipe.vae_scale_factor
+        with torch.no_grad():
+            pipe.unet(
+                torch.randn(1, 4, latent, latent),
+                10,
+                torch.randn(1, 77, pipe.text_encoder.config.hidden_size),
+            )
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def test_architecture_has_16x16_cross_attention():
+    pipe = build_shapes_pipeline()
+    assert pipe.vae_scale_factor == 4
+    assert _cross_attention_resolutions(pipe) == {16, 8, 4}
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer)
+
+
+@pytest.mark.skipif(
+    not SHIPPED, reason="the shipped weights (ait2i_ext/assets/shapes_model) are not trained yet"
+)
+def test_shipped_model_loads_and_samples():
+    from diffusers import StableDiffusionAttendAndExcitePipeline, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(default_model_path(), safety_checker=None)
+    assert pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(
+        "a red circle and a blue square", num_inference_steps=4, generator=torch.Generator().manual_seed(0)
+    ).images[0]
+    assert image.size == (64, 64)
+    ae = StableDiffusionAttendAndExcitePipeline.from_pretrained(default_model_path(), safety_checker=None)
+    assert ae.vae_scale_factor == 4
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(default_model_path()) for f in fs)
+    assert total < 30e6
+
+
+def test_training_smoke_run(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from training.train_shapes import main
+
+    out = tmp_path / "run"
+    argv = ["--output-dir", str(out), "--vae-steps", "2", "--unet-steps", "2", "--batch-size", "2"]
+    argv += ["--vae-batch-size", "2", "--scale-samples", "4", "--warmup-steps", "1"]
+    export = main(argv)
+    assert (out / "checkpoints").is_dir()
+    pipe = StableDiffusionPipeline.from_pretrained(str(export), safety_checker=None)
+    assert pipe.vae.config.scaling_factor != 1.0
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    # Resuming a finished run changes nothing and exports again.
+    assert main([*argv, "--resume", "latest"]) == export

@@ -1,0 +1,390 @@
+"""The LoRA fine-tuning script end to end on a tiny pipeline: 64 px images, 1-4 steps, offline on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+try:  # installed: training/ is ait2i_ext.training
+    from ait2i_ext.training import train_lora
+except ImportError:  # source checkout run from the repository root
+    from training import train_lora
+
+from ait2i_ext.testing import tiny_sd_pipeline
+
+PROMPT = "a photo of sks dog"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread is ~5x faster than contended OpenMP threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    tiny_sd_pipeline(seed=0).save_pretrained(folder)
+    return folder
+
+
+def _write_images(folder: Path, count: int, seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def instance_dir(tmp_path_factory) -> Path:
+    # Three images with batch size 1: a checkpoint at step 2 falls in the middle of an epoch.
+    return _write_images(tmp_path_factory.mktemp("instance"), 3)
+
+
+def argv(model_dir: Path, instance_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--pretrained_model", str(model_dir),
+        "--instance_data_dir", str(instance_dir),
+        "--instance_prompt", PROMPT,
+        "--output_dir", str(output_dir),
+        "--resolution", "64",
+        "--max_train_steps", "1",
+        "--learning_rate", "1e-2",
+        "--checkpointing_steps", "1000",
+        *extra,
+    ]  # fmt: skip
+
+
+def _base_name(peft_name: str) -> str:
+    return peft_name.replace(".base_layer.", ".")
+
+
+def _lora_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def _generate(pipe, seed: int = 0) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(seed)
+    return pipe("a sks dog", num_inference_steps=2, generator=generator, output_type="np").images
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def test_one_step_changes_only_lora_parameters(model_dir, instance_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    result = train_lora.main(argv(model_dir, instance_dir, tmp_path / "out"))
+    assert result.global_step == 1
+
+    base_unet = dict(UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").named_parameters())
+    trainable = [n for n, p in result.unet.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    lora_b = []
+    for name, param in result.unet.named_parameters():
+        if ".lora_" in name:
+            if ".lora_B." in name:
+                lora_b.append(param)
+            continue
+        assert torch.equal(param, base_unet[_base_name(name)]), f"base weight {name} changed"
+    # B starts at zero, so a non-zero B is a LoRA weight that the step moved.
+    assert lora_b and all(b.abs().sum() > 0 for b in lora_b)
+
+    base_text = dict(CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder").named_parameters())
+    for name, param in result.text_encoder.named_parameters():
+        assert torch.equal(param, base_text[name]), f"text encoder weight {name} changed"
+    assert result.weights_path == tmp_path / "out" / "pytorch_lora_weights.safetensors"
+    assert result.weights_path.is_file()
+
+
+def test_saved_lora_loads_into_fresh_pipeline_with_same_output(model_dir, instance_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "out"
+    result = train_lora.main(argv(model_dir, instance_dir, out))
+    trained = StableDiffusionPipeline.from_pretrained(model_dir, unet=result.unet)
+    expected = _generate(trained)
+    fresh = StableDiffusionPipeline.from_pretrained(model_dir)
+    base = _generate(fresh)
+    fresh.load_lora_weights(out)
+    np.testing.assert_allclose(_generate(fresh), expected, atol=1e-5)
+    assert np.abs(base - expected).max() > 1e-4, "the LoRA had no effect: the comparison proves nothing"
+
+
+def _embed(text_encoder, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return text_encoder(ids)[0]
+
+
+def test_text_encoder_lora_trains_and_round_trips(model_dir, instance_dir, tmp_path):
+    from peft import LoraConfig, inject_adapter_in_model
+    from transformers import CLIPTextModel
+
+    from ait2i_ext.testing import load_clip_tokenizer
+
+    out = tmp_path / "out"
+    result = train_lora.main(argv(model_dir, instance_dir, out, "--train_text_encoder", "--rank", "2"))
+    keys = _lora_tensors(result.weights_path).keys()
+    assert any(k.startswith("unet.") for k in keys) and any(k.startswith("text_encoder.") for k in keys)
+
+    ids = load_clip_tokenizer()("a sks dog", padding="max_length", return_tensors="pt").input_ids
+    base = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+    base_emb = _embed(base, ids)
+    expected = _embed(result.text_encoder, ids)
+    assert (expected - base_emb).abs().max() > 1e-4, "the text-encoder LoRA did not move"
+
+    # Load the saved file into fresh adapters the way a resumed run does.
+    fresh = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=list(train_lora.TEXT_ENCODER_TARGETS))
+    inject_adapter_in_model(config, fresh, adapter_name="default")
+    train_lora.load_lora_into(out, result.unet, fresh)
+    torch.testing.assert_close(_embed(fresh, ids), expected)
+
+
+def _peft_too_old_for_transformers() -> bool:
+    import peft
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__).major >= 5 and Version(peft.__version__) < Version("0.22")
+
+
+@pytest.mark.skipif(
+    _peft_too_old_for_transformers(),
+    reason="transformers 5 loads text-encoder LoRAs (load_lora_weights -> load_adapter) only with peft >= 0.22",
+)
+def test_text_encoder_lora_loads_with_load_lora_weights(model_dir, instance_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "out"
+    result = train_lora.main(argv(model_dir, instance_dir, out, "--train_text_encoder"))
+    expected = _generate(
+        StableDiffusionPipeline.from_pretrained(model_dir, unet=result.unet, text_encoder=result.text_encoder)
+    )
+    fresh = StableDiffusionPipeline.from_pretrained(model_dir)
+    fresh.load_lora_weights(out)
+    np.testing.assert_allclose(_generate(fresh), expected, atol=1e-5)
+
+
+def test_alpha_not_equal_rank_loads_at_full_strength(model_dir, instance_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "out"
+    result = train_lora.main(argv(model_dir, instance_dir, out, "--rank", "2", "--lora_alpha", "8"))
+    with safe_open(str(result.weights_path), "pt") as f:
+        assert '"unet.lora_alpha": 8' in f.metadata()["lora_adapter_metadata"]
+
+    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    emb = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500])
+    with torch.no_grad():
+        expected = result.unet(latents, t, encoder_hidden_states=emb).sample
+
+    def unet_output(lora) -> torch.Tensor:
+        pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+        pipe.load_lora_weights(lora)
+        with torch.no_grad():
+            return pipe.unet(latents, t, encoder_hidden_states=emb).sample
+
+    torch.testing.assert_close(unet_output(out), expected, atol=1e-5, rtol=1e-5)
+    # The same tensors without the metadata load at alpha = rank (a quarter of the strength).
+    weaker = unet_output(_lora_tensors(result.weights_path))
+    assert (weaker - expected).abs().max() > 1e-4
+
+
+def test_prior_preservation_generates_class_images_and_validation_images(model_dir, instance_dir, tmp_path):
+    class_dir = tmp_path / "class"
+    out = tmp_path / "out"
+    extra = [
+        "--with_prior_preservation", "--class_data_dir", str(class_dir), "--class_prompt", "a photo of dog",
+        "--num_class_images", "2", "--class_inference_steps", "1",
+        "--validation_prompt", "a sks dog", "--validation_steps", "1", "--num_validation_images", "1",
+        "--validation_inference_steps", "1",
+    ]  # fmt: skip
+    result = train_lora.main(argv(model_dir, instance_dir, out, *extra))
+    assert result.global_step == 1
+    assert sorted(p.name for p in class_dir.iterdir()) == ["class-00000.png", "class-00001.png"]
+    assert [p.name for p in (out / "validation").iterdir()] == ["step-000001-0.png"]
+
+
+# --- checkpoints and resume --------------------------------------------------------------------
+
+
+def test_resume_after_a_crash_ends_at_the_uninterrupted_weights(
+    model_dir, instance_dir, tmp_path, monkeypatch
+):
+    from accelerate import Accelerator
+
+    steps = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--random_flip"]
+    reference = train_lora.main(argv(model_dir, instance_dir, tmp_path / "ref", *steps))
+    assert [p.name for p in train_lora.list_checkpoints(tmp_path / "ref")] == ["checkpoint-2", "checkpoint-4"]
+
+    # Kill the run while it writes its second checkpoint, after steps 3 and 4 were trained.
+    out = tmp_path / "out"
+    save_state = Accelerator.save_state
+    calls = []
+
+    def dying_save_state(self, output_dir=None, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            Path(output_dir).mkdir(parents=True)
+            (Path(output_dir) / "optimizer.bin").write_bytes(b"half written")
+            raise KeyboardInterrupt("killed while saving")
+        return save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", dying_save_state)
+    with pytest.raises(KeyboardInterrupt):
+        train_lora.main(argv(model_dir, instance_dir, out, *steps))
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    assert [p.name for p in train_lora.list_checkpoints(out)] == ["checkpoint-2"]
+    assert (out / ".checkpoint-4.tmp").is_dir()  # the broken one never took a checkpoint's name
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+
+    resumed = train_lora.main(
+        argv(model_dir, instance_dir, out, *steps, "--resume_from_checkpoint", "latest")
+    )
+    assert resumed.global_step == 4
+    assert [p.name for p in train_lora.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert not (out / ".checkpoint-4.tmp").exists()
+    # Same data order, noise and optimizer state from step 2 on: the same LoRA as the uninterrupted run.
+    expected, got = _lora_tensors(reference.weights_path), _lora_tensors(resumed.weights_path)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_run_stopped_at_step_3_resumes_mid_epoch_with_accumulation(model_dir, tmp_path):
+    # Five images, two per optimizer step: 3 steps per epoch, so checkpoint-2 falls mid-epoch.
+    images = _write_images(tmp_path / "five", 5, seed=1)
+    common = ["--gradient_accumulation_steps", "2", "--checkpointing_steps", "2", "--random_flip"]
+    reference = train_lora.main(argv(model_dir, images, tmp_path / "ref", *common, "--max_train_steps", "4"))
+
+    out = tmp_path / "out"
+    stopped = train_lora.main(argv(model_dir, images, out, *common, "--max_train_steps", "3"))
+    assert stopped.global_step == 3
+    assert [p.name for p in train_lora.list_checkpoints(out)] == ["checkpoint-2"]
+
+    resumed = train_lora.main(
+        argv(model_dir, images, out, *common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    )
+    assert resumed.global_step == 4
+    expected, got = _lora_tensors(reference.weights_path), _lora_tensors(resumed.weights_path)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_resume_latest_without_checkpoints_starts_fresh(model_dir, instance_dir, tmp_path):
+    result = train_lora.main(
+        argv(model_dir, instance_dir, tmp_path / "out", "--resume_from_checkpoint", "latest")
+    )
+    assert result.global_step == 1
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bad_dirs(tmp_path) -> dict[str, Path]:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    mixed = _write_images(tmp_path / "mixed", 1)
+    (mixed / "notes.txt").write_text("not an image")
+    (mixed / "data.csv").write_text("a,b")
+    broken = _write_images(tmp_path / "broken", 1)
+    (broken / "broken.png").write_bytes(b"\x89PNG but not really")
+    no_index = tmp_path / "no-index"
+    no_index.mkdir()
+    return {"empty": empty, "mixed": mixed, "broken": broken, "no_index": no_index}
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("missing", r"--instance_data_dir=.*missing.* does not exist: expected a folder of images"),
+        ("empty", r"--instance_data_dir=.*empty.* is empty: expected at least one image"),
+        ("mixed", r"2 non-image file\(s\): \['data.csv', 'notes.txt'\]"),
+        ("broken", r"unreadable image\(s\): \['broken.png"),
+        ("identifier", r"--identifier='xyz' is not in --instance_prompt='a photo of sks dog'"),
+        ("no_index", r"--pretrained_model=.*no-index.* has no model_index.json"),
+        ("reg_without_words", r"--attention_reg_weight=1.0 needs --identifier and --class_noun"),
+        ("resume_path", r"--resume_from_checkpoint='checkpoint-7' is not a checkpoint"),
+    ],
+)
+def test_bad_input_raises_before_training(case, match, model_dir, instance_dir, bad_dirs, tmp_path):
+    model, images, extra = model_dir, instance_dir, []
+    if case == "missing":
+        images = tmp_path / "missing"
+    elif case in ("empty", "mixed", "broken"):
+        images = bad_dirs[case]
+    elif case == "identifier":
+        extra = ["--identifier", "xyz"]
+    elif case == "no_index":
+        model = bad_dirs["no_index"]
+    elif case == "reg_without_words":
+        extra = ["--attention_reg_weight", "1", "--identifier", "sks"]
+    elif case == "resume_path":
+        extra = ["--resume_from_checkpoint", "checkpoint-7"]
+    with pytest.raises(ValueError, match=match):
+        train_lora.parse_args(argv(model, images, tmp_path / "out", *extra))
+
+
+def test_lora_target_matching_no_layer_raises_before_training(model_dir, instance_dir, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"\['to_qq'\] match no layer of the UNet2DConditionModel"):
+        train_lora.main(argv(model_dir, instance_dir, out, "--lora_targets", "to_q,to_qq"))
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    assert train_lora.list_checkpoints(out) == []
+
+
+# --- attention regulariser ---------------------------------------------------------------------
+
+
+def test_regulariser_is_zero_when_identifier_sits_on_the_noun_and_positive_when_apart():
+    grid = torch.zeros(2, 16, 16, 77)
+    grid[:, 4, 4, 5] = 1.0  # the noun's peak, both images
+    grid[0, 4, 4, 4] = 1.0  # image 0: identifier on the noun
+    grid[1, 12, 12, 4] = 1.0  # image 1: identifier elsewhere
+    loss = train_lora.attention_regulariser(grid, (4,), 5)
+    assert loss.shape == (2,)
+    assert loss[0].item() == pytest.approx(0.0, abs=1e-6)
+    assert loss[1].item() > 0.1
+
+
+def test_regulariser_tokens_put_the_identifier_in_the_noun_group():
+    from ait2i_ext.testing import load_clip_tokenizer
+
+    members, main = train_lora.regulariser_tokens(load_clip_tokenizer(), PROMPT, "sks", "dog")
+    # <bos> a photo of sks dog: "sks" is token 4, "dog" token 5 (each a single CLIP token).
+    assert (members, main) == ((4,), 5)
+
+
+def test_regulariser_resolution_missing_from_the_unet_raises_before_training(
+    model_dir, instance_dir, tmp_path
+):
+    extra = ["--attention_reg_weight", "1", "--identifier", "sks", "--class_noun", "dog"]
+    with pytest.raises(ValueError, match=r"attention_resolution=7 does not exist in this UNet"):
+        train_lora.main(
+            argv(model_dir, instance_dir, tmp_path / "out", *extra, "--attention_resolution", "7")
+        )
+
+
+def test_training_with_the_regulariser_changes_the_lora(model_dir, instance_dir, tmp_path):
+    plain = train_lora.main(argv(model_dir, instance_dir, tmp_path / "plain"))
+    extra = ["--attention_reg_weight", "1.0", "--identifier", "sks", "--class_noun", "dog"]
+    regularised = train_lora.main(argv(model_dir, instance_dir, tmp_path / "reg", *extra))
+    assert regularised.global_step == 1
+    a, b = _lora_tensors(plain.weights_path), _lora_tensors(regularised.weights_path)
+    # Same seed, same batch: only the regulariser's gradient can make the cross-attention LoRA differ.
+    assert any(not torch.equal(a[k], b[k]) for k in a if ".attn2." in k)

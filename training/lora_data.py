@@ -1,0 +1,252 @@
+"""Data for DreamBooth-style LoRA fine-tuning: image folders checked up front, the paired
+instance/class dataset, and a shuffling sampler whose order depends only on ``(seed, epoch)`` so a
+resumed run sees the same batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset, Sampler
+
+logger = logging.getLogger(__name__)
+
+
+def _image_extensions() -> frozenset[str]:
+    return frozenset(ext.lower() for ext in Image.registered_extensions())
+
+
+def list_images(folder: str | Path, flag: str = "--instance_data_dir") -> list[Path]:
+    """The image files of ``folder``, sorted by name, after checking every file opens as an image.
+
+    Hidden files (``.DS_Store``, ``.ipynb_checkpoints``) and sub-folders are ignored.
+
+    Args:
+        folder (`str` or `Path`): the folder to read.
+        flag (`str`): the command-line flag that named the folder, quoted in errors.
+
+    Raises:
+        ValueError: the folder is missing, is not a folder, holds no files, holds non-image files
+            (all listed), or holds images that cannot be decoded (all listed).
+    """
+    path = Path(folder)
+    if not path.exists():
+        raise ValueError(f"{flag}={str(folder)!r} does not exist: expected a folder of images")
+    if not path.is_dir():
+        raise ValueError(f"{flag}={str(folder)!r} is not a folder: expected a folder of images")
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise ValueError(f"{flag}={str(folder)!r} is empty: expected at least one image (.png, .jpg, ...)")
+
+    extensions = _image_extensions()
+    not_images = [p.name for p in files if p.suffix.lower() not in extensions]
+    if not_images:
+        raise ValueError(
+            f"{flag}={str(folder)!r} holds {len(not_images)} non-image file(s): {not_images}; "
+            "expected only images (.png, .jpg, .webp, ...)"
+        )
+    unreadable = []
+    for p in files:
+        try:
+            with Image.open(p) as image:
+                image.verify()
+        except Exception as err:  # PIL raises many types for broken files
+            unreadable.append(f"{p.name} ({type(err).__name__})")
+    if unreadable:
+        raise ValueError(
+            f"{flag}={str(folder)!r} holds {len(unreadable)} unreadable image(s): {unreadable}; "
+            "expected images that PIL can decode"
+        )
+    return files
+
+
+def load_image_tensor(
+    path: Path,
+    resolution: int,
+    center_crop: bool = True,
+    flip: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """An RGB image resized (shorter side) and cropped to ``resolution``, as a `(3, R, R)` tensor in [-1, 1].
+
+    A random crop (``center_crop=False``) and a random horizontal flip draw from ``generator``.
+    """
+    with Image.open(path) as raw:
+        image = ImageOps.exif_transpose(raw).convert("RGB")
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    image = image.resize(size, Image.BICUBIC)
+    if center_crop:
+        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    else:
+        left = int(torch.randint(0, size[0] - resolution + 1, (), generator=generator))
+        top = int(torch.randint(0, size[1] - resolution + 1, (), generator=generator))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip and torch.rand((), generator=generator).item() < 0.5:
+        image = ImageOps.mirror(image)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class DreamBoothDataset(Dataset):
+    """Instance images with the instance prompt, optionally paired with class images and the class prompt.
+
+    The length is the number of instance images; item ``i`` pairs instance image ``i`` with class
+    image ``i % num_class``. Random crops and flips draw from a generator seeded by
+    ``(seed, epoch, i)``, never from the global one: the dataloader fetches a batch ahead, so global
+    draws made here would land on the wrong side of a checkpoint and a resumed run would diverge.
+
+    Args:
+        instance_images (`list[Path]`): checked instance image files (see `list_images`).
+        instance_prompt_ids (`torch.Tensor`): `(77,)` token ids of the instance prompt.
+        resolution (`int`): side of the square training images.
+        class_images (`list[Path]`, *optional*): class images for prior preservation.
+        class_prompt_ids (`torch.Tensor`, *optional*): `(77,)` token ids of the class prompt.
+        center_crop (`bool`): centre crop (default) or random crop.
+        random_flip (`bool`): flip horizontally with probability 0.5.
+        seed (`int`): base seed of the augmentations.
+    """
+
+    def __init__(
+        self,
+        instance_images: list[Path],
+        instance_prompt_ids: torch.Tensor,
+        resolution: int,
+        class_images: list[Path] | None = None,
+        class_prompt_ids: torch.Tensor | None = None,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if class_images and class_prompt_ids is None:
+            raise ValueError(
+                "class_prompt_ids=None is invalid with class images: expected the class prompt's ids"
+            )
+        self.instance_images = list(instance_images)
+        self.instance_prompt_ids = instance_prompt_ids
+        self.class_images = list(class_images or [])
+        self.class_prompt_ids = class_prompt_ids
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.instance_images)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
+
+        def load(path: Path) -> torch.Tensor:
+            return load_image_tensor(path, self.resolution, self.center_crop, self.random_flip, generator)
+
+        example = {
+            "instance_pixels": load(self.instance_images[index]),
+            "instance_ids": self.instance_prompt_ids,
+        }
+        if self.class_images:
+            example["class_pixels"] = load(self.class_images[index % len(self.class_images)])
+            example["class_ids"] = self.class_prompt_ids
+        return example
+
+
+def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack a batch; with prior preservation the class half follows the instance half.
+
+    Returns a dict with ``pixel_values`` `(B, 3, R, R)` (or `(2B, 3, R, R)`), ``input_ids`` `(B, 77)`
+    (or `(2B, 77)`) and ``num_instance`` = B.
+    """
+    pixels = [e["instance_pixels"] for e in examples]
+    ids = [e["instance_ids"] for e in examples]
+    if "class_pixels" in examples[0]:
+        pixels += [e["class_pixels"] for e in examples]
+        ids += [e["class_ids"] for e in examples]
+    return {
+        "pixel_values": torch.stack(pixels).contiguous(),
+        "input_ids": torch.stack(ids),
+        "num_instance": torch.tensor(len(examples)),
+    }
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random order of ``range(num_items)`` that depends only on ``seed`` and the epoch set with
+    `set_epoch`, never on the global generator, so it is reproducible after a resume.
+    """
+
+    def __init__(self, num_items: int, seed: int) -> None:
+        self.num_items = num_items
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.num_items, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_items
+
+
+def ensure_class_images(
+    class_dir: str | Path,
+    class_prompt: str,
+    num_class_images: int,
+    make_pipeline: Callable[[], object],
+    seed: int,
+    batch_size: int = 4,
+    num_inference_steps: int = 25,
+) -> list[Path]:
+    """Fill ``class_dir`` up to ``num_class_images`` images of ``class_prompt`` made with the base model.
+
+    Existing images are kept and checked like instance images; only the missing ones are generated,
+    named ``class-{i:05d}.png`` after the existing count, from a generator seeded per batch.
+
+    Args:
+        class_dir (`str` or `Path`): the class image folder (created if missing).
+        class_prompt (`str`): prompt of the generated images, e.g. ``"a photo of dog"``.
+        num_class_images (`int`): how many class images training needs.
+        make_pipeline (`Callable`): builds the base pipeline; called only when images are missing.
+        seed (`int`): base seed of the generated images.
+        batch_size (`int`): images per pipeline call.
+        num_inference_steps (`int`): denoising steps per image.
+
+    Returns:
+        `list[Path]`: the first ``num_class_images`` images of the folder, sorted by name.
+    """
+    folder = Path(class_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = list_images(folder, "--class_data_dir") if any(folder.iterdir()) else []
+    missing = num_class_images - len(existing)
+    if missing > 0:
+        logger.info("Generating %d class images of %r into %s", missing, class_prompt, folder)
+        pipeline = make_pipeline()
+        made = len(existing)
+        for start in range(0, missing, batch_size):
+            count = min(batch_size, missing - start)
+            generator = torch.Generator().manual_seed(seed + made)
+            images = pipeline(
+                [class_prompt] * count, num_inference_steps=num_inference_steps, generator=generator
+            ).images
+            for image in images:
+                image.save(folder / f"class-{made:05d}.png")
+                made += 1
+        del pipeline
+        existing = list_images(folder, "--class_data_dir")
+    return existing[:num_class_images]
+
+
+def steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:
+    """Optimizer steps in one pass over ``num_batches`` (a short last accumulation still steps)."""
+    return math.ceil(num_batches / gradient_accumulation_steps)

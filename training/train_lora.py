@@ -1,0 +1,783 @@
+"""DreamBooth-style LoRA fine-tuning of a Stable Diffusion 1.x/2.x model on a custom concept.
+
+A small, readable version of diffusers' ``train_dreambooth_lora.py`` (diffusers + peft + accelerate),
+plus an optional attention regulariser that pulls the identifier's cross-attention map onto its
+class noun's peak (``shared/METHOD.md``, Personalisation). See ``docs/lora.md``.
+
+    accelerate launch -m ait2i_ext.training.train_lora \\
+        --pretrained_model path/or/hub-id --instance_data_dir dog/ \\
+        --instance_prompt "a photo of sks dog" --output_dir sks-dog
+
+Input is checked in `parse_args` before any model loads; `train` then reads as numbered steps: load,
+class images, LoRA adapters, data, resume, loss, loop, save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ait2i_ext.config import LossConfig
+
+from .lora_data import (
+    DreamBoothDataset,
+    EpochShuffleSampler,
+    collate,
+    ensure_class_images,
+    list_images,
+    steps_per_epoch,
+)
+
+logger = logging.getLogger(__name__)
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+CHECKPOINT_PREFIX = "checkpoint-"
+DEFAULT_UNET_TARGETS = "to_q,to_k,to_v,to_out.0"
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """What a finished run leaves behind.
+
+    Args:
+        output_dir (`Path`): the run's folder.
+        weights_path (`Path`): ``output_dir / "pytorch_lora_weights.safetensors"``.
+        global_step (`int`): optimizer steps done, counting those before a resume.
+        unet (`torch.nn.Module`): the trained UNet with its LoRA adapter, in memory.
+        text_encoder (`torch.nn.Module`): the text encoder (with a LoRA adapter if it was trained).
+    """
+
+    output_dir: Path
+    weights_path: Path
+    global_step: int
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="DreamBooth-style LoRA fine-tuning for a custom concept.")
+    g = p.add_argument_group("model and data")
+    g.add_argument(
+        "--pretrained_model", required=True, help="diffusers folder (with model_index.json) or hub id"
+    )
+    g.add_argument("--instance_data_dir", required=True, help="folder of images of the concept")
+    g.add_argument("--instance_prompt", required=True, help='e.g. "a photo of sks dog"')
+    g.add_argument("--output_dir", default="lora-out")
+    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument("--random_crop", action="store_true", help="random instead of centre crop")
+    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    g = p.add_argument_group("prior preservation")
+    g.add_argument("--with_prior_preservation", action="store_true")
+    g.add_argument("--class_data_dir", help="class images; missing ones are generated with the base model")
+    g.add_argument("--class_prompt", help='e.g. "a photo of dog"')
+    g.add_argument("--num_class_images", type=int, default=100)
+    g.add_argument("--prior_loss_weight", type=float, default=1.0)
+    g.add_argument("--class_batch_size", type=int, default=4, help="images per call when generating")
+    g.add_argument("--class_inference_steps", type=int, default=25)
+
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, default=4)
+    g.add_argument("--lora_alpha", type=float, default=None, help="default: equal to --rank (scale 1)")
+    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--lora_targets", default=DEFAULT_UNET_TARGETS, help="comma-separated UNet module names")
+    g.add_argument(
+        "--train_text_encoder", action="store_true", help=f"also LoRA {','.join(TEXT_ENCODER_TARGETS)}"
+    )
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max_train_steps", type=int, default=400)
+    g.add_argument("--train_batch_size", type=int, default=1)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--lr_scheduler", default="constant", help="a diffusers.optimization scheduler name")
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument(
+        "--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate config"
+    )
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("checkpoints and validation")
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N")
+    g.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder')
+    g.add_argument("--validation_prompt", default=None)
+    g.add_argument("--validation_steps", type=int, default=100)
+    g.add_argument("--num_validation_images", type=int, default=2)
+    g.add_argument("--validation_inference_steps", type=int, default=25)
+
+    g = p.add_argument_group("attention regulariser (off by default)")
+    g.add_argument("--attention_reg_weight", type=float, default=0.0)
+    g.add_argument("--identifier", default=None, help='the concept\'s identifier word, e.g. "sks"')
+    g.add_argument("--class_noun", default=None, help='the class noun it belongs to, e.g. "dog"')
+    g.add_argument(
+        "--attention_resolution", type=int, default=16, help="side of the maps the regulariser reads"
+    )
+    return p
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def _contains_words(prompt: str, phrase: str) -> bool:
+    words, target = _words(prompt), _words(phrase)
+    return bool(target) and any(
+        words[i : i + len(target)] == target for i in range(len(words) - len(target) + 1)
+    )
+
+
+def _check_model_folder(pretrained_model: str) -> None:
+    path = Path(pretrained_model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ValueError(
+                f"--pretrained_model={pretrained_model!r} has no model_index.json: expected a diffusers "
+                "pipeline folder (as written by `save_pretrained`) or a hub id"
+            )
+    elif (
+        path.exists()
+        or path.is_absolute()
+        or pretrained_model.startswith((".", "~"))
+        or pretrained_model.count("/") > 1
+    ):
+        raise ValueError(
+            f"--pretrained_model={pretrained_model!r} is not a folder: expected a diffusers pipeline folder "
+            "(with model_index.json) or a hub id"
+        )
+
+
+def validate_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Check everything that needs no model, raising a ``ValueError`` naming the flag, its value and what
+    was expected. Fills ``args.lora_alpha`` (default: rank) and ``args.lora_target_list``.
+    """
+
+    def check(cond: bool, flag: str, value: object, expected: str) -> None:
+        if not cond:
+            raise ValueError(f"{flag}={value!r} is invalid: expected {expected}")
+
+    for flag in (
+        "rank",
+        "max_train_steps",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "checkpointing_steps",
+    ):
+        value = getattr(args, flag)
+        check(value >= 1, f"--{flag}", value, "an integer >= 1")
+    check(args.validation_steps >= 1, "--validation_steps", args.validation_steps, "an integer >= 1")
+    check(
+        args.resolution >= 8 and args.resolution % 8 == 0, "--resolution", args.resolution, "a multiple of 8"
+    )
+    check(args.learning_rate > 0, "--learning_rate", args.learning_rate, "a number > 0")
+    check(
+        args.attention_reg_weight >= 0, "--attention_reg_weight", args.attention_reg_weight, "a weight >= 0"
+    )
+    if args.attention_resolution is not None:
+        check(
+            args.attention_resolution >= 1,
+            "--attention_resolution",
+            args.attention_resolution,
+            ">= 1 or unset",
+        )
+    if args.checkpoints_total_limit is not None:
+        check(
+            args.checkpoints_total_limit >= 1,
+            "--checkpoints_total_limit",
+            args.checkpoints_total_limit,
+            ">= 1",
+        )
+    args.lora_alpha = float(args.rank if args.lora_alpha is None else args.lora_alpha)
+    check(args.lora_alpha > 0, "--lora_alpha", args.lora_alpha, "a number > 0")
+    args.lora_target_list = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    check(bool(args.lora_target_list), "--lora_targets", args.lora_targets, "comma-separated module names")
+
+    _check_model_folder(args.pretrained_model)
+    list_images(args.instance_data_dir, "--instance_data_dir")
+
+    for flag in ("identifier", "class_noun"):
+        word = getattr(args, flag)
+        if word is not None and not _contains_words(args.instance_prompt, word):
+            raise ValueError(
+                f"--{flag}={word!r} is not in --instance_prompt={args.instance_prompt!r}: expected a word of the prompt"
+            )
+    if args.attention_reg_weight > 0 and (args.identifier is None or args.class_noun is None):
+        raise ValueError(
+            f"--attention_reg_weight={args.attention_reg_weight!r} needs --identifier and --class_noun: "
+            f"got identifier={args.identifier!r}, class_noun={args.class_noun!r}"
+        )
+    if args.with_prior_preservation:
+        check(
+            args.class_data_dir is not None,
+            "--class_data_dir",
+            None,
+            "a folder with --with_prior_preservation",
+        )
+        check(
+            bool(args.class_prompt),
+            "--class_prompt",
+            args.class_prompt,
+            "a prompt with --with_prior_preservation",
+        )
+        check(args.num_class_images >= 1, "--num_class_images", args.num_class_images, "an integer >= 1")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        path = _resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        if path is None or _checkpoint_step(path) is None:
+            raise ValueError(
+                f"--resume_from_checkpoint={args.resume_from_checkpoint!r} is not a checkpoint: expected 'latest' "
+                f"or an existing {CHECKPOINT_PREFIX}STEP folder (absolute or inside --output_dir)"
+            )
+    return args
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line (see `validate_args`)."""
+    return validate_args(build_parser().parse_args(argv))
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The step of a ``checkpoint-STEP`` folder name, else ``None``."""
+    match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of ``output_dir`` (``checkpoint-STEP`` folders), oldest first. Folders still
+    being written are named ``.checkpoint-STEP.tmp`` and never listed.
+    """
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [(step, p) for p in folder.iterdir() if p.is_dir() and (step := _checkpoint_step(p)) is not None]
+    return [p for _, p in sorted(found)]
+
+
+def _resolve_checkpoint(output_dir: str | Path, which: str) -> Path | None:
+    if which == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    for path in (Path(which), Path(output_dir) / which):
+        if path.is_dir():
+            return path
+    return None
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None = None) -> Path:
+    """Write the training state to ``output_dir/checkpoint-{step}`` atomically.
+
+    Every process writes into ``.checkpoint-{step}.tmp`` (accelerate stores per-process RNG states);
+    the main process then renames it, so a run killed while saving leaves only a ``.tmp`` folder and
+    the previous checkpoints intact. Older checkpoints beyond ``total_limit`` are deleted afterwards.
+    """
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)  # left by a run killed while saving
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        old = output_dir / f".{CHECKPOINT_PREFIX}{step}.old"
+        if final.exists():  # same step saved by an earlier run resumed from before it
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        if total_limit is not None:
+            for stale in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(stale)
+        logger.info("Saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA weights
+# --------------------------------------------------------------------------------------------------
+
+
+def check_lora_targets(model: torch.nn.Module, targets: Sequence[str], flag: str = "--lora_targets") -> None:
+    """Raise a ``ValueError`` listing the targets that match no module of ``model`` (peft's rule: the
+    module name equals the target or ends with ``"." + target``); peft itself would skip them silently.
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        leaves = sorted(
+            {n.rsplit(".", 1)[-1] for n in names if "attn" in n} or {n.rsplit(".", 1)[-1] for n in names}
+        )
+        raise ValueError(
+            f"{flag}={','.join(targets)!r}: {unmatched} match no layer of the {type(model).__name__}; "
+            f"expected names such as {leaves[:12]}"
+        )
+
+
+def lora_layers_and_metadata(unet, text_encoder=None) -> dict:
+    """Keyword arguments of ``StableDiffusionLoraLoaderMixin.save_lora_weights`` for the adapters of
+    ``unet`` (and ``text_encoder`` if it has one): diffusers-format layers plus peft's adapter config,
+    so ``lora_alpha != rank`` loads at full strength.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    kwargs = {
+        "unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
+    }
+    if text_encoder is not None and getattr(text_encoder, "peft_config", None):
+        kwargs["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(
+            get_peft_model_state_dict(text_encoder)
+        )
+        kwargs["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
+    return kwargs
+
+
+def load_lora_into(folder: str | Path, unet, text_encoder=None) -> None:
+    """Load a checkpoint's LoRA file into the existing ``"default"`` adapters of ``unet`` / ``text_encoder``."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.training_utils import _set_state_dict_into_text_encoder
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    state_dict, _ = StableDiffusionPipeline.lora_state_dict(str(folder), weight_name=LORA_WEIGHT_NAME)
+    unet_state = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
+    result = set_peft_model_state_dict(
+        unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default"
+    )
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(
+            f"checkpoint {str(folder)!r} has UNet LoRA keys this adapter lacks: {unexpected[:5]}"
+        )
+    if text_encoder is not None and getattr(text_encoder, "peft_config", None):
+        _set_state_dict_into_text_encoder(state_dict, prefix="text_encoder.", text_encoder=text_encoder)
+
+
+def save_lora(output_dir: Path, unet, text_encoder=None) -> Path:
+    """Write ``output_dir/pytorch_lora_weights.safetensors`` via a temporary folder and an atomic rename."""
+    from diffusers import StableDiffusionPipeline
+
+    tmp = output_dir / ".lora.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    StableDiffusionPipeline.save_lora_weights(
+        str(tmp), weight_name=LORA_WEIGHT_NAME, **lora_layers_and_metadata(unet, text_encoder)
+    )
+    final = output_dir / LORA_WEIGHT_NAME
+    os.replace(tmp / LORA_WEIGHT_NAME, final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention regulariser
+# --------------------------------------------------------------------------------------------------
+
+
+def attention_regulariser(
+    attn: torch.Tensor, identifier_idx: Sequence[int], noun_idx: int, cfg: LossConfig | None = None
+) -> torch.Tensor:
+    """Alignment loss of the identifier's cross-attention maps onto its class noun's peak, per image
+    (``shared/METHOD.md``, group-member alignment with the identifier as the member).
+
+    Args:
+        attn (`torch.Tensor`): `(N, H, W, T)` cross-attention probabilities of the instance prompt.
+        identifier_idx (`Sequence[int]`): token indices aligned onto the noun: the identifier's pieces
+            (and any other piece of the class noun's group).
+        noun_idx (`int`): token index of the class noun's main piece (the group's anchor map).
+        cfg (`LossConfig`, *optional*): ``top_k`` and ``alignment_radius`` (in cells of a
+            ``reference_resolution`` map, scaled to ``H``); defaults to ``LossConfig()``.
+
+    Returns:
+        `torch.Tensor`: `(N,)` alignment loss averaged over ``identifier_idx``.
+    """
+    from ait2i_ext.losses import alignment_loss, scaled_radius
+
+    cfg = cfg if cfg is not None else LossConfig()
+    if len(identifier_idx) == 0:
+        raise ValueError("identifier_idx=() is invalid: expected at least one token index")
+    radius = scaled_radius(cfg.alignment_radius, attn.shape[1], cfg.reference_resolution)
+    anchor = attn[..., noun_idx]
+    losses = [alignment_loss(attn[..., i], anchor, k=cfg.top_k, radius=radius) for i in identifier_idx]
+    return torch.stack(losses).mean(dim=0)
+
+
+def regulariser_tokens(
+    tokenizer, prompt: str, identifier: str, class_noun: str
+) -> tuple[tuple[int, ...], int]:
+    """``(identifier_idx, noun_idx)`` for `attention_regulariser`: the identifier joins its class
+    noun's group (``ait2i_ext.tokens``); every member of that group is aligned onto the noun's main token.
+    """
+    from ait2i_ext.tokens import Subject, resolve_subject
+
+    group = resolve_subject(tokenizer, prompt, Subject(noun=class_noun, identifier=identifier))
+    return group.members, group.main
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _base_pipeline(model: str, unet, vae, text_encoder, tokenizer):
+    """A `StableDiffusionPipeline` around the given (possibly adapted) components, without safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        model,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def log_validation(args, accelerator, unet, text_encoder, vae, tokenizer, step: int) -> list[Path]:
+    """Generate ``num_validation_images`` for ``validation_prompt`` with the current LoRA and save them
+    as ``output_dir/validation/step-{step:06d}-{i}.png``.
+    """
+    pipeline = _base_pipeline(
+        args.pretrained_model,
+        accelerator.unwrap_model(unet),
+        vae,
+        accelerator.unwrap_model(text_encoder),
+        tokenizer,
+    )
+    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
+    with accelerator.autocast():  # fp32 LoRA layers over half-precision base weights
+        images = pipeline(
+            [args.validation_prompt] * args.num_validation_images,
+            num_inference_steps=args.validation_inference_steps,
+            generator=generator,
+        ).images
+    folder = Path(args.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(folder / f"step-{step:06d}-{i}.png")
+        image.save(paths[-1])
+    logger.info("Saved %d validation images for step %d in %s", len(paths), step, folder)
+    del pipeline
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+def train(args: argparse.Namespace) -> TrainingResult:
+    """Run the fine-tuning described by checked ``args`` (see `parse_args`)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig, inject_adapter_in_model
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        project_config=ProjectConfiguration(project_dir=str(output_dir)),
+    )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(args.seed, device_specific=True)  # each process draws its own noise
+
+    # 1. Load the frozen base model.
+    model = args.pretrained_model
+    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    check_lora_targets(unet, args.lora_target_list)
+    if args.train_text_encoder:
+        check_lora_targets(text_encoder, TEXT_ENCODER_TARGETS, "text encoder LoRA targets")
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
+    for module in (unet, vae, text_encoder):
+        module.to(accelerator.device)
+        if weight_dtype != torch.float32:
+            module.to(dtype=weight_dtype)
+
+    # 2. Class images for prior preservation, made with the base model before any adapter exists.
+    class_images = None
+    if args.with_prior_preservation:
+        if accelerator.is_main_process:
+            ensure_class_images(
+                args.class_data_dir,
+                args.class_prompt,
+                args.num_class_images,
+                lambda: _base_pipeline(model, unet, vae, text_encoder, tokenizer),
+                seed=args.seed,
+                batch_size=args.class_batch_size,
+                num_inference_steps=args.class_inference_steps,
+            )
+        accelerator.wait_for_everyone()
+        class_images = list_images(args.class_data_dir, "--class_data_dir")[: args.num_class_images]
+        if len(class_images) < args.num_class_images:
+            raise ValueError(
+                f"--class_data_dir={args.class_data_dir!r} holds {len(class_images)} images: expected "
+                f"--num_class_images={args.num_class_images}"
+            )
+
+    # 3. LoRA adapters; only their parameters train (in float32 under mixed precision).
+    unet.add_adapter(
+        LoraConfig(
+            r=args.rank,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            init_lora_weights="gaussian",
+            target_modules=args.lora_target_list,
+        )
+    )
+    trained = [unet]
+    if args.train_text_encoder:
+        # peft directly: transformers' `add_adapter` demands a newer peft than diffusers does.
+        inject_adapter_in_model(
+            LoraConfig(
+                r=args.rank,
+                lora_alpha=args.lora_alpha,
+                lora_dropout=args.lora_dropout,
+                init_lora_weights="gaussian",
+                target_modules=list(TEXT_ENCODER_TARGETS),
+            ),
+            text_encoder,
+            adapter_name="default",
+        )
+        trained.append(text_encoder)
+    cast_training_params(trained, dtype=torch.float32)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+
+    def save_model_hook(models, weights, folder):
+        weights.clear()  # accelerate would save full models; the LoRA file is enough
+        if accelerator.is_main_process:
+            unwrapped_te = accelerator.unwrap_model(text_encoder) if args.train_text_encoder else None
+            StableDiffusionPipeline.save_lora_weights(
+                folder,
+                weight_name=LORA_WEIGHT_NAME,
+                **lora_layers_and_metadata(accelerator.unwrap_model(unet), unwrapped_te),
+            )
+
+    def load_model_hook(models, folder):
+        models.clear()
+        unwrapped_te = accelerator.unwrap_model(text_encoder) if args.train_text_encoder else None
+        load_lora_into(folder, accelerator.unwrap_model(unet), unwrapped_te)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    # The regulariser's tokens and map resolution, checked before any step.
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_hw = (args.resolution // vae_scale, args.resolution // vae_scale)
+    reg_tokens, reg_cfg = None, LossConfig()
+    if args.attention_reg_weight > 0:
+        from ait2i_ext.capture import capture_attention, select_factor
+
+        reg_tokens = regulariser_tokens(tokenizer, args.instance_prompt, args.identifier, args.class_noun)
+        select_factor(unet, latent_hw, args.attention_resolution)
+
+    params = [p for m in trained for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+
+    # 4. Data: the order depends only on (seed, epoch), so a resumed run continues it.
+    def prompt_ids(prompt: str) -> torch.Tensor:
+        return tokenizer(
+            prompt,
+            padding="max_length",
+            truncation=True,
+            max_length=tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids[0]
+
+    dataset = DreamBoothDataset(
+        list_images(args.instance_data_dir, "--instance_data_dir"),
+        prompt_ids(args.instance_prompt),
+        args.resolution,
+        class_images=class_images,
+        class_prompt_ids=prompt_ids(args.class_prompt) if class_images else None,
+        center_crop=not args.random_crop,
+        random_flip=args.random_flip,
+        seed=args.seed,
+    )
+    dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        sampler=EpochShuffleSampler(len(dataset), args.seed),
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed),  # keeps the global generator untouched
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    if args.train_text_encoder:
+        text_encoder = accelerator.prepare(text_encoder)
+
+    # 5. Resume: model, optimizer, scheduler and RNG states; the step counter continues.
+    global_step = 0
+    if args.resume_from_checkpoint:
+        path = _resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+        if path is None:
+            logger.info("No checkpoint in %s; starting a new run", output_dir)
+        else:
+            logger.info("Resuming from %s", path)
+            accelerator.load_state(str(path))
+            global_step = _checkpoint_step(path)
+
+    updates_per_epoch = steps_per_epoch(len(dataloader), args.gradient_accumulation_steps)
+    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    first_epoch = global_step // updates_per_epoch
+    skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+
+    # 6. The loss of one batch: diffusion (+ prior) (+ attention regulariser on the instance half).
+    def attention_capture():
+        # Kept open through backward: gradient checkpointing re-runs the forward with these processors.
+        if reg_tokens is None:
+            return contextlib.nullcontext()
+        return capture_attention(
+            accelerator.unwrap_model(unet), latent_hw=latent_hw, resolution=args.attention_resolution
+        )
+
+    def compute_loss(batch, store) -> tuple[torch.Tensor, dict[str, float]]:
+        pixels = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)
+        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+        )
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        with torch.set_grad_enabled(args.train_text_encoder):
+            embeddings = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
+        pred = unet(noisy, timesteps, encoder_hidden_states=embeddings, return_dict=False)[0]
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+
+        n = int(batch["num_instance"])
+        loss = F.mse_loss(pred[:n].float(), target[:n].float())
+        logs = {"loss": loss.item()}
+        if args.with_prior_preservation:
+            prior = F.mse_loss(pred[n:].float(), target[n:].float())
+            loss = loss + args.prior_loss_weight * prior
+            logs["prior"] = prior.item()
+        if reg_tokens is not None:
+            reg = attention_regulariser(store.maps()[:n], *reg_tokens, reg_cfg).mean()
+            loss = loss + args.attention_reg_weight * reg
+            logs["attn_reg"] = reg.item()
+        return loss, logs
+
+    # 7. The loop.
+    progress = tqdm(
+        total=args.max_train_steps,
+        initial=global_step,
+        desc="Steps",
+        disable=not accelerator.is_local_main_process,
+    )
+    for epoch in range(first_epoch, num_epochs):
+        if global_step >= args.max_train_steps:
+            break
+        for module in trained:
+            module.train()
+        dataset.set_epoch(epoch)  # the augmentations' seed
+        dataloader.set_epoch(epoch)  # the shuffle's seed
+        loader = dataloader
+        if epoch == first_epoch and skip_batches:
+            loader = accelerator.skip_first_batches(dataloader, skip_batches)
+            loader.set_epoch(epoch)
+        for batch in loader:
+            with accelerator.accumulate(*trained), attention_capture() as store:
+                loss, logs = compute_loss(batch, store)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            progress.set_postfix(**{k: f"{v:.4f}" for k, v in logs.items()})
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+            if (
+                args.validation_prompt
+                and global_step % args.validation_steps == 0
+                and accelerator.is_main_process
+            ):
+                log_validation(args, accelerator, unet, text_encoder, vae, tokenizer, global_step)
+            if global_step >= args.max_train_steps:
+                break
+    progress.close()
+
+    # 8. Save the LoRA.
+    accelerator.wait_for_everyone()
+    unet = accelerator.unwrap_model(unet)
+    text_encoder = accelerator.unwrap_model(text_encoder)
+    weights_path = output_dir / LORA_WEIGHT_NAME
+    if accelerator.is_main_process:
+        save_lora(output_dir, unet, text_encoder if args.train_text_encoder else None)
+        logger.info("Saved %s after %d steps", weights_path, global_step)
+    accelerator.end_training()
+    return TrainingResult(output_dir, weights_path, global_step, unet, text_encoder)
+
+
+def main(argv: Sequence[str] | None = None) -> TrainingResult:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), check it and train; for calls from Python."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    return train(parse_args(argv))
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """Console entry point (``ait2i-train-lora``): like `main`, returning an exit status."""
+    main(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())
