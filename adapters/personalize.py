@@ -227,7 +227,7 @@ def load_lora(pipe, path: str | Path, adapter_name: str | None = None, scale: fl
         )
 
     try:
-        state_dict, _ = pipe.lora_state_dict(str(file.parent), weight_name=file.name)
+        state_dict, _ = pipe.lora_state_dict(str(file.parent), weight_name=file.name, use_safetensors=True)
     except Exception as err:  # safetensors raises its own error type for a corrupt header
         raise ValueError(f"{source} could not be read as safetensors: {err}") from err
     if not state_dict or not all("lora" in key for key in state_dict):
@@ -237,7 +237,9 @@ def load_lora(pipe, path: str | Path, adapter_name: str | None = None, scale: fl
     expected = check_lora_fits(pipe, state_dict, source)
 
     try:
-        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
+        pipe.load_lora_weights(
+            str(file.parent), weight_name=file.name, adapter_name=adapter_name, use_safetensors=True
+        )
         components = _components(pipe)
         for prefix, layers in expected.items():
             missing = layers - _injected(components[prefix], adapter_name)

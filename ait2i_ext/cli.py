@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -55,12 +56,10 @@ def load_pipeline(args: argparse.Namespace):
     components), with ``--gligen``/``--controlnet``/``--lora`` applied."""
     device, dtype = _device_and_dtype(args.device, args.dtype)
     model = args.model or default_model()
-    if model is None:
+    if model is None and not args.gligen:
         raise ValueError(
             "no --model given and no shipped default model is installed: pass --model PATH_OR_ID"
         )
-    if args.gligen and args.controlnet:
-        raise ValueError("--gligen and --controlnet are exclusive: choose one layout route")
     if args.gligen:
         from .adapters.layout import load_gligen_pipeline
 
@@ -131,9 +130,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps} is invalid: expected an integer >= 1")
     config = _config(args)
+    subjects = _subjects(args, args.prompt)  # bad words and boxes fail before anything loads
+    if args.gligen and args.controlnet:
+        raise ValueError("--gligen and --controlnet are exclusive: choose one layout route")
+    if bool(args.control) != bool(args.controlnet):
+        raise ValueError(
+            "--controlnet and --control go together: a ControlNet needs a control image and vice versa"
+        )
     pipe = load_pipeline(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
     if args.height:
         call["height"] = args.height
@@ -145,8 +149,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from .adapters.controlnet import control_image
 
         size = args.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-        call["image"] = control_image(args.control, size)
-    subjects = _subjects(args, args.prompt)
+        call["image"] = control_image(args.control, size, controlnet=getattr(pipe, "controlnet", None))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seed, args.seed + args.num_images))
     runs = [("guided", True)] if not args.no_guidance else [("plain", False)]
     if args.compare and not args.no_guidance:
@@ -309,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. its note that torchvision is absent
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:

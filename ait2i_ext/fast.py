@@ -102,7 +102,8 @@ class LaggedGuide(Guide):
     """
 
     # Differentiate only the conditional half of a CFG batch, running the halves as two calls: half
-    # the backward and its saved activations, for an extra call's overhead (see _before).
+    # the backward and its saved activations, for one more (half-size) call. On the tiny CPU
+    # benchmark it saves memory and costs time (docs/performance.md), hence off by default.
     split_cfg = False
 
     def __init__(self, unet, forward, targets, timesteps, config, input_scale=None):
@@ -114,7 +115,7 @@ class LaggedGuide(Guide):
             )
         self._batch = sum(t.num_images for t in self.targets)
         self._step = 0  # the denoising step whose pass runs next
-        self._pending: tuple[int, torch.Tensor] | None = None  # (step, grad_z L at that step)
+        self._pending: tuple[int, torch.Tensor] | None = None  # (step i, grad_{z_i} L / c_i^2)
         self._layers: list[str] | None = None
         self._shape: tuple[int, int] | None = None
         self._input: torch.Tensor | None = None
@@ -151,8 +152,9 @@ class LaggedGuide(Guide):
     def _wants(self, sample: torch.Tensor) -> bool:
         i = self._step
         done = bool(self.records) and self.records[-1].step == i
-        applicable = self.is_guided(i) and i + 1 < len(self.timesteps)  # the last step's update has no step left
-        return applicable and not done and self._input is None and sample.shape[0] in (self._batch, 2 * self._batch)
+        applicable = self.is_guided(i) and i + 1 < len(self.timesteps)  # the last step has no step after it
+        cfg_or_not = sample.shape[0] in (self._batch, 2 * self._batch)
+        return applicable and not done and self._input is None and cfg_or_not
 
     def _before(self, unet, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
@@ -165,11 +167,12 @@ class LaggedGuide(Guide):
             self._shape = map_shape(hw, factor)
         n = self._batch
         if self.split_cfg and sample.shape[0] == 2 * n:
+            uncond, cond = slice(0, n), slice(n, None)
             # The unconditional half runs on its own without grad; only the conditional half is
             # differentiated, so the backward and its saved activations cover half the batch.
             with torch.no_grad():
-                self._uncond = unet.forward(*_rows(args, slice(0, n), 2 * n), **_rows(kwargs, slice(0, n), 2 * n))
-            args, kwargs = _rows(args, slice(n, None), 2 * n), _rows(kwargs, slice(n, None), 2 * n)
+                self._uncond = unet.forward(*_rows(args, uncond, 2 * n), **_rows(kwargs, uncond, 2 * n))
+            args, kwargs = _rows(args, cond, 2 * n), _rows(kwargs, cond, 2 * n)
             sample = args[0] if args else kwargs["sample"]
         self._store = AttentionStore(self._layers, self._shape)
         self._input = sample.detach().requires_grad_(True)

@@ -201,3 +201,48 @@ def build_pipeline(arch: Literal["tiny", "tiny-sdxl", "sd15"] = "tiny", **kwargs
     if arch not in builders:
         raise ValueError(f"arch={arch!r} is invalid: expected one of {sorted(builders)}")
     return builders[arch](**kwargs)
+
+
+def tiny_gligen_pipeline(seed: int = 0, open_gates: bool = True):
+    """A tiny ``StableDiffusionGLIGENPipeline`` (gated self-attention UNet + position net).
+
+    Random-init GLIGEN gates are 0, so the boxes would have no effect: ``open_gates`` sets them to 1.
+    """
+    from diffusers import StableDiffusionGLIGENPipeline, UNet2DConditionModel
+    from diffusers.models.attention import GatedSelfAttentionDense
+
+    components = tiny_sd_components(seed)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_unet_config(), attention_type="gated").eval()
+    if open_gates:
+        with torch.no_grad():
+            for module in unet.modules():
+                if isinstance(module, GatedSelfAttentionDense):
+                    module.alpha_attn.fill_(1.0)
+                    module.alpha_dense.fill_(1.0)
+    keys = ("vae", "text_encoder", "tokenizer", "scheduler", "safety_checker", "feature_extractor")
+    pipe = StableDiffusionGLIGENPipeline(
+        unet=unet, requires_safety_checker=False, **{k: components[k] for k in keys}
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_controlnet(unet, seed: int = 0, channels: int = 3):
+    """A tiny ``ControlNetModel`` copied from ``unet``; its zero convolutions get random weights
+    (at 0 they would add nothing)."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=(16, 32), conditioning_channels=channels
+    )
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if (
+                "controlnet_down_blocks" in name
+                or "controlnet_mid_block" in name
+                or "cond_embedding.conv_out" in name
+            ):
+                param.normal_(0.0, 0.1)
+    return net.eval()

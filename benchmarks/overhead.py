@@ -20,6 +20,9 @@ Methods:
     truncated-frozen    ``truncated`` with the UNet's parameters not requiring grad during the call
                         (``ait2i_ext.fast.frozen_parameters``): what skipping weight-gradient
                         bookkeeping saves
+    truncated+compiled, lagged+compiled
+                        opt-in what-if rows: the losses through ``torch.compile`` (see
+                        ``compiled_losses``); the compile happens in the untimed warm-up
 
 Memory is measured in one more, untimed, round (max over the prompts and seeds): on CUDA the peak of
 ``torch.cuda.max_memory_allocated`` (weights included, as in ``shared/METHOD.md``); on CPU the peak
@@ -47,7 +50,7 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 
-from ait2i_ext import AIT2IConfig, generate, resolve_groups
+from ait2i_ext import AIT2IConfig, fast, generate, guidance, resolve_groups
 from ait2i_ext.capture import map_shape, select_factor
 from ait2i_ext.fast import LaggedGuide, frozen_parameters
 from ait2i_ext.testing import build_pipeline
@@ -57,6 +60,7 @@ PROMPTS = {
     "a cat and a dog": ["cat", "dog"],
 }
 METHODS = ("plain", "attend-and-excite", "full", "truncated", "lagged", "lagged-split", "truncated-frozen")
+COMPILED = ("truncated+compiled", "lagged+compiled")  # opt-in: compiling takes minutes on a small CPU
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 AE_STEPS = 50  # the step count Attend-and-Excite's defaults are written for
 
@@ -108,7 +112,9 @@ class PeakMemory:
         if not self.cuda and os.path.exists("/proc/self/clear_refs"):
             with contextlib.suppress(OSError):
                 self.libc = ctypes.CDLL("libc.so.6")
-                self.libc.mallopt(self.MMAP_THRESHOLD, 128 * 1024)  # fixed from now on, for every method alike
+                self.libc.mallopt(
+                    self.MMAP_THRESHOLD, 128 * 1024
+                )  # fixed from now on, for every method alike
         self.peak_bytes = float("nan")
 
     @property
@@ -164,6 +170,26 @@ def _ae_kwargs(pipe, ae, prompt: str, subjects: list[str], steps: int) -> dict:
     )
 
 
+_COMPILED = {}
+
+
+@contextlib.contextmanager
+def compiled_losses():
+    """What-if: ``batch_losses`` through ``torch.compile`` (the losses are ~2k tiny ops per call).
+
+    Swaps the function the guidance modules call for the block. A measurement, not an option of the
+    package yet: it recompiles for every new prompt layout (the groups are compile-time constants).
+    """
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(guidance.batch_losses, dynamic=False)
+    originals = guidance.batch_losses, fast.batch_losses
+    guidance.batch_losses = fast.batch_losses = _COMPILED["fn"]
+    try:
+        yield
+    finally:
+        guidance.batch_losses, fast.batch_losses = originals
+
+
 def make_runner(method: str, pipe, ae, steps: int):
     """``run(prompt, subjects, seed) -> images`` (numpy, one image) for ``method``."""
 
@@ -178,19 +204,30 @@ def make_runner(method: str, pipe, ae, steps: int):
         def run_ae(prompt, subjects, seed):
             processors = pipe.unet.attn_processors
             try:
-                return ae(prompt, generator=gen(seed), **_ae_kwargs(pipe, ae, prompt, subjects, steps), **common).images
+                return ae(
+                    prompt, generator=gen(seed), **_ae_kwargs(pipe, ae, prompt, subjects, steps), **common
+                ).images
             finally:
                 pipe.unet.set_attn_processor(processors)
 
         return run_ae
-    mode = method.split("-")[0]
-    frozen, split = method.endswith("-frozen"), method.endswith("-split")
+    mode = method.split("-")[0].removesuffix("+compiled")
+    frozen, split, compiled = (
+        method.endswith("-frozen"),
+        method.endswith("-split"),
+        method.endswith("+compiled"),
+    )
 
     def run_ait2i(prompt, subjects, seed):
         LaggedGuide.split_cfg = split
         try:
-            with frozen_parameters(pipe.unet) if frozen else contextlib.nullcontext():
-                out = generate(pipe, prompt, subjects, config=AIT2IConfig(mode=mode), generator=gen(seed), **common)
+            with (
+                frozen_parameters(pipe.unet) if frozen else contextlib.nullcontext(),
+                compiled_losses() if compiled else contextlib.nullcontext(),
+            ):
+                out = generate(
+                    pipe, prompt, subjects, config=AIT2IConfig(mode=mode), generator=gen(seed), **common
+                )
         finally:
             LaggedGuide.split_cfg = False
         return out.images
@@ -236,8 +273,9 @@ def benchmark(args) -> tuple[list[Row], dict]:
     counts = {m: (0, 0) for m in methods}
     images: dict[tuple, dict] = {}
 
-    for m in tqdm(methods, desc="warm-up", file=sys.stderr):  # one short untimed run each
-        make_runner(m, pipe, ae, 2)(*cases[0][:2], 0)
+    for m in tqdm(methods, desc="warm-up", file=sys.stderr):  # a short untimed run per method and prompt
+        for prompt, subjects in prompts.items():
+            make_runner(m, pipe, ae, 2)(prompt, tuple(subjects), 0)
     calls.take()
     progress = tqdm(total=(args.repeats + 1) * len(cases) * len(methods), desc="sampling", file=sys.stderr)
     for r in range(args.repeats):
@@ -296,7 +334,9 @@ def benchmark(args) -> tuple[list[Row], dict]:
         seeds=list(args.seeds),
         repeats=args.repeats,
         threads=torch.get_num_threads(),
-        memory="CUDA max_memory_allocated (absolute)" if device.type == "cuda" else "peak RSS above RSS before sampling",
+        memory="CUDA max_memory_allocated (absolute)"
+        if device.type == "cuda"
+        else "peak RSS above RSS before sampling",
         torch=torch.__version__,
         command="python " + " ".join(sys.argv),
     )
@@ -321,14 +361,21 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", choices=("tiny", "sd15"), default="tiny")
     parser.add_argument("--device", default=None, help="default: cuda for sd15, cpu for tiny")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on cuda, fp32 on cpu")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50 for sd15, 20 for tiny)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on cuda, fp32 on cpu"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="denoising steps (default: 50 for sd15, 20 for tiny)"
+    )
     parser.add_argument("--num-prompts", type=int, default=2, choices=range(1, len(PROMPTS) + 1))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS + COMPILED, default=list(METHODS))
     parser.add_argument(
-        "--threads", type=int, default=1, help="CPU threads (default 1: on a shared box OpenMP spinning makes more slower)"
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (default 1: on a shared box OpenMP spinning makes more slower)",
     )
     parser.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     args = parser.parse_args(argv)

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ait2i_ext.adapters.personalize import load_lora, personalized_subjects
 from PIL import Image, ImageDraw
 
 from ait2i_ext import AIT2IConfig, generate
-from ait2i_ext.adapters.personalize import load_lora, personalized_subjects
 from ait2i_ext.shapes.data import BACKGROUND, COLOURS, IMAGE_SIZE
 
 IDENTIFIER, CLASS_NOUN = "sks", "star"
@@ -89,7 +89,7 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     """4-connected components of a boolean mask, as ``(n, 2)`` arrays of ``(row, col)``."""
     seen = np.zeros_like(mask)
     comps = []
-    for start in zip(*np.nonzero(mask)):
+    for start in zip(*np.nonzero(mask), strict=True):
         if seen[start]:
             continue
         seen[start] = True
@@ -238,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
         if colour == CONCEPT_COLOUR:
             raise SystemExit(f"--others: {other!r} has the concept's colour {CONCEPT_COLOUR!r}: pick another")
     out = Path(args.out)
+    # The shipped model is saved in fp16; train and sample on an fp32 copy (CPU has no fp16 matmuls
+    # worth using, and train_lora.py keeps a checkpoint's dtype when --mixed_precision is "no").
+    base = out / "base-fp32"
+    if not (base / "model_index.json").is_file():
+        StableDiffusionPipeline.from_pretrained(
+            model, torch_dtype=torch.float32, safety_checker=None
+        ).save_pretrained(base)
     images_dir = out / "instance"
     images_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
@@ -252,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             loras[name] = folder / "pytorch_lora_weights.safetensors"
             continue
         start = time.perf_counter()
-        loras[name] = train(model, images_dir, folder, args, regularised)
+        loras[name] = train(str(base), images_dir, folder, args, regularised)
         train_seconds[name] = time.perf_counter() - start
 
     # 2. The same seeds for every LoRA, prompt and method.

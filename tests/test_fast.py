@@ -31,7 +31,9 @@ def one_thread():
 def _run(pipe, mode="full", schedule=STRONG, seed=0, **kw):
     kw = {"num_inference_steps": 6, "output_type": "np", **kw}
     config = AIT2IConfig(mode=mode, schedule=schedule)
-    return generate(pipe, PROMPT, SUBJECTS, config=config, generator=torch.Generator().manual_seed(seed), **kw)
+    return generate(
+        pipe, PROMPT, SUBJECTS, config=config, generator=torch.Generator().manual_seed(seed), **kw
+    )
 
 
 @pytest.mark.parametrize("mode", ["full", "truncated", "lagged"])
@@ -53,7 +55,9 @@ def _straightforward(pipe, schedule: ScheduleConfig, steps: int, seed: int):
     """The reference schedule written out by hand: before each guided step, one conditional UNet
     pass under capture, the losses, their gradient, the step; then the stock CFG step."""
     config = AIT2IConfig(schedule=schedule)
-    target = PromptTarget(resolve_groups(pipe.tokenizer, PROMPT, SUBJECTS), eot_index(pipe.tokenizer, PROMPT), 1)
+    target = PromptTarget(
+        resolve_groups(pipe.tokenizer, PROMPT, SUBJECTS), eot_index(pipe.tokenizer, PROMPT), 1
+    )
     cond, uncond = pipe.encode_prompt([PROMPT], "cpu", 1, True)
     pipe.scheduler.set_timesteps(steps)
     latents = pipe.prepare_latents(1, 4, 64, 64, cond.dtype, "cpu", torch.Generator().manual_seed(seed))
@@ -67,7 +71,9 @@ def _straightforward(pipe, schedule: ScheduleConfig, steps: int, seed: int):
                 (grad,) = torch.autograd.grad(loss, z)
             latents = (z - sizes[i] * grad).detach()
         with torch.no_grad():
-            noise = pipe.unet(torch.cat([latents] * 2), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+            noise = pipe.unet(
+                torch.cat([latents] * 2), t, encoder_hidden_states=torch.cat([uncond, cond])
+            ).sample
             noise_uncond, noise_cond = noise.chunk(2)
             noise = noise_uncond + 7.5 * (noise_cond - noise_uncond)
             latents = pipe.scheduler.step(noise, t, latents).prev_sample
@@ -120,7 +126,13 @@ def test_lagged_split_matches_batched(tiny_sd, monkeypatch):
 
 
 def test_lagged_without_cfg_and_with_several_images(tiny_sd):
-    out = _run(sharpen_attention(tiny_sd), "lagged", guidance_scale=1.0, num_images_per_prompt=2, num_inference_steps=4)
+    out = _run(
+        sharpen_attention(tiny_sd),
+        "lagged",
+        guidance_scale=1.0,
+        num_images_per_prompt=2,
+        num_inference_steps=4,
+    )
     assert out.images.shape == (2, 64, 64, 3) and len(out.steps) == 2
 
 
@@ -165,3 +177,12 @@ def test_frozen_parameters_restores_and_prunes_nothing_needed(tiny_sd):
     assert torch.allclose(grads[0], grads[1])
     assert not unet.conv_in.weight.requires_grad
     assert all(p.requires_grad for name, p in unet.named_parameters() if name != "conv_in.weight")
+
+
+def test_lagged_with_an_euler_scheduler(tiny_sd):
+    from diffusers import EulerDiscreteScheduler
+
+    tiny_sd.scheduler = EulerDiscreteScheduler.from_config(tiny_sd.scheduler.config)
+    pipe = sharpen_attention(tiny_sd)
+    observed, guided = _run(pipe, "lagged", OBSERVE), _run(pipe, "lagged", STRONG)
+    assert sum(guided.loss_curve()) < sum(observed.loss_curve())

@@ -22,21 +22,24 @@ from ait2i_ext.adapters.controlnet import (
 from ait2i_ext.adapters.gligen import GLIGENAdapter, fusers_enabled, gligen_inputs, load_gligen_pipeline
 from ait2i_ext.adapters.layout import parse_box_arg, subjects_with_boxes
 from diffusers import (
-    ControlNetModel,
     DDIMScheduler,
     HeunDiscreteScheduler,
     StableDiffusionControlNetPipeline,
-    StableDiffusionGLIGENPipeline,
     StableDiffusionXLControlNetPipeline,
     UNet2DConditionModel,
 )
 from diffusers.models import MultiControlNetModel
-from diffusers.models.attention import GatedSelfAttentionDense
 from PIL import Image, ImageDraw
 
 from ait2i_ext import AIT2IConfig, ScheduleConfig, Subject, generate, losses
 from ait2i_ext.capture import capture_attention
-from ait2i_ext.testing import tiny_sd_components, tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_unet_config
+from ait2i_ext.testing import (
+    tiny_controlnet,
+    tiny_gligen_pipeline,
+    tiny_sd_pipeline,
+    tiny_sdxl_pipeline,
+    tiny_unet_config,
+)
 
 PROMPT = "a cat and a dog"
 CAT, DOG = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
@@ -180,20 +183,8 @@ def test_boxes_alone_move_attention_into_the_boxes(arch, sharpness):
 
 @pytest.fixture(scope="module")
 def gligen_pipe():
-    components = tiny_sd_components()
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**tiny_unet_config(), attention_type="gated").eval()
-    with torch.no_grad():
-        for module in unet.modules():
-            if isinstance(module, GatedSelfAttentionDense):  # gates start at 0: open them
-                module.alpha_attn.fill_(1.0)
-                module.alpha_dense.fill_(1.0)
-    sharpen(unet, 8.0)
-    keys = ("vae", "text_encoder", "tokenizer", "scheduler", "safety_checker", "feature_extractor")
-    pipe = StableDiffusionGLIGENPipeline(
-        unet=unet, requires_safety_checker=False, **{k: components[k] for k in keys}
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_gligen_pipeline()
+    sharpen(pipe.unet, 8.0)
     return pipe
 
 
@@ -311,6 +302,18 @@ def test_gligen_forward_follows_scheduled_sampling(gligen_pipe):
             torch.testing.assert_close(forward(x, t), reference[on])
 
 
+def test_gligen_prepare_takes_the_subjects_boxes(gligen_pipe):
+    filled = GLIGENAdapter(gligen_pipe).prepare(
+        {}, [Subject("cat", ("red",), box=CAT), "bird", Subject("dog", box=DOG)]
+    )
+    assert filled["gligen_phrases"] == ["red cat", "dog"] and filled["gligen_boxes"] == [list(CAT), list(DOG)]
+    given = {"gligen_phrases": ["a bird"], "gligen_boxes": [list(DOG)]}
+    assert GLIGENAdapter(gligen_pipe, SUBJECTS).prepare(given)["gligen_phrases"] == ["a bird"]
+    per_prompt = [[Subject("cat", box=CAT)], [Subject("cat", box=DOG)]]
+    with pytest.raises(ValueError, match="one set of phrases and boxes"):
+        GLIGENAdapter(gligen_pipe).prepare({}, per_prompt)
+
+
 def test_gligen_bad_inputs(gligen_pipe):
     too_many = [Subject(f"cat{k}", box=(0.0, 0.0, 0.5, 0.5)) for k in range(31)]
     with pytest.raises(ValueError, match="at most 30"):
@@ -331,22 +334,6 @@ def test_gligen_bad_inputs(gligen_pipe):
 
 
 # --- ControlNet -----------------------------------------------------------------------------------
-
-
-def tiny_controlnet(unet, seed_: int = 0, channels: int = 3) -> ControlNetModel:
-    torch.manual_seed(seed_)
-    net = ControlNetModel.from_unet(
-        unet, conditioning_embedding_out_channels=(16, 32), conditioning_channels=channels
-    )
-    with torch.no_grad():  # zero convolutions start at 0: give them weights
-        for name, param in net.named_parameters():
-            if (
-                "controlnet_down_blocks" in name
-                or "controlnet_mid_block" in name
-                or "cond_embedding.conv_out" in name
-            ):
-                param.normal_(0.0, 0.1)
-    return net.eval()
 
 
 def controlnet_pipeline(arch: str, nets: int = 1, channels: int = 3):
@@ -430,6 +417,12 @@ def test_controlnet_channel_mismatch_is_refused_before_running():
     ):
         generate(pipe, PROMPT, SUBJECTS, image=edge_picture(), num_inference_steps=2)
     assert calls == []
+
+
+def test_controlnet_prepare_takes_the_size_of_the_control_image():
+    pipe = controlnet_pipeline("sd")
+    image = edge_picture(48)
+    assert adapter_for(pipe).prepare({"image": image}) == {"image": image, "height": 48, "width": 48}
 
 
 def test_control_image_kinds_and_errors(tmp_path):

@@ -7,8 +7,8 @@ and the same number of processes reproduces the same weights. A checkpoint is wr
 the newest one. The finished model is exported as a ``StableDiffusionPipeline`` folder in fp16
 (``--export-dir``, EMA weights), loadable with ``StableDiffusionPipeline.from_pretrained``.
 
-Recipe: the VAE learns L1 reconstruction with a small KL term; its latents are then scaled to unit
-standard deviation. The UNet predicts ``v`` under min-SNR-gamma weighting; the caption is replaced by
+Recipe: the VAE learns L1 reconstruction of its posterior mean (plus a little noise) with a tiny KL
+term; its posterior is then made deterministic and its latents scaled to unit standard deviation. The UNet predicts ``v`` under min-SNR-gamma weighting; the caption is replaced by
 ``""`` for ``--caption-dropout`` of the scenes so that classifier-free guidance has an unconditional
 branch to push against.
 """
@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-batch-size", type=int, default=16, help="per process")
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--vae-latent-noise", type=float, default=0.05)
     p.add_argument("--scale-samples", type=int, default=2048, help="scenes measuring the latent scale")
     p.add_argument("--unet-steps", type=int, default=5000)
     p.add_argument("--lr", type=float, default=8e-4)
@@ -253,7 +254,10 @@ def main(argv: list[str] | None = None) -> Path:
         )
         for pixels, _ in batches(VAE_SEED_OFFSET, progress.vae_step, 0.0, args.vae_batch_size):
             posterior = vae.encode(pixels).latent_dist
-            recon = vae.decode(posterior.sample()).sample
+            # Decode the posterior mean plus a little fixed noise: a freshly initialised posterior
+            # has unit variance, and sampling from it slows the start of training many times over.
+            latents = posterior.mean + args.vae_latent_noise * torch.randn_like(posterior.mean)
+            recon = vae.decode(latents).sample
             rec_loss = F.l1_loss(recon.float(), pixels.float())
             loss = rec_loss + args.kl_weight * posterior.kl().mean()
             accelerator.backward(loss)
@@ -273,12 +277,18 @@ def main(argv: list[str] | None = None) -> Path:
             if time.monotonic() - last_ckpt > args.checkpoint_minutes * 60:
                 save_checkpoint()
         bar.close()
+        # Make the posterior deterministic (std e^-10), so ``latent_dist.sample()`` in other scripts
+        # (img2img, DreamBooth/LoRA training) gives the mean the UNet was trained on.
+        with torch.no_grad():
+            half = vae.quant_conv.out_channels // 2
+            vae.quant_conv.weight[half:].zero_()
+            vae.quant_conv.bias[half:].fill_(-20.0)
         # Scale latents to unit standard deviation, measured on --scale-samples scenes.
         vae.eval()
         with torch.no_grad():
             stds = []
             for k, (pixels, _) in enumerate(batches(VAE_SEED_OFFSET - 100_000, 0, 0.0, args.batch_size)):
-                stds.append(vae.encode(pixels).latent_dist.sample().float().std())
+                stds.append(vae.encode(pixels).latent_dist.mean.float().std())
                 if (k + 1) * args.batch_size * accelerator.num_processes >= args.scale_samples:
                     break
             std = accelerator.reduce(torch.stack(stds).mean(), reduction="mean")
@@ -309,7 +319,7 @@ def main(argv: list[str] | None = None) -> Path:
                     progress.unet_step, args.unet_steps, args.warmup_steps, args.decay_fraction
                 )
             with torch.no_grad():
-                latents = vae.encode(pixels).latent_dist.sample() * progress.scaling_factor
+                latents = vae.encode(pixels).latent_dist.mean * progress.scaling_factor
             ids = tokenizer(
                 captions,
                 padding="max_length",

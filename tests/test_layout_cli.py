@@ -1,0 +1,57 @@
+"""The three layout routes from the command line: boxes alone, GLIGEN and ControlNet."""
+
+import json
+
+import pytest
+from test_layout import edge_picture
+
+from ait2i_ext.cli import main
+from ait2i_ext.testing import tiny_controlnet, tiny_gligen_pipeline, tiny_sd_pipeline
+
+BOXES = ["--box", "cat:0.05,0.2,0.5,0.9", "--box", "dog:0.5,0.2,0.95,0.9"]
+COMMON = ["--prompt", "a cat and a dog", "--steps", "2", "--quiet", *BOXES]
+
+
+def _check_run(out, expect_boxes=True):
+    record = json.loads((out / "run.json").read_text())
+    (entry,) = record["images"]
+    assert [g["box"] for g in entry["groups"]] == [[0.05, 0.2, 0.5, 0.9], [0.5, 0.2, 0.95, 0.9]]
+    assert (out / entry["file"]).exists() and (out / entry["boxes"]).exists()
+    assert "box" in entry["loss_per_step"][0]["losses"]
+
+
+def test_boxes_alone(tmp_path):
+    assert main(["generate", "--model", "tiny", *COMMON, "--out", str(tmp_path / "o")]) == 0
+    _check_run(tmp_path / "o")
+
+
+def test_gligen_route(tmp_path):
+    tiny_gligen_pipeline().save_pretrained(tmp_path / "gligen")
+    assert (
+        main(["generate", "--gligen", str(tmp_path / "gligen"), *COMMON, "--out", str(tmp_path / "o")]) == 0
+    )
+    _check_run(tmp_path / "o")
+
+
+def test_controlnet_route(tmp_path):
+    base = tiny_sd_pipeline()
+    base.save_pretrained(tmp_path / "base")
+    tiny_controlnet(base.unet).save_pretrained(tmp_path / "cn")
+    edge_picture().save(tmp_path / "edges.png")
+    argv = ["generate", "--model", str(tmp_path / "base"), "--controlnet", str(tmp_path / "cn")]
+    argv += ["--control", f"image:{tmp_path / 'edges.png'}", *COMMON, "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    _check_run(tmp_path / "o")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--control", "canny:x.png"], "--controlnet and --control go together"),
+        (["--gligen", "g", "--controlnet", "c", "--control", "image:x.png"], "exclusive"),
+    ],
+)
+def test_route_argument_errors(tmp_path, capsys, extra, message):
+    assert main(["generate", "--model", "tiny", *COMMON, *extra, "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
