@@ -12,7 +12,7 @@ counting calls, so the store knows before the first forward which layers to reco
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -202,10 +202,7 @@ class StopForward(Exception):
 
 
 def _module(unet, processor_name: str):
-    mod = unet
-    for part in processor_name.removesuffix(".processor").split("."):
-        mod = getattr(mod, part) if not part.isdigit() else mod[int(part)]
-    return mod
+    return unet.get_submodule(processor_name.removesuffix(".processor"))
 
 
 @contextmanager
@@ -215,6 +212,7 @@ def capture_attention(
     resolution: int | None = None,
     detach: bool = False,
     stop_early: bool = False,
+    after_last: Callable[[], None] | None = None,
 ) -> Iterator[AttentionStore]:
     """Record cross-attention maps of ``unet`` at one resolution while the block runs.
 
@@ -225,6 +223,8 @@ def capture_attention(
         detach: drop the autograd graph of the recorded maps (plain observation).
         stop_early: raise :class:`StopForward` right after the last recorded layer, so a caller
             that only needs the maps skips the rest of the UNet (catch it around the call).
+        after_last: called right after the last recorded layer (e.g. to switch grad off for the
+            rest of the pass), before ``stop_early`` applies.
 
     Yields:
         The :class:`AttentionStore`; read it with ``store.maps()``.
@@ -234,21 +234,23 @@ def capture_attention(
     factor = select_factor(unet, latent_hw, resolution)
     layers = [layer for layer in cross_attention_layers(unet) if layer.factor == factor]
     store = AttentionStore([layer.name for layer in layers], map_shape(latent_hw, factor), detach=detach)
-    originals = unet.attn_processors
-    processors = dict(originals)
-    for layer in layers:
-        processors[layer.name] = CaptureProcessor(store, layer.name)
-    hook = None
-    if stop_early:
+    # Only the recorded layers change processor: the rest of the UNet is never touched.
+    modules = [_module(unet, layer.name) for layer in layers]
+    originals = [module.processor for module in modules]
 
-        def _stop(module, args, output):
+    def _after_last(module, args, output):
+        if after_last is not None:
+            after_last()
+        if stop_early:
             raise StopForward
 
-        hook = _module(unet, layers[-1].name).register_forward_hook(_stop)
-    unet.set_attn_processor(processors)
+    hook = modules[-1].register_forward_hook(_after_last) if (stop_early or after_last) else None
     try:
+        for module, layer in zip(modules, layers):
+            module.set_processor(CaptureProcessor(store, layer.name))
         yield store
     finally:
         if hook is not None:
             hook.remove()
-        unet.set_attn_processor(originals)
+        for module, original in zip(modules, originals):
+            module.set_processor(original)

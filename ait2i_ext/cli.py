@@ -282,9 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--isolation", choices=["euclidean", "cosine"], default="euclidean")
     g.add_argument(
         "--mode",
-        choices=["full", "truncated"],
+        choices=["full", "truncated", "lagged"],
         default="truncated",
-        help="truncated (default) stops the guided UNet pass after the last layer it reads: same result, faster",
+        help="truncated (default) stops the guided UNet pass after the last layer it reads: same result as "
+        "full, faster; lagged reuses the sampling pass (approximate, fastest)",
     )
     g.add_argument(
         "--refinement", action="store_true", help="Attend-and-Excite iterative refinement at steps 0, 10, 20"

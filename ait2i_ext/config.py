@@ -133,16 +133,17 @@ class AIT2IConfig:
         attention_resolution: side of the square cross-attention maps the losses read. ``None``
             picks the UNet's cross-attention resolution closest to 16 (16x16 for SD 1.x/2.x at
             512 px, 32x32 for SDXL at 1024 px).
-        mode: ``"full"`` runs the whole conditional UNet pass for the update; ``"truncated"`` stops
-            the pass after the last layer that produces the maps (same gradient, less work);
-            ``"lagged"`` reuses the maps of the previous step's sampling pass (approximate, no
-            extra pass).
+        mode: ``"truncated"`` (default) runs the conditional UNet pass for the update only up to the
+            last layer that produces the maps (the same gradient as ``"full"``, less work);
+            ``"full"`` runs the whole pass (the straightforward reference); ``"lagged"`` takes the
+            gradient from the pipeline's own sampling pass and applies it one step late
+            (approximate, no extra pass; see :mod:`ait2i_ext.fast`).
     """
 
     loss: LossConfig = field(default_factory=LossConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     attention_resolution: int | None = None
-    mode: GuidanceMode = "full"
+    mode: GuidanceMode = "truncated"
 
     def __post_init__(self) -> None:
         _check(

@@ -32,7 +32,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from .capture import AttentionStore, CaptureProcessor, cross_attention_layers, map_shape, select_factor
+from .capture import AttentionStore, capture_attention
 from .guidance import Guide, StepRecord, batch_losses
 
 logger = logging.getLogger(__name__)
@@ -54,24 +54,8 @@ def frozen_parameters(module: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-@contextmanager
-def _recording(unet, names: list[str], store: AttentionStore) -> Iterator[None]:
-    """Put recording processors on the layers ``names`` only, and grad off after the last one."""
-    modules = [unet.get_submodule(name.removesuffix(".processor")) for name in names]
-    originals = [m.processor for m in modules]
-
-    def _grad_off(*_) -> None:
-        torch.set_grad_enabled(False)  # nothing after the last map layer is differentiated
-
-    hook = modules[-1].register_forward_hook(_grad_off)
-    try:
-        for module, name in zip(modules, names):
-            module.processor = CaptureProcessor(store, name)
-        yield
-    finally:
-        hook.remove()
-        for module, processor in zip(modules, originals):
-            module.processor = processor
+def _grad_off() -> None:
+    torch.set_grad_enabled(False)  # nothing after the last map layer is differentiated
 
 
 def _rows(value, rows: slice, batch: int):
@@ -116,8 +100,6 @@ class LaggedGuide(Guide):
         self._batch = sum(t.num_images for t in self.targets)
         self._step = 0  # the denoising step whose pass runs next
         self._pending: tuple[int, torch.Tensor] | None = None  # (step i, grad_{z_i} L / c_i^2)
-        self._layers: list[str] | None = None
-        self._shape: tuple[int, int] | None = None
         self._input: torch.Tensor | None = None
         self._store: AttentionStore | None = None
         self._grad_mode = False
@@ -160,11 +142,6 @@ class LaggedGuide(Guide):
         sample = args[0] if args else kwargs["sample"]
         if not self._wants(sample):
             return None
-        if self._layers is None:
-            hw = tuple(sample.shape[-2:])
-            factor = select_factor(unet, hw, self.config.attention_resolution)
-            self._layers = [layer.name for layer in cross_attention_layers(unet) if layer.factor == factor]
-            self._shape = map_shape(hw, factor)
         n = self._batch
         if self.split_cfg and sample.shape[0] == 2 * n:
             uncond, cond = slice(0, n), slice(n, None)
@@ -174,12 +151,12 @@ class LaggedGuide(Guide):
                 self._uncond = unet.forward(*_rows(args, uncond, 2 * n), **_rows(kwargs, uncond, 2 * n))
             args, kwargs = _rows(args, cond, 2 * n), _rows(kwargs, cond, 2 * n)
             sample = args[0] if args else kwargs["sample"]
-        self._store = AttentionStore(self._layers, self._shape)
         self._input = sample.detach().requires_grad_(True)
         self._grad_mode = torch.is_grad_enabled()
         torch.set_grad_enabled(True)
-        self._recorder = _recording(unet, self._layers, self._store)
-        self._recorder.__enter__()
+        hw = tuple(sample.shape[-2:])
+        self._recorder = capture_attention(unet, hw, self.config.attention_resolution, after_last=_grad_off)
+        self._store = self._recorder.__enter__()
         if args:
             return (self._input, *args[1:]), kwargs
         return args, {**kwargs, "sample": self._input}

@@ -4,6 +4,7 @@ leaves the UNet as it found it."""
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 from conftest import sharpen_attention
@@ -19,15 +20,6 @@ STRONG = ScheduleConfig(step_scale=100.0)
 OBSERVE = ScheduleConfig(step_scale=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops are dominated by thread wake-ups; on a shared machine one thread is much faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _run(pipe, mode="full", schedule=STRONG, seed=0, **kw):
     kw = {"num_inference_steps": 6, "output_type": "np", **kw}
     config = AIT2IConfig(mode=mode, schedule=schedule)
@@ -38,8 +30,9 @@ def _run(pipe, mode="full", schedule=STRONG, seed=0, **kw):
 
 @pytest.mark.parametrize("mode", ["full", "truncated", "lagged"])
 def test_each_mode_runs(tiny_sd, mode):
-    out = _run(tiny_sd, mode, num_inference_steps=4)
-    assert out.images.shape == (1, 64, 64, 3) and bool(torch.isfinite(torch.from_numpy(out.images)).all())
+    out = _run(tiny_sd, mode, num_inference_steps=4, return_maps=True)
+    assert out.images.shape == (1, 64, 64, 3) and np.isfinite(out.images).all()
+    assert set(out.group_maps(0)) == {"circle", "square"}
     assert [r.step for r in out.steps] == [0, 1]
     assert all(torch.isfinite(torch.tensor(r.losses["total"])) for r in out.steps)
 
@@ -186,3 +179,43 @@ def test_lagged_with_an_euler_scheduler(tiny_sd):
     pipe = sharpen_attention(tiny_sd)
     observed, guided = _run(pipe, "lagged", OBSERVE), _run(pipe, "lagged", STRONG)
     assert sum(guided.loss_curve()) < sum(observed.loss_curve())
+
+
+def _controlnet_pipeline():
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from ait2i_ext.testing import tiny_controlnet, tiny_sd_pipeline
+
+    base = tiny_sd_pipeline()
+    keys = StableDiffusionControlNetPipeline._get_signature_keys(StableDiffusionControlNetPipeline)[0]
+    components = {k: v for k, v in base.components.items() if k in keys}
+    pipe = StableDiffusionControlNetPipeline(**components, controlnet=tiny_controlnet(base.unet))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("family", ["gligen", "controlnet"])
+def test_lagged_on_layout_pipelines(family, split, monkeypatch):
+    from PIL import Image
+
+    from ait2i_ext import Subject
+    from ait2i_ext.testing import tiny_gligen_pipeline
+
+    monkeypatch.setattr(LaggedGuide, "split_cfg", split)
+    subjects = [Subject("circle", box=(0.0, 0.0, 0.5, 1.0)), Subject("square", box=(0.5, 0.0, 1.0, 1.0))]
+    if family == "gligen":
+        pipe, extra = tiny_gligen_pipeline(), {}
+    else:
+        pipe, extra = _controlnet_pipeline(), {"image": Image.new("RGB", (64, 64), (255, 255, 255))}
+    out = generate(
+        pipe,
+        PROMPT,
+        subjects,
+        config=AIT2IConfig(mode="lagged", schedule=STRONG),
+        num_inference_steps=4,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+        **extra,
+    )
+    assert np.isfinite(out.images).all() and [r.step for r in out.steps] == [0, 1]

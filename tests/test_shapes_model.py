@@ -76,3 +76,22 @@ def test_training_smoke_run(tmp_path):
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     # Resuming a finished run changes nothing and exports again.
     assert main([*argv, "--resume", "latest"]) == export
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the shipped weights (ait2i_ext/assets/shapes_model) are not trained yet")
+def test_evaluator_reads_shipped_vae_reconstructions():
+    import numpy as np
+    from diffusers import AutoencoderKL
+
+    from ait2i_ext.shapes.data import image_to_tensor, render_scene, sample_scene
+    from ait2i_ext.shapes.evaluator import evaluate
+
+    vae = AutoencoderKL.from_pretrained(default_model_path(), subfolder="vae").eval()
+    scenes = [sample_scene(seed, allow_held_out=True) for seed in range(900_000, 900_064)]
+    pixels = torch.stack([image_to_tensor(render_scene(s)) for s in scenes])
+    with torch.no_grad():
+        posterior = vae.encode(pixels).latent_dist
+        assert torch.allclose(posterior.sample(), posterior.mean, atol=1e-3)  # deterministic
+        decoded = vae.decode(posterior.mean).sample.clamp(-1, 1)
+    images = ((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.mean([evaluate(im, s.objects).correct for im, s in zip(images, scenes, strict=True)]) >= 0.95
