@@ -151,14 +151,23 @@ def compute_losses(
 
     aggregation_radius = losses.scaled_radius(cfg.aggregation_radius, height, cfg.reference_resolution)
     alignment_radius = losses.scaled_radius(cfg.alignment_radius, height, cfg.reference_resolution)
-    aggregation = attn.new_zeros(n)
-    alignment = attn.new_zeros(n)
-    for g, group in enumerate(groups):
-        aggregation = aggregation + losses.aggregation_loss(main[:, g], cfg.top_k, aggregation_radius)
-        for member in group.members:
-            alignment = alignment + losses.alignment_loss(
-                attn[..., member], main[:, g], cfg.top_k, alignment_radius
-            )
+    # Every map of every group goes through one batched call (the losses are per map).
+    num_groups = main.shape[1]
+    flat_main = main.reshape(n * num_groups, height, width)
+    aggregation = losses.aggregation_loss(flat_main, cfg.top_k, aggregation_radius).view(n, num_groups).sum(1)
+    owners = [g for g, group in enumerate(groups) for _ in group.members]
+    if owners:
+        members = attn[..., [m for group in groups for m in group.members]].permute(0, 3, 1, 2)
+        anchors = main[:, owners]
+        alignment = losses.alignment_loss(
+            members.reshape(-1, height, width),
+            anchors.reshape(-1, height, width),
+            cfg.top_k,
+            alignment_radius,
+        )
+        alignment = alignment.view(n, len(owners)).sum(1)
+    else:
+        alignment = attn.new_zeros(n)
 
     isolation = losses.isolation_loss(main, cfg.isolation)
     existence = losses.existence_loss(existence_maps(attn, groups, eot_index, cfg))

@@ -164,3 +164,21 @@ def test_radii_scale_with_map_size():
     small = compute_losses(attn, [DOG], EOT, LossConfig()).aggregation
     large = compute_losses(big, [DOG], EOT, LossConfig()).aggregation
     torch.testing.assert_close(small, large, atol=0.03, rtol=0)
+
+
+def test_batched_terms_equal_the_per_group_sums():
+    """compute_losses batches every map into one call; it must equal the loss of each map summed."""
+    torch.manual_seed(0)
+    attn = torch.rand(3, 16, 16, 20).softmax(-1)
+    groups = [TokenGroup("a", 2, (3,)), TokenGroup("b", 5, ()), TokenGroup("c", 8, (9, 10))]
+    cfg = LossConfig()
+    terms = compute_losses(attn, groups, 12, cfg)
+    main = group_maps(attn, groups)
+    agg = sum(losses.aggregation_loss(main[:, g], cfg.top_k, cfg.aggregation_radius) for g in range(3))
+    align = sum(
+        losses.alignment_loss(attn[..., m], main[:, g], cfg.top_k, cfg.alignment_radius)
+        for g, group in enumerate(groups)
+        for m in group.members
+    )
+    assert torch.allclose(terms.aggregation, agg, atol=1e-6)
+    assert torch.allclose(terms.alignment, align, atol=1e-6)
