@@ -7,7 +7,9 @@
 Methods: ``plain`` (the stock pipeline), ``attend-excite`` (diffusers'
 ``StableDiffusionAttendAndExcitePipeline`` on the same components, its defaults), ``ait2i``
 (defaults), ``ait2i-no-agg`` (aggregation and alignment weights 0), ``ait2i-no-iso`` (isolation
-weight 0); ``--methods`` picks. On the shapes model every image is scored by
+weight 0), ``ait2i-boxes`` (each subject also gets its layout box: the box terms of
+docs/layout.md), ``ait2i-lagged`` (the approximate ``"lagged"`` mode); ``--methods`` picks. The
+``in_box`` column is the share of objects drawn in their layout box (IoU >= 0.5). On the shapes model every image is scored by
 ``ait2i_ext.shapes.evaluator``: all subjects present (colour and shape), colours bound, fully
 correct; plus seconds per image. With ``--model`` (a Stable Diffusion checkpoint) the prompts are
 Attend-and-Excite's "a {animal} and a {animal}" pairs, scored with CLIP when ``--clip-model`` is given.
@@ -24,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from ait2i_ext import AIT2IConfig, LossConfig, generate
+from ait2i_ext import AIT2IConfig, LossConfig, Subject, generate
 from ait2i_ext.tokens import resolve_groups
 
-METHODS = ("plain", "attend-excite", "ait2i", "ait2i-no-agg", "ait2i-no-iso")
+METHODS = ("plain", "attend-excite", "ait2i", "ait2i-no-agg", "ait2i-no-iso", "ait2i-boxes", "ait2i-lagged")
 ANIMALS = (
     "cat",
     "dog",
@@ -45,8 +47,11 @@ ANIMALS = (
 
 
 def method_config(method: str, mode: str) -> AIT2IConfig | None:
+    if method == "ait2i-lagged":
+        return AIT2IConfig(mode="lagged")
     loss = {
         "ait2i": LossConfig(),
+        "ait2i-boxes": LossConfig(),
         "ait2i-no-agg": LossConfig(w_aggregation=0.0, w_alignment=0.0),
         "ait2i-no-iso": LossConfig(w_isolation=0.0),
     }.get(method)
@@ -59,6 +64,7 @@ class Case:
     text: str
     subjects: tuple  # subject specs for ait2i (strings "colour shape")
     objects: tuple  # evaluator requests (shapes model) or animal names
+    boxed: tuple = ()  # the subjects with their layout boxes (shapes model)
 
 
 def shapes_cases(sets: list[str], per_set: int) -> list[Case]:
@@ -68,7 +74,8 @@ def shapes_cases(sets: list[str], per_set: int) -> list[Case]:
     for name in sets:
         for p in prompt_set(name)[:per_set]:
             subjects = tuple(f"{o.colour} {o.shape}" for o in p.objects)
-            cases.append(Case(name, p.text, subjects, p.objects))
+            boxed = tuple(Subject(o.shape, attributes=(o.colour,), box=o.box) for o in p.objects)
+            cases.append(Case(name, p.text, subjects, p.objects, boxed))
     return cases
 
 
@@ -108,7 +115,13 @@ def score_shapes(image, case: Case) -> dict[str, float]:
     from ait2i_ext.shapes.evaluator import evaluate
 
     s = evaluate(image, case.objects)
-    return {"present": float(s.all_present), "bound": float(s.all_bound), "correct": float(s.correct)}
+    in_box = [float((o.iou or 0.0) >= 0.5) for o in s.objects]
+    return {
+        "present": float(s.all_present),
+        "bound": float(s.all_bound),
+        "correct": float(s.correct),
+        "in_box": sum(in_box) / len(in_box),
+    }
 
 
 class ClipScorer:
@@ -149,7 +162,7 @@ def format_table(rows: list[dict], keys: list[str]) -> str:
     lines = [header, "-" * len(header)]
     for r in rows:
         cells = "".join(
-            f"{100 * r[k]:>17.1f}%" if k in ("present", "bound", "correct") else f"{r[k]:>18.4f}"
+            f"{100 * r[k]:>17.1f}%" if k in ("present", "bound", "correct", "in_box") else f"{r[k]:>18.4f}"
             for k in keys
         )
         lines.append(f"{r['set']:<14}{r['method']:<15}{cells}{r['seconds']:>10.3f}{r['n']:>6}")
@@ -180,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="seeds sampled together")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default="plain,attend-excite,ait2i,ait2i-no-agg,ait2i-no-iso")
     parser.add_argument("--mode", default="truncated", choices=["full", "truncated"])
     parser.add_argument("--examples", type=int, default=6, help="prompts shown in the PNG grid")
     parser.add_argument("--out", default="out/alignment")
@@ -252,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     if not state.is_main_process:
         return 0
 
-    keys = [k for k in ("present", "bound", "correct", "clip_full", "clip_min_subject") if k in records[0]]
+    keys = [
+        k
+        for k in ("present", "bound", "correct", "in_box", "clip_full", "clip_min_subject")
+        if k in records[0]
+    ]
     rows = []
     for set_name in list(dict.fromkeys([r["set"] for r in records])) + ["all"]:
         for method in methods:
