@@ -161,6 +161,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "model": args.model or default_model(),
         "config": dataclasses.asdict(config),
         "call": {k: v for k, v in call.items() if k != "image"},
+        "layout": {
+            "boxes": args.box,
+            "gligen": args.gligen,
+            "controlnet": args.controlnet,
+            "control": args.control,
+        },
+        "lora": args.lora,
+        "identifier": args.identifier,
         "images": [],
     }
     stem = _slug(args.prompt)

@@ -12,6 +12,7 @@
    other), ``ait2i+sks`` with "sks" in the star's group (:func:`personalized_subjects`).
    The base model without a LoRA (``stock``) is the reference row.
 4. Score each image: ``concept`` = a star-shaped blob of the concept colour (:func:`star_present`),
+   ``colour`` = any blob of the concept colour (the weaker sign that the concept was drawn at all),
    ``other`` = the other subject present in its colour and shape (``ait2i_ext.shapes.evaluator``),
    ``both`` = both at once.
 
@@ -129,9 +130,12 @@ def star_scores(image: Image.Image, colour: str = CONCEPT_COLOUR, max_distance: 
 
 def star_present(image: Image.Image) -> bool:
     """A blob of the concept colour that overlaps a star best, at IoU >= ``MIN_STAR_IOU``."""
-    return any(
-        b["star"] >= MIN_STAR_IOU and b["star"] > max(b["circle"], b["square"], b["triangle"])
-        for b in star_scores(image)
+    return any(_is_star(b) for b in star_scores(image))
+
+
+def _is_star(blob: dict) -> bool:
+    return blob["star"] >= MIN_STAR_IOU and blob["star"] > max(
+        blob["circle"], blob["square"], blob["triangle"]
     )
 
 
@@ -185,11 +189,11 @@ def sample(pipe, method: str, other: str, seeds: list[int], args) -> list[Image.
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"{'lora':<8}{'method':<12}{'concept':>10}{'other':>10}{'both':>10}{'s/image':>10}{'n':>6}"
+    header = f"{'lora':<8}{'method':<12}{'concept':>10}{'colour':>10}{'other':>10}{'both':>10}{'s/image':>10}{'n':>6}"
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r['lora']:<8}{r['method']:<12}{100 * r['concept']:>9.1f}%{100 * r['other']:>9.1f}%"
+            f"{r['lora']:<8}{r['method']:<12}{100 * r['concept']:>9.1f}%{100 * r['colour']:>9.1f}%{100 * r['other']:>9.1f}%"
             f"{100 * r['both']:>9.1f}%{r['seconds']:>10.3f}{r['n']:>6}"
         )
     return "\n".join(lines)
@@ -283,10 +287,11 @@ def main(argv: list[str] | None = None) -> int:
             seconds = (time.perf_counter() - start) / len(seeds)
             colour, shape = other.split()
             for seed, image in zip(seeds, images, strict=True):
-                concept = star_present(image)
+                blobs = star_scores(image)
+                concept = any(_is_star(b) for b in blobs)
                 present = evaluate(image, [(colour, shape)]).objects[0].present
                 records.append({"lora": lora, "method": method, "other": other, "seed": seed, "seconds": seconds,
-                                "concept": float(concept), "other_present": float(present),
+                                "concept": float(concept), "colour": float(bool(blobs)), "other_present": float(present),
                                 "both": float(concept and present)})  # fmt: skip
                 if seed == 0:
                     examples[(other, f"{lora}/{method}")] = image
@@ -299,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({
             "lora": lora, "method": method, "n": len(rs), "seconds": sum(r["seconds"] for r in rs) / len(rs),
             "concept": sum(r["concept"] for r in rs) / len(rs),
+            "colour": sum(r["colour"] for r in rs) / len(rs),
             "other": sum(r["other_present"] for r in rs) / len(rs),
             "both": sum(r["both"] for r in rs) / len(rs),
         })  # fmt: skip

@@ -21,7 +21,7 @@ parser.add_argument("--model", default=None)
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 
-pipe = DiffusionPipeline.from_pretrained(args.model or default_model(), safety_checker=None)
+pipe = DiffusionPipeline.from_pretrained(args.model or default_model(), torch_dtype=torch.float32, safety_checker=None)
 prompt = "a red circle and a blue square"
 subjects = [
     Subject("circle", attributes=("red",), box=(0.05, 0.3, 0.45, 0.7)),  # left

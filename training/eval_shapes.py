@@ -4,7 +4,7 @@ For each prompt set and classifier-free guidance scale it samples ``--seeds`` im
 the pipeline's own scheduler and prints one markdown table row: single-object prompts correct
 (colour, shape, count 1), all objects present, neglect, colour mixing, fully correct.
 
-    python -m training.eval_shapes --model ait2i_ext/assets/shapes_model --scales 1 3 7.5
+    python -m ait2i_ext.training.eval_shapes --model ait2i_ext/assets/shapes_model --scales 1 3 7.5
 """
 
 from __future__ import annotations

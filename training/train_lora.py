@@ -532,8 +532,9 @@ def train(args: argparse.Namespace) -> TrainingResult:
     )
     for module in (unet, vae, text_encoder):
         module.to(accelerator.device)
-        if weight_dtype != torch.float32:
-            module.to(dtype=weight_dtype)
+        module.to(
+            dtype=weight_dtype
+        )  # also an fp16-saved model trained in fp32 (e.g. the shipped shapes model)
 
     # 2. Class images for prior preservation, made with the base model before any adapter exists.
     class_images = None
