@@ -54,6 +54,8 @@ def default_model() -> str | None:
 def load_pipeline(args: argparse.Namespace):
     """The pipeline named by ``--model`` (a local folder or hub id; ``tiny`` for random tiny
     components), with ``--gligen``/``--controlnet``/``--lora`` applied."""
+    import torch
+
     device, dtype = _device_and_dtype(args.device, args.dtype)
     model = args.model or default_model()
     if model is None and not args.gligen:
@@ -88,6 +90,13 @@ def load_pipeline(args: argparse.Namespace):
         from .adapters.personalize import load_lora
 
         load_lora(pipe, args.lora)
+    if device == "cpu":
+        # The shipped and tiny models are small: on a CPU one thread is fastest and never
+        # oversubscribes a busy machine; large checkpoints get torch's default or --threads.
+        small = args.model in (None, "tiny") and not (args.gligen or args.controlnet)
+        threads = args.threads or (1 if small else None)
+        if threads:
+            torch.set_num_threads(threads)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=False, leave=False, desc="denoising")
     return pipe
@@ -311,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--lora", metavar="PATH", help="a LoRA (.safetensors file or folder) to load")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    g.add_argument(
+        "--threads", type=int, help="CPU threads (default: 1 for the shipped/tiny models, else torch's)"
+    )
     g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda, fp32 on cpu")
     g.add_argument("--quiet", action="store_true")
     g.set_defaults(func=cmd_generate)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ait2i_ext import AIT2IConfig, LossConfig, Subject, generate
+from ait2i_ext import AIT2IConfig, LossConfig, ScheduleConfig, Subject, generate
 from ait2i_ext.tokens import resolve_groups
 
 METHODS = ("plain", "attend-excite", "ait2i", "ait2i-no-agg", "ait2i-no-iso", "ait2i-boxes", "ait2i-lagged")
@@ -46,16 +46,17 @@ ANIMALS = (
 )
 
 
-def method_config(method: str, mode: str) -> AIT2IConfig | None:
+def method_config(method: str, mode: str, step_scale: float = 20.0) -> AIT2IConfig | None:
+    schedule = ScheduleConfig(step_scale=step_scale)
     if method == "ait2i-lagged":
-        return AIT2IConfig(mode="lagged")
+        return AIT2IConfig(schedule=schedule, mode="lagged")
     loss = {
         "ait2i": LossConfig(),
         "ait2i-boxes": LossConfig(),
         "ait2i-no-agg": LossConfig(w_aggregation=0.0, w_alignment=0.0),
         "ait2i-no-iso": LossConfig(w_isolation=0.0),
     }.get(method)
-    return None if loss is None else AIT2IConfig(loss=loss, mode=mode)
+    return None if loss is None else AIT2IConfig(loss=loss, schedule=schedule, mode=mode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +103,8 @@ def run_method(pipe, ae_pipe, method: str, case: Case, seeds: list[int], args) -
         out = generate(
             pipe,
             case.text,
-            list(case.subjects),
-            config=method_config(method, args.mode),
+            list(case.boxed if method == "ait2i-boxes" else case.subjects),
+            config=method_config(method, args.mode, args.step_scale),
             generator=generators,
             **call,
         )
@@ -194,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--methods", default="plain,attend-excite,ait2i,ait2i-no-agg,ait2i-no-iso")
+    parser.add_argument(
+        "--step-scale", type=float, default=20.0, help="ait2i step size (alpha_i = step_scale * sqrt(s_i))"
+    )
     parser.add_argument("--mode", default="truncated", choices=["full", "truncated"])
     parser.add_argument("--examples", type=int, default=6, help="prompts shown in the PNG grid")
     parser.add_argument("--out", default="out/alignment")

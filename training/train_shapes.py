@@ -367,3 +367,9 @@ def main(argv: list[str] | None = None) -> Path:
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Console entry point (``ait2i-train-shapes``): :func:`main` with an exit code."""
+    main(argv)
+    return 0
