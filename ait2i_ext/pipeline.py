@@ -133,7 +133,9 @@ def generate(
     defaults = _call_defaults(pipe)
     num_images = int(call_kwargs.get("num_images_per_prompt") or 1)
     targets = resolve_targets(adapter.tokenizer, prompts, subjects, num_images)
-    if hasattr(adapter, "prepare"):  # layout adapters fill their own call arguments (GLIGEN boxes, control image)
+    if hasattr(
+        adapter, "prepare"
+    ):  # layout adapters fill their own call arguments (GLIGEN boxes, control image)
         call_kwargs = adapter.prepare(dict(call_kwargs), subjects)
     guide: Guide | None = None
     observed = _MapAccumulator(num_images * len(prompts)) if return_maps else None

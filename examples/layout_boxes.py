@@ -21,7 +21,9 @@ parser.add_argument("--model", default=None)
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 
-pipe = DiffusionPipeline.from_pretrained(args.model or default_model(), torch_dtype=torch.float32, safety_checker=None)
+pipe = DiffusionPipeline.from_pretrained(
+    args.model or default_model(), torch_dtype=torch.float32, safety_checker=None
+)
 prompt = "a red circle and a blue square"
 subjects = [
     Subject("circle", attributes=("red",), box=(0.05, 0.3, 0.45, 0.7)),  # left
@@ -30,7 +32,9 @@ subjects = [
 boxes = {s.noun: s.box for s in subjects}
 pictures = {}
 for label, guided in [("plain", False), ("boxes", True)]:
-    out = generate(pipe, prompt, subjects, guidance=guided, generator=torch.Generator().manual_seed(args.seed))
+    out = generate(
+        pipe, prompt, subjects, guidance=guided, generator=torch.Generator().manual_seed(args.seed)
+    )
     pictures[label] = box_overlay(out.images[0], boxes)
 side_by_side(pictures, title=prompt).save("layout_boxes.png")
 print("wrote layout_boxes.png")

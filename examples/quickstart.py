@@ -19,7 +19,9 @@ parser.add_argument("--prompt", default="a red circle and a blue square")
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 
-pipe = DiffusionPipeline.from_pretrained(args.model or default_model(), torch_dtype=torch.float32, safety_checker=None)
+pipe = DiffusionPipeline.from_pretrained(
+    args.model or default_model(), torch_dtype=torch.float32, safety_checker=None
+)
 runs = {}
 for label, guided in [("plain", False), ("guided", True)]:
     out = generate(
