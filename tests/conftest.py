@@ -34,3 +34,13 @@ def tiny_sdxl():
     from ait2i_ext.testing import tiny_sdxl_pipeline
 
     return tiny_sdxl_pipeline()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Stable Diffusion pipeline saved with ``save_pretrained`` (a local ``--model`` folder)."""
+    from ait2i_ext.testing import tiny_sd_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    tiny_sd_pipeline(seed=0).save_pretrained(folder)
+    return folder

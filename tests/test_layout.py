@@ -47,15 +47,6 @@ SUBJECTS = [Subject("cat", box=CAT), Subject("dog", box=DOG)]
 STEPS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny nets gain nothing from intra-op threads, and lose much to them on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def guided(step_scale: float) -> AIT2IConfig:
     return AIT2IConfig(schedule=ScheduleConfig(step_scale=step_scale, guided_fraction=1.0))
 

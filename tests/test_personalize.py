@@ -27,22 +27,6 @@ SKS = 2  # <bos> a sks dog and a cat: "sks" is token 2, "dog" token 3 (single CL
 GUIDED = AIT2IConfig(schedule=ScheduleConfig(guided_fraction=1.0))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is faster than contended OpenMP threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-sd")
-    tiny_sd_pipeline(seed=0).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def trained(model_dir, tmp_path_factory) -> Path:
     """Two steps of the fine-tuning script, UNet and text encoder, alpha != rank: its output folder."""

@@ -16,25 +16,8 @@ try:  # installed: training/ is ait2i_ext.training
 except ImportError:  # source checkout run from the repository root
     from training import train_lora
 
-from ait2i_ext.testing import tiny_sd_pipeline
 
 PROMPT = "a photo of sks dog"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is ~5x faster than contended OpenMP threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-sd")
-    tiny_sd_pipeline(seed=0).save_pretrained(folder)
-    return folder
 
 
 def _write_images(folder: Path, count: int, seed: int = 0) -> Path:
