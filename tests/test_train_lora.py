@@ -136,18 +136,6 @@ def test_text_encoder_lora_trains_and_round_trips(model_dir, instance_dir, tmp_p
     torch.testing.assert_close(_embed(fresh, ids), expected)
 
 
-def _peft_too_old_for_transformers() -> bool:
-    import peft
-    import transformers
-    from packaging.version import Version
-
-    return Version(transformers.__version__).major >= 5 and Version(peft.__version__) < Version("0.22")
-
-
-@pytest.mark.skipif(
-    _peft_too_old_for_transformers(),
-    reason="transformers 5 loads text-encoder LoRAs (load_lora_weights -> load_adapter) only with peft >= 0.22",
-)
 def test_text_encoder_lora_loads_with_load_lora_weights(model_dir, instance_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
