@@ -176,7 +176,6 @@ class LaggedGuide(Guide):
         # grad is w.r.t. the UNet input c * z: grad_z L = c * grad, step = alpha / c^2 * grad_z L.
         self._pending = (i, grad[-self._batch :].detach() / self.input_scale(t))
         self.records.append(StepRecord(i, float(t), self.step_sizes[i], 1, terms.as_floats()))
-        self.last_maps = maps.detach()
         logger.debug("step %d (lagged): %s", i, self.records[-1].losses)
         uncond, self._uncond = self._uncond, None
         return output if uncond is None else _concat(uncond, output)

@@ -130,7 +130,6 @@ class Guide:
         self.num_guided = config.schedule.num_guided_steps(len(self.timesteps))
         self.thresholds = dict(config.schedule.refinement_thresholds) if config.schedule.refinement else {}
         self.records: list[StepRecord] = []
-        self.last_maps: torch.Tensor | None = None
 
     def is_guided(self, i: int) -> bool:
         """Step ``i`` is on the schedule (with ``step_scale=0`` its losses are still recorded)."""
@@ -142,7 +141,7 @@ class Guide:
             return latents
         t, alpha = self.timesteps[i], self.step_sizes[i]
         args = (self.unet, self.forward, latents, t, self.targets, self.config, alpha, self.input_scale(t))
-        latents, terms, maps = guidance_step(*args)
+        latents, terms, _ = guidance_step(*args)
         iterations = 1
         if i in self.thresholds:
             target = 1.0 - self.thresholds[i]
@@ -150,9 +149,8 @@ class Guide:
                 float(terms.existence.max()) > target
                 and iterations < self.config.schedule.max_refinement_iters
             ):
-                latents, terms, maps = guidance_step(*args[:2], latents, *args[3:])
+                latents, terms, _ = guidance_step(*args[:2], latents, *args[3:])
                 iterations += 1
-        self.last_maps = maps
         self.records.append(StepRecord(i, float(t), alpha, iterations, terms.as_floats()))
         logger.debug("step %d: %s", i, self.records[-1].losses)
         return latents

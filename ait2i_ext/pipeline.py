@@ -133,9 +133,8 @@ def generate(
     defaults = _call_defaults(pipe)
     num_images = int(call_kwargs.get("num_images_per_prompt") or 1)
     targets = resolve_targets(adapter.tokenizer, prompts, subjects, num_images)
-    if hasattr(
-        adapter, "prepare"
-    ):  # layout adapters fill their own call arguments (GLIGEN boxes, control image)
+    # Layout adapters fill their own call arguments (GLIGEN boxes, the control image's size).
+    if hasattr(adapter, "prepare"):
         call_kwargs = adapter.prepare(dict(call_kwargs), subjects)
     guide: Guide | None = None
     observed = _MapAccumulator(num_images * len(prompts)) if return_maps else None
@@ -146,11 +145,7 @@ def generate(
         steps = kwargs.pop("num_inference_steps", defaults.get("num_inference_steps", 50))
         embeds, forward = adapter.encode(prompts, num_images, guidance_scale > 1.0, kwargs)
         kwargs.update(embeds, num_images_per_prompt=1)  # the embeddings are already repeated per image
-        timesteps = (
-            adapter.timesteps(steps, kwargs)
-            if hasattr(adapter, "timesteps")
-            else _timesteps(pipe, steps, kwargs)
-        )
+        timesteps = _timesteps(pipe, steps, kwargs)
         latents = _initial_latents(pipe, len(prompts) * num_images, kwargs)
         guide_cls = LaggedGuide if config.mode == "lagged" else Guide  # ait2i_ext/fast.py
         guide = guide_cls(
