@@ -123,8 +123,11 @@ def _subjects(args: argparse.Namespace, prompt: str):
 
 def _config(args: argparse.Namespace):
     from .config import AIT2IConfig, LossConfig, ScheduleConfig
+    from .shapes.model import loss_radii
 
-    loss = LossConfig(isolation=args.isolation)
+    shipped = args.model is None and default_model() is not None
+    radii = loss_radii(shipped, args.aggregation_radius, args.alignment_radius)
+    loss = LossConfig(isolation=args.isolation, **radii)
     schedule = ScheduleConfig(step_scale=args.step_scale, refinement=args.refinement)
     return AIT2IConfig(loss=loss, schedule=schedule, mode=args.mode)
 
@@ -297,6 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--step-scale", type=float, default=20.0, help="alpha_i = step_scale * sqrt(s_i)")
     g.add_argument("--isolation", choices=["euclidean", "cosine"], default="euclidean")
+    g.add_argument(
+        "--aggregation-radius",
+        type=float,
+        help="peak radius in cells of a 16x16 map, about a subject's radius (default: 5, METHOD's value for SD; "
+        "2.5 for the shipped shapes model, whose objects are small)",
+    )
+    g.add_argument(
+        "--alignment-radius",
+        type=float,
+        help="radius of the attribute / member alignment term (default: 6; 3 for the shipped shapes model)",
+    )
     g.add_argument(
         "--mode",
         choices=["full", "truncated", "lagged"],

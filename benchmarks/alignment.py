@@ -1,12 +1,14 @@
 """Alignment benchmark: methods side by side on the same prompts, seeds and model.
 
     python benchmarks/alignment.py                          # shipped shapes model, CPU
-    accelerate launch benchmarks/alignment.py --seeds 64    # seeds sharded over processes / GPUs
+    accelerate launch --num_processes N benchmarks/alignment.py   # seeds sharded over N GPUs
+    torchrun --nproc_per_node 2 benchmarks/alignment.py           # ... or over 2 CPU processes
     python benchmarks/alignment.py --model PATH --clip-model CLIP_PATH   # a user's SD checkpoint
 
 Methods: ``plain`` (the stock pipeline), ``attend-excite`` (diffusers'
 ``StableDiffusionAttendAndExcitePipeline`` on the same components, its defaults), ``ait2i``
-(defaults), ``ait2i-no-agg`` (aggregation and alignment weights 0), ``ait2i-no-iso`` (isolation
+(defaults; on the shipped shapes model its radii, ``SHAPES_LOSS``), ``ait2i-reference`` (the
+reference radii 5 / 6 whatever the model), ``ait2i-no-agg`` (aggregation and alignment weights 0), ``ait2i-no-iso`` (isolation
 weight 0), ``ait2i-boxes`` (each subject also gets its layout box: the box terms of
 docs/layout.md), ``ait2i-lagged`` (the approximate ``"lagged"`` mode); ``--methods`` picks. The
 ``in_box`` column is the share of objects drawn in their layout box (IoU >= 0.5). On the shapes model every image is scored by
@@ -29,7 +31,16 @@ import torch
 from ait2i_ext import AIT2IConfig, LossConfig, ScheduleConfig, Subject, generate
 from ait2i_ext.tokens import resolve_groups
 
-METHODS = ("plain", "attend-excite", "ait2i", "ait2i-no-agg", "ait2i-no-iso", "ait2i-boxes", "ait2i-lagged")
+METHODS = (
+    "plain",
+    "attend-excite",
+    "ait2i",
+    "ait2i-reference",
+    "ait2i-no-agg",
+    "ait2i-no-iso",
+    "ait2i-boxes",
+    "ait2i-lagged",
+)
 ANIMALS = (
     "cat",
     "dog",
@@ -46,17 +57,27 @@ ANIMALS = (
 )
 
 
-def method_config(method: str, mode: str, step_scale: float = 20.0) -> AIT2IConfig | None:
+def method_config(
+    method: str, mode: str, step_scale: float = 20.0, radii: dict[str, float] | None = None
+) -> AIT2IConfig | None:
+    """The configuration of an ait2i ``method`` (``None`` for the others).
+
+    ``radii`` (``aggregation_radius`` / ``alignment_radius``) apply to every ait2i method but
+    ``ait2i-reference``, which keeps the reference values of ``LossConfig``.
+    """
     schedule = ScheduleConfig(step_scale=step_scale)
-    if method == "ait2i-lagged":
-        return AIT2IConfig(schedule=schedule, mode="lagged")
+    radii = {} if method == "ait2i-reference" else dict(radii or {})
     loss = {
-        "ait2i": LossConfig(),
-        "ait2i-boxes": LossConfig(),
-        "ait2i-no-agg": LossConfig(w_aggregation=0.0, w_alignment=0.0),
-        "ait2i-no-iso": LossConfig(w_isolation=0.0),
+        "ait2i": LossConfig(**radii),
+        "ait2i-reference": LossConfig(),
+        "ait2i-boxes": LossConfig(**radii),
+        "ait2i-lagged": LossConfig(**radii),
+        "ait2i-no-agg": LossConfig(w_aggregation=0.0, w_alignment=0.0, **radii),
+        "ait2i-no-iso": LossConfig(w_isolation=0.0, **radii),
     }.get(method)
-    return None if loss is None else AIT2IConfig(loss=loss, schedule=schedule, mode=mode)
+    if loss is None:
+        return None
+    return AIT2IConfig(loss=loss, schedule=schedule, mode="lagged" if method == "ait2i-lagged" else mode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +125,7 @@ def run_method(pipe, ae_pipe, method: str, case: Case, seeds: list[int], args) -
             pipe,
             case.text,
             list(case.boxed if method == "ait2i-boxes" else case.subjects),
-            config=method_config(method, args.mode, args.step_scale),
+            config=method_config(method, args.mode, args.step_scale, args.radii),
             generator=generators,
             **call,
         )
@@ -194,9 +215,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="seeds sampled together")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--methods", default="plain,attend-excite,ait2i,ait2i-no-agg,ait2i-no-iso")
+    parser.add_argument(
+        "--methods", default="plain,attend-excite,ait2i,ait2i-reference,ait2i-no-agg,ait2i-no-iso"
+    )
     parser.add_argument(
         "--step-scale", type=float, default=20.0, help="ait2i step size (alpha_i = step_scale * sqrt(s_i))"
+    )
+    parser.add_argument(
+        "--aggregation-radius",
+        type=float,
+        help="ait2i peak radius in 16x16-map cells (default: 2.5 on the shapes model, 5 with --model)",
+    )
+    parser.add_argument(
+        "--alignment-radius",
+        type=float,
+        help="ait2i alignment radius (default: 3 on the shapes model, 6 with --model)",
     )
     parser.add_argument("--mode", default="truncated", choices=["full", "truncated"])
     parser.add_argument("--examples", type=int, default=6, help="prompts shown in the PNG grid")
@@ -207,10 +240,16 @@ def main(argv: list[str] | None = None) -> int:
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"--methods: {m!r} is invalid: expected some of {list(METHODS)}")
-    state = PartialState()
+    # cpu=True lets `torchrun --nproc_per_node N` shard over CPU processes (gloo); `accelerate launch
+    # --cpu` starts a single process whatever --num_processes says.
+    state = PartialState(cpu=not torch.cuda.is_available())
     device = state.device
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     family = args.prompts or ("animals" if args.model else "shapes")
+    from ait2i_ext.shapes.model import loss_radii
+
+    # the shipped shapes model gets radii sized to its objects
+    args.radii = loss_radii(not args.model, args.aggregation_radius, args.alignment_radius)
     if args.model:
         model = args.model
     else:
@@ -266,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
     records = gather_object(records)
     examples = gather_object([examples])
+    state.wait_for_everyone()
+    state.destroy_process_group()  # a live gloo group can abort the interpreter at exit
     if not state.is_main_process:
         return 0
 
@@ -302,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if grid_rows:
         example_grid(grid_rows, methods).save(out / "examples.png")
-    (out / "table.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    (out / "table.json").write_text(
+        json.dumps({"args": vars(args), "num_processes": state.num_processes, "rows": rows}, indent=2)
+    )
     print(f"wrote {out / 'table.json'} and {out / 'examples.png'}")
     return 0
 

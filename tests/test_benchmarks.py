@@ -62,3 +62,46 @@ def test_alignment_benchmark_rejects_unknown_methods(random_shapes_model, tmp_pa
         _load("alignment").main(
             ["--model", str(random_shapes_model), "--methods", "plain,magic", "--out", str(tmp_path)]
         )
+
+
+def test_method_configs_share_radii_except_the_reference_row():
+    alignment = _load("alignment")
+    radii = {"aggregation_radius": 2.5, "alignment_radius": 3.0}
+    for method in ("ait2i", "ait2i-no-agg", "ait2i-no-iso", "ait2i-boxes", "ait2i-lagged"):
+        loss = alignment.method_config(method, "truncated", 20.0, radii).loss
+        assert (loss.aggregation_radius, loss.alignment_radius) == (2.5, 3.0), method
+    reference = alignment.method_config("ait2i-reference", "truncated", 20.0, radii).loss
+    assert (reference.aggregation_radius, reference.alignment_radius) == (5.0, 6.0)
+    assert alignment.method_config("ait2i-lagged", "truncated").mode == "lagged"
+    assert alignment.method_config("ait2i-no-agg", "full").loss.w_aggregation == 0.0
+    assert alignment.method_config("plain", "truncated") is None
+
+
+def test_alignment_benchmark_shards_seeds_over_two_cpu_processes(random_shapes_model, tmp_path):
+    import os
+    import subprocess
+
+    argv = ["--model", str(random_shapes_model), "--prompts", "shapes", "--sets", "two"]
+    argv += ["--prompts-per-set", "1", "--seeds", "4", "--batch", "4", "--steps", "2", "--methods", "plain"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+    ]
+    run = subprocess.run(
+        [*command, str(ROOT / "benchmarks" / "alignment.py"), *argv, "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert table["num_processes"] == 2
+    # the two shards merged, each seed once (the set's row and the "all" row)
+    assert [(r["set"], r["n"]) for r in table["rows"]] == [("two", 4), ("all", 4)]

@@ -33,6 +33,7 @@ def test_generate_tiny_writes_images_maps_and_json(tmp_path):
     assert [g["name"] for g in guided["groups"]] == ["circle", "square"]
     assert len(guided["loss_per_step"]) == 2 and "isolation" in guided["loss_per_step"][0]["losses"]
     assert record["config"]["schedule"]["step_scale"] == 20.0
+    assert record["config"]["loss"]["aggregation_radius"] == 5.0  # a user's model: the reference radii
 
 
 def test_describe(capsys):
@@ -68,3 +69,21 @@ def test_model_folder_without_model_index(tmp_path, capsys):
         main(["generate", "--model", str(tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "o")]) == 2
     )
     assert "without model_index.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, radii",
+    [([], (2.5, 3.0)), (["--aggregation-radius", "4", "--alignment-radius", "4.5"], (4.0, 4.5))],
+)
+def test_shipped_model_uses_its_own_radii_unless_given(extra, radii, tmp_path):
+    out = tmp_path / "out"
+    argv = ["generate", "--prompt", "a red circle and a blue square", "--steps", "2", "--out", str(out)]
+    assert main([*argv, "--quiet", *extra]) == 0
+    loss = json.loads((out / "run.json").read_text())["config"]["loss"]
+    assert (loss["aggregation_radius"], loss["alignment_radius"]) == radii
+
+
+def test_bad_radius_is_refused_before_loading(capsys, tmp_path):
+    argv = ["generate", "--model", "/nonexistent-dir-ait2i", "--prompt", "a cat", "--aggregation-radius", "0"]
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    assert "aggregation_radius=0.0 is invalid" in capsys.readouterr().err

@@ -70,6 +70,19 @@ def test_num_objects_is_validated():
         sample_scene(0, num_objects=4)
 
 
+def test_object_weights_set_the_mix_of_scene_sizes():
+    counts = [len(sample_scene(seed, object_weights=(6, 3, 1)).objects) for seed in range(600)]
+    assert np.bincount(counts, minlength=4)[1:].tolist() == pytest.approx([360, 180, 60], abs=40)
+    assert {len(sample_scene(s, object_weights=(0, 1, 0)).objects) for s in range(50)} == {2}
+    singles = ShapesDataset(20, object_weights=(1, 0, 0))
+    assert all(" and " not in singles[i]["caption"] for i in range(20))
+    # the default mix is unchanged, so the default weights reproduce the old scenes
+    assert sample_scene(123) == sample_scene(123, object_weights=(3, 4, 3))
+    for bad in [(1, 1), (-1, 1, 1), (0, 0, 0)]:
+        with pytest.raises(ValueError, match="object_weights"):
+            ShapesDataset(4, object_weights=bad)
+
+
 def test_dataset_items_and_caption_dropout():
     data = ShapesDataset(64, seed_offset=5, caption_dropout=0.5)
     item = data[3]

@@ -32,7 +32,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from ait2i_ext.shapes.data import ShapesDataset
+from ait2i_ext.shapes.data import DEFAULT_OBJECT_WEIGHTS, ShapesDataset
 from ait2i_ext.shapes.model import build_shapes_pipeline
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--decay-fraction", type=float, default=0.3, help="cosine decay over the last part")
     p.add_argument("--caption-dropout", type=float, default=0.15)
+    p.add_argument(
+        "--object-weights",
+        type=float,
+        nargs=3,
+        default=list(DEFAULT_OBJECT_WEIGHTS),
+        metavar=("ONE", "TWO", "THREE"),
+        help="relative frequencies of UNet training scenes with 1, 2 and 3 objects",
+    )
     p.add_argument("--min-snr-gamma", type=float, default=5.0)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this")
@@ -231,12 +239,20 @@ def main(argv: list[str] | None = None) -> Path:
     def out_of_time() -> bool:
         return args.max_minutes is not None and time.monotonic() - start > args.max_minutes * 60
 
-    def batches(seed_offset: int, first_step: int, caption_dropout: float, batch_size: int):
+    def batches(
+        seed_offset: int,
+        first_step: int,
+        caption_dropout: float,
+        batch_size: int,
+        object_weights: tuple[float, ...] = DEFAULT_OBJECT_WEIGHTS,
+    ):
         """Global batch ``k`` holds scenes ``seed_offset + k * batch_size * num_processes ...``."""
         step = first_step
         while True:
             first = seed_offset + (step * accelerator.num_processes + accelerator.process_index) * batch_size
-            data = ShapesDataset(batch_size, seed_offset=first, caption_dropout=caption_dropout)
+            data = ShapesDataset(
+                batch_size, seed_offset=first, caption_dropout=caption_dropout, object_weights=object_weights
+            )
             items = [data[i] for i in range(batch_size)]
             pixels = torch.stack([it["pixel_values"] for it in items]).to(accelerator.device)
             yield pixels, [it["caption"] for it in items]
@@ -312,7 +328,11 @@ def main(argv: list[str] | None = None) -> Path:
     finished = progress.unet_step >= args.unet_steps
     if not finished:
         for pixels, captions in batches(
-            UNET_SEED_OFFSET, progress.unet_step, args.caption_dropout, args.batch_size
+            UNET_SEED_OFFSET,
+            progress.unet_step,
+            args.caption_dropout,
+            args.batch_size,
+            tuple(args.object_weights),
         ):
             for group in opt.param_groups:
                 group["lr"] = args.lr * lr_factor(

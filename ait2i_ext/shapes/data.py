@@ -126,16 +126,29 @@ def _place(rng: random.Random, sizes: list[int]) -> list[tuple[int, int, int, in
     return boxes
 
 
-def sample_scene(seed: int, num_objects: int | None = None, allow_held_out: bool = False) -> Scene:
+DEFAULT_OBJECT_WEIGHTS = (3, 4, 3)
+
+
+def sample_scene(
+    seed: int,
+    num_objects: int | None = None,
+    allow_held_out: bool = False,
+    object_weights: tuple[float, float, float] = DEFAULT_OBJECT_WEIGHTS,
+) -> Scene:
     """The scene of ``seed``: 1 to 3 objects with distinct colour-shape pairs, placed without overlap.
 
     Args:
         seed: any integer; the same seed gives the same scene.
-        num_objects: force the number of objects (1-3); by default 1, 2 or 3 with weights 3:4:3.
+        num_objects: force the number of objects (1-3); by default 1, 2 or 3 drawn with ``object_weights``.
         allow_held_out: also draw ``HELD_OUT_PAIRS`` (never for training).
+        object_weights: relative frequencies of scenes with 1, 2 and 3 objects.
     """
+    if len(object_weights) != 3 or min(object_weights) < 0 or sum(object_weights) <= 0:
+        raise ValueError(
+            f"object_weights={object_weights!r} is invalid: expected 3 weights >= 0 (for 1, 2, 3 objects), not all 0"
+        )
     rng = random.Random(seed)
-    n = num_objects if num_objects is not None else rng.choices((1, 2, 3), weights=(3, 4, 3))[0]
+    n = num_objects if num_objects is not None else rng.choices((1, 2, 3), weights=object_weights)[0]
     if not 1 <= n <= 3:
         raise ValueError(f"num_objects={n} is invalid: expected 1, 2 or 3")
     pairs = [(c, s) for c in COLOURS for s in SHAPES] if allow_held_out else training_pairs()
@@ -186,9 +199,16 @@ class ShapesDataset(torch.utils.data.Dataset):
         seed_offset: first scene seed (use different offsets for training and evaluation).
         caption_dropout: probability of replacing the caption by ``""`` (trains the unconditional
             branch that classifier-free guidance needs); drawn from the scene seed, so deterministic.
+        object_weights: relative frequencies of scenes with 1, 2 and 3 objects.
     """
 
-    def __init__(self, length: int, seed_offset: int = 0, caption_dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        length: int,
+        seed_offset: int = 0,
+        caption_dropout: float = 0.0,
+        object_weights: tuple[float, float, float] = DEFAULT_OBJECT_WEIGHTS,
+    ) -> None:
         if length < 1:
             raise ValueError(f"length={length} is invalid: expected >= 1")
         if not 0.0 <= caption_dropout < 1.0:
@@ -196,13 +216,15 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.length = length
         self.seed_offset = seed_offset
         self.caption_dropout = caption_dropout
+        self.object_weights = tuple(object_weights)
+        sample_scene(seed_offset, object_weights=self.object_weights)  # bad weights fail here, not mid-epoch
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict:
         seed = self.seed_offset + index
-        scene = sample_scene(seed)
+        scene = sample_scene(seed, object_weights=self.object_weights)
         drop = random.Random(seed * 7919 + 1).random() < self.caption_dropout
         return {
             "pixel_values": image_to_tensor(render_scene(scene)),

@@ -13,10 +13,34 @@ from importlib import resources
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ..config import LossConfig
 from ..testing import BOS_ID, CLIP_VOCAB_SIZE, EOS_ID, load_clip_tokenizer
 
 TEXT_HIDDEN = 64
 LATENT_CHANNELS = 4
+
+#: The loss geometry for this model. Its objects are 14-28 px of 64, i.e. 3.5-7 cells of the 16x16
+#: maps, so the aggregation / alignment radii are about an object's radius (2.5 / 3 cells), as the
+#: reference 5 / 6 are for Stable Diffusion subjects spanning about half of a 512 px image. With the
+#: reference radii a ball covers a whole object and its neighbour, and aggregation pulls the two
+#: together (measured in docs/shapes.md). ``ait2i generate`` and the benchmark use it for this model.
+SHAPES_LOSS = LossConfig(aggregation_radius=2.5, alignment_radius=3.0)
+
+
+def loss_radii(
+    shipped_model: bool, aggregation_radius: float | None = None, alignment_radius: float | None = None
+) -> dict[str, float]:
+    """``LossConfig`` radius overrides: :data:`SHAPES_LOSS`'s on the shipped model, then the given ones."""
+    radii = {}
+    if shipped_model:
+        radii = dict(
+            aggregation_radius=SHAPES_LOSS.aggregation_radius, alignment_radius=SHAPES_LOSS.alignment_radius
+        )
+    if aggregation_radius is not None:
+        radii["aggregation_radius"] = aggregation_radius
+    if alignment_radius is not None:
+        radii["alignment_radius"] = alignment_radius
+    return radii
 
 
 def default_model_path() -> str:
