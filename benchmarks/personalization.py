@@ -34,8 +34,9 @@ import torch
 from ait2i_ext.adapters.personalize import load_lora, personalized_subjects
 from PIL import Image, ImageDraw
 
-from ait2i_ext import AIT2IConfig, generate
+from ait2i_ext import AIT2IConfig, LossConfig, generate
 from ait2i_ext.shapes.data import BACKGROUND, COLOURS, IMAGE_SIZE
+from ait2i_ext.shapes.model import loss_radii
 
 IDENTIFIER, CLASS_NOUN = "sks", "star"
 CONCEPT_COLOUR = "yellow"
@@ -182,7 +183,8 @@ def sample(pipe, method: str, other: str, seeds: list[int], args) -> list[Image.
     )
     if method == "stock":
         return pipe(prompt, generator=generators, **call).images
-    config = AIT2IConfig(mode=args.mode)
+    radii = loss_radii(args.model is None, args.aggregation_radius, args.alignment_radius)
+    config = AIT2IConfig(loss=LossConfig(**radii), mode=args.mode)
     return generate(
         pipe, prompt, subjects_for(method, prompt, other), config=config, generator=generators, **call
     ).images
@@ -224,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--mode", default="truncated", choices=["full", "truncated"])
+    parser.add_argument(
+        "--aggregation-radius", type=float, help="default: 2.5 on the shipped model (SHAPES_LOSS), else 5"
+    )
+    parser.add_argument("--alignment-radius", type=float, help="default: 3 on the shipped model, else 6")
     args = parser.parse_args(argv)
 
     if args.model:
