@@ -126,7 +126,10 @@ def _config(args: argparse.Namespace):
     from .shapes.model import loss_radii
 
     shipped = args.model is None and default_model() is not None
-    radii = loss_radii(shipped, args.aggregation_radius, args.alignment_radius)
+    try:
+        radii = loss_radii(shipped, args.aggregation_radius, args.alignment_radius)
+    except ValueError as e:
+        raise ValueError(f"--aggregation-radius / --alignment-radius: {e}") from None
     loss = LossConfig(isolation=args.isolation, **radii)
     schedule = ScheduleConfig(step_scale=args.step_scale, refinement=args.refinement)
     return AIT2IConfig(loss=loss, schedule=schedule, mode=args.mode)

@@ -240,16 +240,18 @@ def main(argv: list[str] | None = None) -> int:
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"--methods: {m!r} is invalid: expected some of {list(METHODS)}")
+    from ait2i_ext.shapes.model import loss_radii
+
+    try:  # the shipped shapes model gets radii sized to its objects; bad radii fail before any sampling
+        args.radii = loss_radii(not args.model, args.aggregation_radius, args.alignment_radius)
+    except ValueError as e:
+        raise SystemExit(f"--aggregation-radius / --alignment-radius: {e}") from None
     # cpu=True lets `torchrun --nproc_per_node N` shard over CPU processes (gloo); `accelerate launch
     # --cpu` starts a single process whatever --num_processes says.
     state = PartialState(cpu=not torch.cuda.is_available())
     device = state.device
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     family = args.prompts or ("animals" if args.model else "shapes")
-    from ait2i_ext.shapes.model import loss_radii
-
-    # the shipped shapes model gets radii sized to its objects
-    args.radii = loss_radii(not args.model, args.aggregation_radius, args.alignment_radius)
     if args.model:
         model = args.model
     else:

@@ -11,7 +11,7 @@
    ``stock`` (the pipeline untouched), ``ait2i`` with "sks" in no group (subjects "star" and the
    other), ``ait2i+sks`` with "sks" in the star's group (:func:`personalized_subjects`).
    The base model without a LoRA (``stock``) is the reference row.
-4. Score each image: ``concept`` = a star-shaped blob of the concept colour (:func:`star_present`),
+4. Score each image: ``concept`` = a star-shaped blob of the concept colour (:func:`is_star`),
    ``colour`` = any blob of the concept colour (the weaker sign that the concept was drawn at all),
    ``other`` = the other subject present in its colour and shape (``ait2i_ext.shapes.evaluator``),
    ``both`` = both at once.
@@ -129,12 +129,8 @@ def star_scores(image: Image.Image, colour: str = CONCEPT_COLOUR, max_distance: 
     return blobs
 
 
-def star_present(image: Image.Image) -> bool:
-    """A blob of the concept colour that overlaps a star best, at IoU >= ``MIN_STAR_IOU``."""
-    return any(_is_star(b) for b in star_scores(image))
-
-
-def _is_star(blob: dict) -> bool:
+def is_star(blob: dict) -> bool:
+    """A blob (of :func:`star_scores`) that overlaps a star best, at IoU >= ``MIN_STAR_IOU``."""
     return blob["star"] >= MIN_STAR_IOU and blob["star"] > max(
         blob["circle"], blob["square"], blob["triangle"]
     )
@@ -183,8 +179,7 @@ def sample(pipe, method: str, other: str, seeds: list[int], args) -> list[Image.
     )
     if method == "stock":
         return pipe(prompt, generator=generators, **call).images
-    radii = loss_radii(args.model is None, args.aggregation_radius, args.alignment_radius)
-    config = AIT2IConfig(loss=LossConfig(**radii), mode=args.mode)
+    config = AIT2IConfig(loss=LossConfig(**args.radii), mode=args.mode)
     return generate(
         pipe, prompt, subjects_for(method, prompt, other), config=config, generator=generators, **call
     ).images
@@ -231,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--alignment-radius", type=float, help="default: 3 on the shipped model, else 6")
     args = parser.parse_args(argv)
+    try:  # bad radii fail here, not after the LoRAs are trained
+        args.radii = loss_radii(args.model is None, args.aggregation_radius, args.alignment_radius)
+    except ValueError as e:
+        raise SystemExit(f"--aggregation-radius / --alignment-radius: {e}") from None
 
     if args.model:
         model = args.model
@@ -294,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             colour, shape = other.split()
             for seed, image in zip(seeds, images, strict=True):
                 blobs = star_scores(image)
-                concept = any(_is_star(b) for b in blobs)
+                concept = any(is_star(b) for b in blobs)
                 present = evaluate(image, [(colour, shape)]).objects[0].present
                 records.append({"lora": lora, "method": method, "other": other, "seed": seed, "seconds": seconds,
                                 "concept": float(concept), "colour": float(bool(blobs)), "other_present": float(present),

@@ -105,3 +105,11 @@ def test_alignment_benchmark_shards_seeds_over_two_cpu_processes(random_shapes_m
     assert table["num_processes"] == 2
     # the two shards merged, each seed once (the set's row and the "all" row)
     assert [(r["set"], r["n"]) for r in table["rows"]] == [("two", 4), ("all", 4)]
+
+
+def test_bad_radius_fails_before_any_sampling(tmp_path):
+    with pytest.raises(SystemExit, match="aggregation_radius=-1.0 is invalid"):
+        _load("alignment").main(["--aggregation-radius", "-1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="alignment_radius=0.0 is invalid"):
+        _load("personalization").main(["--alignment-radius", "0", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # nothing was trained or written

@@ -101,3 +101,13 @@ def test_evaluator_reads_shipped_vae_reconstructions():
         decoded = vae.decode(posterior.mean).sample.clamp(-1, 1)
     images = ((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert np.mean([evaluate(im, s.objects).correct for im, s in zip(images, scenes, strict=True)]) >= 0.95
+
+
+def test_training_refuses_a_bad_object_mix_before_training(tmp_path, capsys):
+    from ait2i_ext.training.train_shapes import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--output-dir", str(tmp_path / "run"), "--object-weights", "0", "0", "0"])
+    assert exit_info.value.code == 2
+    assert "--object-weights: object_weights=(0.0, 0.0, 0.0) is invalid" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -532,9 +532,8 @@ def train(args: argparse.Namespace) -> TrainingResult:
     )
     for module in (unet, vae, text_encoder):
         module.to(accelerator.device)
-        module.to(
-            dtype=weight_dtype
-        )  # also an fp16-saved model trained in fp32 (e.g. the shipped shapes model)
+        # also casts an fp16-saved model trained in fp32 (e.g. the shipped shapes model)
+        module.to(dtype=weight_dtype)
 
     # 2. Class images for prior preservation, made with the base model before any adapter exists.
     class_images = None

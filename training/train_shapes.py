@@ -79,7 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch threads when training on a CPU (1 is fastest on a small machine shared with other jobs)",
     )
     p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:  # a bad mix fails now, not after the VAE phase
+        ShapesDataset(1, object_weights=tuple(args.object_weights))
+    except ValueError as e:
+        p.error(f"--object-weights: {e}")
+    return args
 
 
 class EMA:
@@ -384,12 +389,12 @@ def main(argv: list[str] | None = None) -> Path:
     return export_dir
 
 
-if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
-
-
 def cli(argv: list[str] | None = None) -> int:
     """Console entry point (``ait2i-train-shapes``): :func:`main` with an exit code."""
     main(argv)
     return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -30,16 +30,19 @@ SHAPES_LOSS = LossConfig(aggregation_radius=2.5, alignment_radius=3.0)
 def loss_radii(
     shipped_model: bool, aggregation_radius: float | None = None, alignment_radius: float | None = None
 ) -> dict[str, float]:
-    """``LossConfig`` radius overrides: :data:`SHAPES_LOSS`'s on the shipped model, then the given ones."""
+    """``LossConfig`` radius overrides: :data:`SHAPES_LOSS`'s on the shipped model, then the given ones.
+
+    Raises ``ValueError`` (naming the value) for a radius ``LossConfig`` refuses, so callers can fail
+    before loading or sampling anything.
+    """
     radii = {}
     if shipped_model:
         radii = dict(
             aggregation_radius=SHAPES_LOSS.aggregation_radius, alignment_radius=SHAPES_LOSS.alignment_radius
         )
-    if aggregation_radius is not None:
-        radii["aggregation_radius"] = aggregation_radius
-    if alignment_radius is not None:
-        radii["alignment_radius"] = alignment_radius
+    given = dict(aggregation_radius=aggregation_radius, alignment_radius=alignment_radius)
+    radii.update({name: value for name, value in given.items() if value is not None})
+    LossConfig(**radii)  # validates
     return radii
 
 
