@@ -251,6 +251,20 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    try:
+        from .ui import serve
+    except ImportError as err:
+        raise ImportError(f"ait2i ui needs the ui extra ({err}): pip install 'ait2i[ui]'") from None
+    return serve(args)
+
+
+def _true_or_false(text: str) -> bool:
+    if text.strip().lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected true or false")
+    return text.strip().lower() == "true"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ait2i", description="AI-T2I attention guidance for diffusers pipelines."
@@ -348,6 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
     subject_args(d)
     d.add_argument("--model", help="pipeline folder whose tokenizer to use (default: the CLIP tokenizer)")
     d.set_defaults(func=cmd_describe)
+
+    u = sub.add_parser("ui", help="a local web page: name subjects, draw boxes, compare plain and guided")
+    u.add_argument("--model", help="diffusers pipeline folder or hub id (default: the shipped shapes model)")
+    u.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
+    u.add_argument("--port", type=int, default=7860)
+    u.add_argument("--share", type=_true_or_false, default=False, metavar="true|false", help="a public Gradio link")
+    u.set_defaults(func=cmd_ui)
     return parser
 
 
