@@ -94,7 +94,9 @@ def subject_rows(prompt: str, identifier: str = "") -> list[list[str]]:
     ident = (identifier or "").strip()
     if ident:
         with contextlib.suppress(ValueError):  # not (yet) in the prompt: the table stays as inferred
-            rows = [[s.phrase(), s.identifier or ""] for s in with_identifier([r[0] for r in rows], ident, prompt)]
+            rows = [
+                [s.phrase(), s.identifier or ""] for s in with_identifier([r[0] for r in rows], ident, prompt)
+            ]
     return rows or [["", ""]]
 
 
@@ -167,7 +169,9 @@ def resolve_subjects(
     if boxes:
         subjects = subjects_with_boxes(subjects, boxes, prompt)
     if identifier and identifier.strip():
-        subjects = with_identifier(subjects if subjects is not None else infer_subjects(prompt), identifier, prompt)
+        subjects = with_identifier(
+            subjects if subjects is not None else infer_subjects(prompt), identifier, prompt
+        )
     resolve_groups(tokenizer, prompt, subjects)  # raises naming the word and the prompt
     return subjects
 
@@ -191,7 +195,11 @@ class Sample:
 
 def sample_pairs(pipe, prompt: str, subjects, settings: Settings, config, progress=None) -> list[Sample]:
     """Every seed sampled plain then guided from the same noise, with the attention maps."""
-    jobs = [(seed, guided) for seed in range(settings.seed, settings.seed + settings.num_images) for guided in (False, True)]
+    jobs = [
+        (seed, guided)
+        for seed in range(settings.seed, settings.seed + settings.num_images)
+        for guided in (False, True)
+    ]
     samples = []
     for seed, guided in progress.tqdm(jobs, desc="images") if progress is not None else jobs:
         start = time.perf_counter()
@@ -376,9 +384,13 @@ class App:
         )
         folder = Path(tempfile.mkdtemp(prefix="ait2i-ui-"))
         (folder / "run.json").write_text(json.dumps(record, indent=2, default=str))
-        shown = {label: [(picture(s), f"seed {s.seed}, {s.seconds:.1f} s") for s in samples if s.label == label] for label in ("plain", "guided")}
+        shown = {
+            label: [(picture(s), f"seed {s.seed}, {s.seconds:.1f} s") for s in samples if s.label == label]
+            for label in ("plain", "guided")
+        }
         total = sum(s.seconds for s in samples)
-        summary = f"{len(samples)} images ({settings.num_images} seeds x plain/guided, {settings.steps} steps) in {total:.1f} s"
+        seeds = f"{settings.num_images} seed{'s' if settings.num_images > 1 else ''}"
+        summary = f"{len(samples)} images ({seeds} x plain/guided, {settings.steps} steps) in {total:.1f} s"
         logger.info("%s: %s", prompt, summary)
         return shown["plain"], shown["guided"], loss_table(samples), str(folder / "run.json"), summary
 
@@ -386,6 +398,10 @@ class App:
 CSS = """
 #groups textarea, #groups pre {font-family: ui-monospace, monospace; font-size: 12px}
 #summary {min-height: 1.5em}
+#plain .thumbnail-item, #guided .thumbnail-item {aspect-ratio: auto !important; height: auto !important}
+#plain .grid-wrap, #guided .grid-wrap {height: auto !important; min-height: 0 !important; max-height: none !important}
+#plain .grid-container, #guided .grid-container {padding-top: 0 !important}
+#plain .thumbnail-item img, #guided .thumbnail-item img {width: 100%; height: auto !important}
 """
 
 
@@ -420,18 +436,24 @@ def build_app(app: App) -> gr.Blocks:
                 )
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="seed", minimum=None)
-                    steps = gr.Number(value=50, precision=0, label="steps")
+                    steps = gr.Number(value=50, precision=0, label="steps", elem_id="steps")
                     num_images = gr.Number(value=1, precision=0, label="images (seeds)")
                 with gr.Row():
                     guidance_scale = gr.Slider(0, 20, value=7.5, step=0.5, label="guidance scale (CFG)")
-                    step_scale = gr.Slider(0, 60, value=20, step=1, label="step scale (alpha = s * sqrt(s_i))")
+                    step_scale = gr.Slider(
+                        0, 60, value=20, step=1, label="step scale (alpha = s * sqrt(s_i))"
+                    )
                 with gr.Accordion("layout route and LoRA", open=False):
                     layout = gr.Radio(
-                        list(LAYOUT_ROUTES), value="boxes", label="layout route",
+                        list(LAYOUT_ROUTES),
+                        value="boxes",
+                        label="layout route",
                         info="boxes: box guidance on the plain model",
                     )
                     with gr.Row():
-                        lora = gr.Textbox("", label="LoRA (.safetensors file or folder)", placeholder="runs/sks-circle")
+                        lora = gr.Textbox(
+                            "", label="LoRA (.safetensors file or folder)", placeholder="runs/sks-circle"
+                        )
                         identifier = gr.Textbox("", label="its identifier", placeholder="sks")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=4):
@@ -450,9 +472,16 @@ def build_app(app: App) -> gr.Blocks:
                     elem_id="canvas",
                 )
         summary = gr.Markdown(label="summary", elem_id="summary")
-        with gr.Row():
-            plain = gr.Gallery(label="plain", columns=1, format="png", height="auto", elem_id="plain")
-            guided = gr.Gallery(label="guided (AI-T2I)", columns=1, format="png", height="auto", elem_id="guided")
+        shown = dict(
+            columns=1, format="png", height="auto", object_fit="contain", preview=False, show_label=False
+        )
+        with gr.Row(equal_height=False):
+            with gr.Column():
+                gr.Markdown("**plain**: each image, then each subject's attention over it")
+                plain = gr.Gallery(label="plain", elem_id="plain", buttons=["download"], **shown)
+            with gr.Column():
+                gr.Markdown("**guided (AI-T2I)**: the same seeds, guided")
+                guided = gr.Gallery(label="guided", elem_id="guided", buttons=["download"], **shown)
         with gr.Row():
             losses = gr.LinePlot(
                 x="step", y="loss", color="seed", label="loss per guided step", height=220, elem_id="losses"
@@ -462,8 +491,12 @@ def build_app(app: App) -> gr.Blocks:
         boxes_json = gr.JSON(visible=False)
 
         cheap = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")
-        prompt.change(app.infer, [prompt, identifier], [table, canvas, groups], trigger_mode="always_last", **cheap)
-        identifier.change(app.infer, [prompt, identifier], [table, canvas, groups], trigger_mode="always_last", **cheap)
+        prompt.change(
+            app.infer, [prompt, identifier], [table, canvas, groups], trigger_mode="always_last", **cheap
+        )
+        identifier.change(
+            app.infer, [prompt, identifier], [table, canvas, groups], trigger_mode="always_last", **cheap
+        )
         table.input(
             lambda p, r, i: (app.canvas_labels(r), app.groups_text(p, r, i)),
             [prompt, table, identifier],
@@ -472,7 +505,19 @@ def build_app(app: App) -> gr.Blocks:
         )
         button.click(app.collect, [prompt, table, canvas], [subjects_json, boxes_json], **cheap).success(
             app.generate,
-            [prompt, subjects_json, boxes_json, seed, steps, guidance_scale, step_scale, num_images, layout, lora, identifier],
+            [
+                prompt,
+                subjects_json,
+                boxes_json,
+                seed,
+                steps,
+                guidance_scale,
+                step_scale,
+                num_images,
+                layout,
+                lora,
+                identifier,
+            ],
             [plain, guided, losses, run_json, summary],
             api_name="generate",
             concurrency_limit=1,
