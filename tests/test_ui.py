@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 try:
-    import gradio  # noqa: F401
+    import gradio as gr
     import gradio_image_annotation  # noqa: F401
     from gradio_client import Client
     from gradio_client.exceptions import AppError
@@ -103,6 +103,47 @@ def test_resolve_subjects_checks_every_word_before_sampling(tokenizer):
         ui.resolve_subjects(tokenizer, PROMPT, None, {"triangle": BOXES["circle"]})
     with pytest.raises(ValueError, match="the prompt is empty"):
         ui.resolve_subjects(tokenizer, "  ")
+
+
+def _random_lora(unet, folder: Path) -> Path:
+    """A non-zero LoRA for ``unet``'s architecture, saved as diffusers does."""
+    import copy
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    unet = copy.deepcopy(unet)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k", "to_v"], init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(
+        str(folder), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    )
+    return folder
+
+
+def test_lora_picker_loads_for_one_run_and_leaves_the_pipeline_as_it_was(tmp_path):
+    import numpy as np
+
+    app = ui.App()  # the shipped model, in this process
+    lora = _random_lora(app.pipeline("boxes").unet, tmp_path)
+    prompt = "a sks circle and a blue square"
+
+    def run(**kwargs):
+        plain, guided, _, run_json, _ = app.generate(prompt, steps=2, progress=None, **kwargs)
+        return np.asarray(plain[0][0]), np.asarray(guided[0][0]), _run_json(run_json)
+
+    before, _, _ = run()
+    with_lora, _, record = run(lora=str(lora), identifier="sks")
+    after, _, _ = run()
+    assert np.array_equal(before, after)  # unloaded after its run
+    assert not np.array_equal(before, with_lora)
+    circle = record["images"][1]["groups"][0]
+    assert record["lora"] == str(lora) and circle["name"] == "circle" and 2 in circle["members"]  # sks@2
+    with pytest.raises(gr.Error, match="does not exist"):
+        app.generate(prompt, steps=2, lora=str(tmp_path / "missing.safetensors"), progress=None)
 
 
 # --- the served app ----------------------------------------------------------------------------
