@@ -435,7 +435,7 @@ def build_app(app: App) -> gr.Blocks:
                     elem_id="groups",
                 )
                 with gr.Row():
-                    seed = gr.Number(value=0, precision=0, label="seed", minimum=None)
+                    seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
                     steps = gr.Number(value=50, precision=0, label="steps", elem_id="steps")
                     num_images = gr.Number(value=1, precision=0, label="images (seeds)")
                 with gr.Row():
