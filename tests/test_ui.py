@@ -105,6 +105,16 @@ def test_resolve_subjects_checks_every_word_before_sampling(tokenizer):
         ui.resolve_subjects(tokenizer, "  ")
 
 
+def test_cli_ui_refuses_a_bad_model_or_flag_before_serving(tmp_path, capsys):
+    from ait2i_ext.cli import main
+
+    assert main(["ui", "--model", str(tmp_path), "--port", str(_free_port())]) == 2
+    assert "is a folder without model_index.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["ui", "--share", "maybe"])
+    assert "'maybe' is invalid: expected true or false" in capsys.readouterr().err
+
+
 def _random_lora(unet, folder: Path) -> Path:
     """A non-zero LoRA for ``unet``'s architecture, saved as diffusers does."""
     import copy
