@@ -6,11 +6,16 @@ naming the offending field, its value and what was expected.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Literal
 
 IsolationMode = Literal["euclidean", "cosine"]
 GuidanceMode = Literal["full", "truncated", "lagged"]
+PeakSource = Literal["remaining", "full"]
+ExistenceTokens = Literal["words", "all"]
 
 
 def _check(cond: bool, name: str, value: object, expected: str) -> None:
@@ -40,6 +45,8 @@ class LossConfig:
     smoothing_kernel: int = 3
     smoothing_sigma: float = 0.5
     box_centroid_weight: float = 1.0
+    peak_source: PeakSource = "remaining"
+    existence_tokens: ExistenceTokens = "words"
 
     def __post_init__(self) -> None:
         for name in (
@@ -56,6 +63,15 @@ class LossConfig:
             self.isolation in ("euclidean", "cosine"), "isolation", self.isolation, "'euclidean' or 'cosine'"
         )
         _check(self.top_k >= 1, "top_k", self.top_k, "an integer >= 1")
+        _check(
+            self.peak_source in ("remaining", "full"), "peak_source", self.peak_source, "'remaining' or 'full'"
+        )
+        _check(
+            self.existence_tokens in ("words", "all"),
+            "existence_tokens",
+            self.existence_tokens,
+            "'words' or 'all'",
+        )
         for name in ("aggregation_radius", "alignment_radius", "softmax_scale", "smoothing_sigma"):
             value = getattr(self, name)
             _check(value > 0, name, value, "a number > 0")
@@ -156,3 +172,96 @@ class AIT2IConfig:
                 self.attention_resolution,
                 ">= 1 or None",
             )
+
+
+# --- settings stored with a model -----------------------------------------------------------
+
+#: A pipeline folder may hold this file at its root: ``{"loss": {...}, "schedule": {...}}``, field
+#: overrides of :class:`LossConfig` / :class:`ScheduleConfig` that suit that model (e.g. loss radii
+#: sized to its objects). :func:`model_config` reads it; the training scripts write it.
+MODEL_SETTINGS_FILE = "ait2i.json"
+_SECTIONS = {"loss": LossConfig, "schedule": ScheduleConfig}
+
+
+def _model_folder(model) -> Path | None:
+    """The local folder a pipeline (``name_or_path``) or a path names, ``None`` if there is none."""
+    path = getattr(model, "name_or_path", model)
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    folder = Path(path)
+    return folder if folder.is_dir() else None
+
+
+def read_model_settings(model) -> dict[str, dict]:
+    """The ``ait2i.json`` settings of a model folder: ``{"loss": {...}, "schedule": {...}}``.
+
+    Args:
+        model: a pipeline folder, or a pipeline loaded from one (``pipe.name_or_path``). A hub id,
+            a pipeline built in memory or a folder without the file gives ``{}``.
+
+    Raises:
+        ValueError: the file is not valid JSON, has unknown sections or fields, or values the
+            configs refuse (naming the file).
+    """
+    folder = _model_folder(model)
+    if folder is None or not (folder / MODEL_SETTINGS_FILE).is_file():
+        return {}
+    path = folder / MODEL_SETTINGS_FILE
+    try:
+        settings = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(settings, dict) or set(settings) - set(_SECTIONS):
+        raise ValueError(f"{path} is invalid: expected an object with the sections {sorted(_SECTIONS)}")
+    for section, cls in _SECTIONS.items():
+        values = settings.get(section, {})
+        known = {f.name for f in fields(cls)}
+        if not isinstance(values, dict) or set(values) - known:
+            raise ValueError(
+                f"{path}: section {section!r} is invalid: expected {cls.__name__} fields, got {values!r}"
+            )
+        try:
+            cls(**_from_json(values))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
+    return {section: dict(settings.get(section, {})) for section in _SECTIONS if settings.get(section)}
+
+
+def _from_json(values: dict) -> dict:
+    """JSON lists back to the tuples the frozen configs hold."""
+    out = dict(values)
+    if "refinement_thresholds" in out:
+        out["refinement_thresholds"] = tuple(tuple(pair) for pair in out["refinement_thresholds"])
+    return out
+
+
+def model_config(
+    model=None, *, loss: dict | None = None, schedule: dict | None = None, **options
+) -> AIT2IConfig:
+    """The :class:`AIT2IConfig` a model calls for: defaults, its ``ait2i.json``, then the given fields.
+
+    Args:
+        model: a pipeline folder or a pipeline loaded from one (``None``: defaults only).
+        loss: :class:`LossConfig` fields that win over the model's.
+        schedule: :class:`ScheduleConfig` fields that win over the model's.
+        **options: other :class:`AIT2IConfig` fields (``mode``, ``attention_resolution``).
+
+    Example: ``model_config(pipe, schedule={"step_scale": 10})`` keeps the model's loss radii.
+    """
+    settings = read_model_settings(model) if model is not None else {}
+    return AIT2IConfig(
+        loss=LossConfig(**_from_json({**settings.get("loss", {}), **(loss or {})})),
+        schedule=ScheduleConfig(**_from_json({**settings.get("schedule", {}), **(schedule or {})})),
+        **options,
+    )
+
+
+def write_model_settings(folder: str | os.PathLike, loss: dict | None = None, schedule: dict | None = None) -> Path:
+    """Write ``ait2i.json`` (the given :class:`LossConfig` / :class:`ScheduleConfig` fields) into a
+    pipeline folder, validated first; returns its path."""
+    settings = {k: dict(v) for k, v in (("loss", loss), ("schedule", schedule)) if v}
+    for section, values in settings.items():
+        _SECTIONS[section](**_from_json(values))
+    path = Path(folder) / MODEL_SETTINGS_FILE
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+    return path

@@ -100,7 +100,8 @@ def existence_maps(
     _check_attention(attn)
     _check_eot(eot_index, attn.shape[-1])
     _check_groups(groups, 1, eot_index, f"a word token, before eot_index={eot_index}")
-    words = torch.softmax(attn[..., 1:eot_index] * cfg.softmax_scale, dim=-1)
+    last = eot_index if cfg.existence_tokens == "words" else attn.shape[-1] - 1
+    words = torch.softmax(attn[..., 1:last] * cfg.softmax_scale, dim=-1)
     maps = words[..., [group.main - 1 for group in groups]].permute(0, 3, 1, 2)
     n, num_groups, height, width = maps.shape
     smoothed = losses.smooth(
@@ -154,7 +155,8 @@ def compute_losses(
     # Every map of every group goes through one batched call (the losses are per map).
     num_groups = main.shape[1]
     flat_main = main.reshape(n * num_groups, height, width)
-    aggregation = losses.aggregation_loss(flat_main, cfg.top_k, aggregation_radius).view(n, num_groups).sum(1)
+    aggregation = losses.aggregation_loss(flat_main, cfg.top_k, aggregation_radius, cfg.peak_source)
+    aggregation = aggregation.view(n, num_groups).sum(1)
     owners = [g for g, group in enumerate(groups) for _ in group.members]
     if owners:
         members = attn[..., [m for group in groups for m in group.members]].permute(0, 3, 1, 2)
@@ -164,6 +166,7 @@ def compute_losses(
             anchors.reshape(-1, height, width),
             cfg.top_k,
             alignment_radius,
+            cfg.peak_source,
         )
         alignment = alignment.view(n, len(owners)).sum(1)
     else:
