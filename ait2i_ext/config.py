@@ -256,6 +256,19 @@ def model_config(
     )
 
 
+def model_loss(model, **given: float | None) -> dict:
+    """``LossConfig`` overrides for ``model``: its ``ait2i.json`` loss settings, then the ``given``
+    fields that are not ``None`` (e.g. ``aggregation_radius=args.aggregation_radius``).
+
+    Raises ``ValueError`` (naming the value) for a setting ``LossConfig`` refuses, so command-line
+    tools can fail before loading or sampling anything.
+    """
+    loss = dict(read_model_settings(model).get("loss", {})) if model is not None else {}
+    loss.update({name: value for name, value in given.items() if value is not None})
+    LossConfig(**loss)  # validates
+    return loss
+
+
 def write_model_settings(folder: str | os.PathLike, loss: dict | None = None, schedule: dict | None = None) -> Path:
     """Write ``ait2i.json`` (the given :class:`LossConfig` / :class:`ScheduleConfig` fields) into a
     pipeline folder, validated first; returns its path."""

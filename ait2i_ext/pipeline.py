@@ -39,6 +39,8 @@ class GuidedOutput:
         maps: ``(B, H, W, T)`` conditional cross-attention maps of the sampling passes averaged
             over the denoising steps (``None`` unless ``return_maps``).
         images_per_prompt: images generated for each prompt.
+        config: the configuration the run used (the model's settings applied, the map resolution
+            resolved).
     """
 
     images: list
@@ -46,6 +48,7 @@ class GuidedOutput:
     steps: tuple[StepRecord, ...]
     maps: torch.Tensor | None
     images_per_prompt: int = 1
+    config: AIT2IConfig | None = None
 
     def group_maps(self, index: int) -> dict[str, torch.Tensor]:
         """Per-group ``(H, W)`` maps (the main token's map) of image ``index``."""
@@ -195,6 +198,7 @@ def generate(
         steps=tuple(guide.records) if guide else (),
         maps=observed.mean() if observed is not None else None,
         images_per_prompt=num_images,
+        config=config,
     )
 
 

@@ -5,6 +5,7 @@ from conftest import sharpen_attention
 
 from ait2i_ext import AIT2IConfig, ScheduleConfig, generate
 from ait2i_ext.adapters import StableDiffusionAdapter
+from ait2i_ext.config import model_config, write_model_settings
 from ait2i_ext.guidance import guidance_step
 from ait2i_ext.pipeline import _input_scale, resolve_targets
 
@@ -230,3 +231,45 @@ def test_bad_inputs(tiny_sd):
         generate(object(), PROMPT)
     with pytest.raises(ValueError, match=r"mode='fastest' is invalid"):
         AIT2IConfig(mode="fastest")
+
+
+# --- settings that belong to the model (ait2i.json in the pipeline folder) ---------------------
+
+
+def _radii(out):
+    return out.config.loss.aggregation_radius, out.config.loss.alignment_radius
+
+
+def test_shipped_model_uses_its_own_radii_through_the_api():
+    from diffusers import DiffusionPipeline
+
+    from ait2i_ext.shapes.model import default_model_path
+
+    pipe = DiffusionPipeline.from_pretrained(default_model_path())
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=2, output_type="np")
+    assert _radii(generate(pipe, PROMPT, **kw)) == (2.5, 3.0)
+    assert _radii(generate(pipe, PROMPT, config=AIT2IConfig(), **kw)) == (5.0, 6.0)  # explicit wins
+    kept = model_config(pipe, schedule={"step_scale": 10.0})
+    assert _radii(generate(pipe, PROMPT, config=kept, **kw)) == (2.5, 3.0)
+
+
+def test_a_retrained_folder_carries_its_own_settings(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from ait2i_ext.testing import tiny_sd_pipeline
+
+    tiny_sd_pipeline().save_pretrained(tmp_path)
+    write_model_settings(tmp_path, loss={"aggregation_radius": 4.0, "alignment_radius": 4.5})
+    write_model_settings(tmp_path, loss={"aggregation_radius": 4.0}, schedule={"guided_fraction": 0.25})
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    out = generate(pipe, PROMPT, num_inference_steps=4, output_type="np")
+    assert _radii(out) == (4.0, 6.0) and [r.step for r in out.steps] == [0]
+    (tmp_path / "ait2i.json").write_text('{"loss": {"aggregation_radius": -1}}')
+    with pytest.raises(ValueError, match=r"ait2i.json: aggregation_radius=-1 is invalid"):
+        generate(pipe, PROMPT, num_inference_steps=2)
+    (tmp_path / "ait2i.json").write_text('{"loss": {"radius": 2}}')
+    with pytest.raises(ValueError, match=r"section 'loss' is invalid: expected LossConfig fields"):
+        model_config(tmp_path)
+    assert model_config(tiny_sd_pipeline()) == AIT2IConfig()  # built in memory: no folder, defaults
