@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 # --- which layers, at which resolution ------------------------------------------------------
 
@@ -191,7 +190,10 @@ class AttentionStore:
 
 
 def attention_probabilities(
-    attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None, attention_mask=None,
+    attn,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None = None,
+    attention_mask=None,
     temb: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``softmax(QK^T * scale + mask)`` of a diffusers ``Attention`` layer, averaged over heads.
@@ -239,8 +241,14 @@ def _readable_processors() -> tuple[type, ...]:
     they compute."""
     from diffusers.models import attention_processor as ap
 
-    names = ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor",
-             "AttnProcessorNPU", "FusedAttnProcessor2_0")
+    names = (
+        "AttnProcessor",
+        "AttnProcessor2_0",
+        "XFormersAttnProcessor",
+        "SlicedAttnProcessor",
+        "AttnProcessorNPU",
+        "FusedAttnProcessor2_0",
+    )
     return tuple(getattr(ap, name) for name in names if hasattr(ap, name))
 
 

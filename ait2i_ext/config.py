@@ -7,6 +7,7 @@ naming the offending field, its value and what was expected.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -16,6 +17,7 @@ IsolationMode = Literal["euclidean", "cosine"]
 GuidanceMode = Literal["full", "truncated", "lagged"]
 PeakSource = Literal["remaining", "full"]
 ExistenceTokens = Literal["words", "all"]
+RefinementScope = Literal["image", "batch"]
 
 
 def _check(cond: bool, name: str, value: object, expected: str) -> None:
@@ -25,10 +27,16 @@ def _check(cond: bool, name: str, value: object, expected: str) -> None:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Weights and geometry of the AI-T2I losses (``shared/METHOD.md``, Losses).
+    """Weights and geometry of the AI-T2I losses (``docs/method.md``, Losses).
 
     Radii are in grid cells of a ``reference_resolution`` x ``reference_resolution`` map and scale
     with the map actually used (a 32x32 SDXL map uses twice the radius).
+
+    ``peak_source`` picks the map the peak centroids are taken from (``"remaining"``: with earlier
+    peak regions removed; ``"full"``: the whole map, as the authors' code does; see
+    :func:`ait2i_ext.losses.peak_centroids`). ``existence_tokens`` picks the tokens the existence
+    term's softmax runs over (``"words"``: the prompt's words only; ``"all"``: ``1:-1`` as
+    Attend-and-Excite, padding included). The defaults are the measured choices (DEVELOPERS.md).
     """
 
     w_isolation: float = 2.0
@@ -64,7 +72,10 @@ class LossConfig:
         )
         _check(self.top_k >= 1, "top_k", self.top_k, "an integer >= 1")
         _check(
-            self.peak_source in ("remaining", "full"), "peak_source", self.peak_source, "'remaining' or 'full'"
+            self.peak_source in ("remaining", "full"),
+            "peak_source",
+            self.peak_source,
+            "'remaining' or 'full'",
         )
         _check(
             self.existence_tokens in ("words", "all"),
@@ -86,12 +97,14 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """When and how far the latents move (``shared/METHOD.md``, Schedule).
+    """When and how far the latents move (``docs/method.md``, Schedule).
 
     ``alpha_i = step_scale * sqrt(s_i)`` with ``s = linspace(scale_start, scale_end, num_steps)``,
     applied once per step on the first ``guided_fraction`` of the steps. Iterative refinement
     (Attend-and-Excite's) runs extra updates at the steps in ``refinement_thresholds`` until the
-    existence loss falls below ``1 - threshold``, at most ``max_refinement_iters`` times.
+    existence loss falls below ``1 - threshold``, at most ``max_refinement_iters`` times; with
+    ``refinement_scope="image"`` each image of a batch stops on its own (its result does not depend
+    on the other images of the batch), with ``"batch"`` all continue while the worst has not met it.
     """
 
     step_scale: float = 20.0
@@ -101,6 +114,7 @@ class ScheduleConfig:
     refinement: bool = False
     refinement_thresholds: tuple[tuple[int, float], ...] = ((0, 0.05), (10, 0.5), (20, 0.8))
     max_refinement_iters: int = 20
+    refinement_scope: RefinementScope = "image"
 
     def __post_init__(self) -> None:
         _check(self.step_scale >= 0, "step_scale", self.step_scale, "a number >= 0")
@@ -111,6 +125,12 @@ class ScheduleConfig:
             "a fraction in [0, 1]",
         )
         _check(self.max_refinement_iters >= 1, "max_refinement_iters", self.max_refinement_iters, ">= 1")
+        _check(
+            self.refinement_scope in ("image", "batch"),
+            "refinement_scope",
+            self.refinement_scope,
+            "'image' or 'batch'",
+        )
         for item in self.refinement_thresholds:
             _check(
                 len(item) == 2 and int(item[0]) >= 0 and 0.0 <= float(item[1]) <= 1.0,
@@ -120,8 +140,13 @@ class ScheduleConfig:
             )
 
     def num_guided_steps(self, num_steps: int) -> int:
-        """Number of leading denoising steps that get a latent update."""
-        return int(round(num_steps * self.guided_fraction))
+        """Number of leading denoising steps that get a latent update: ``floor(num_steps * guided_fraction)``.
+
+        ``num_steps`` is the length of the scheduler's timesteps, i.e. the denoising loop's
+        iterations: 25 of 50 for DDIM, and 25 of PNDM's 51 (its first timestep runs twice), as
+        the authors' code guides the loop indices ``i < 25``.
+        """
+        return math.floor(num_steps * self.guided_fraction + 1e-9)
 
     def step_sizes(self, num_steps: int) -> list[float]:
         """``alpha_i`` for every step ``i`` of a ``num_steps`` schedule (0 where unguided)."""
@@ -146,9 +171,10 @@ class AIT2IConfig:
     Args:
         loss: loss weights and geometry.
         schedule: step sizes and which steps are guided.
-        attention_resolution: side of the square cross-attention maps the losses read. ``None``
-            picks the UNet's cross-attention resolution closest to 16 (16x16 for SD 1.x/2.x at
-            512 px, 32x32 for SDXL at 1024 px).
+        attention_resolution: side of the cross-attention maps the losses read. ``None`` picks
+            the down- and up-block layers at 1/32 of the image side (16x16 for SD 1.x/2.x at
+            512 px, 24x24 at 768, 32x32 for SDXL at 1024; the mid block never joins), or, on UNets
+            without layers there, the side closest to 16 (:func:`ait2i_ext.capture.select_factor`).
         mode: ``"truncated"`` (default) runs the conditional UNet pass for the update only up to the
             last layer that produces the maps (the same gradient as ``"full"``, less work);
             ``"full"`` runs the whole pass (the straightforward reference); ``"lagged"`` takes the
@@ -269,7 +295,9 @@ def model_loss(model, **given: float | None) -> dict:
     return loss
 
 
-def write_model_settings(folder: str | os.PathLike, loss: dict | None = None, schedule: dict | None = None) -> Path:
+def write_model_settings(
+    folder: str | os.PathLike, loss: dict | None = None, schedule: dict | None = None
+) -> Path:
     """Write ``ait2i.json`` (the given :class:`LossConfig` / :class:`ScheduleConfig` fields) into a
     pipeline folder, validated first; returns its path."""
     settings = {k: dict(v) for k, v in (("loss", loss), ("schedule", schedule)) if v}

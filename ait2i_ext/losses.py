@@ -1,4 +1,4 @@
-"""The AI-T2I losses as pure functions on attention maps (``shared/METHOD.md``, Losses and Layout).
+"""The AI-T2I losses as pure functions on attention maps (``docs/method.md``, Losses and Layout).
 
 Conventions shared by every function here:
 
@@ -159,7 +159,9 @@ def _peak_spread(anchor: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return to_anchor + between
 
 
-def aggregation_loss(m: torch.Tensor, k: int, radius: float, source: PeakSource = "remaining") -> torch.Tensor:
+def aggregation_loss(
+    m: torch.Tensor, k: int, radius: float, source: PeakSource = "remaining"
+) -> torch.Tensor:
     """Aggregation ``L_agg``: pulls the secondary blobs of a map onto its main peak.
 
     ``L_agg = [sum_{i=1..k} |sg(p_1) - c_i| + sum_{2 <= i < j <= k} |c_i - c_j|] / D`` with
@@ -215,7 +217,7 @@ def isolation_loss(maps: torch.Tensor, mode: IsolationMode = "euclidean") -> tor
     - ``"euclidean"``: ``1 - |c(A_i) - c(A_j)| / sqrt(H^2 + W^2)``, low when the centroids are far
       apart.
     - ``"cosine"``: the cosine similarity ``<vec A_i, vec A_j> / (|A_i| |A_j|)``, low when the maps
-      do not overlap. (``shared/METHOD.md`` writes ``1 - cos``; that is a distance to maximise, so
+      do not overlap. (``docs/method.md`` writes ``1 - cos``; that is a distance to maximise, so
       the minimised loss is the similarity itself.)
 
     Args:

@@ -84,9 +84,11 @@ def existence_maps(
 ) -> torch.Tensor:
     """Each group's main map as Attend-and-Excite's existence term reads it.
 
-    The word tokens ``1 .. eot_index - 1`` are scaled by ``cfg.softmax_scale`` and softmaxed over
-    tokens (so start and end tokens cannot absorb the attention), then each group's main map is
-    smoothed with ``cfg.smoothing_kernel`` / ``cfg.smoothing_sigma``.
+    The word tokens ``1 .. eot_index - 1`` (``cfg.existence_tokens="words"``: start, end and
+    padding tokens cannot absorb the attention) or tokens ``1 .. T - 2`` (``"all"``, as diffusers'
+    Attend-and-Excite slices ``1:-1``) are scaled by ``cfg.softmax_scale`` and softmaxed over
+    tokens, then each group's main map is smoothed with ``cfg.smoothing_kernel`` /
+    ``cfg.smoothing_sigma``.
 
     Args:
         attn (`torch.Tensor` of shape `(N, H, W, T)`): cross-attention probabilities per token.

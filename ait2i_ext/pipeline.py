@@ -254,6 +254,8 @@ def _initial_noise(pipe, batch: int, kwargs: dict) -> torch.Tensor:
     shape = (batch, pipe.unet.config.in_channels, h, w)
     generator = kwargs.get("generator")
     if isinstance(generator, list) and len(generator) != batch:
-        raise ValueError(f"got {len(generator)} generators for a batch of {batch} images: expected one per image")
+        raise ValueError(
+            f"got {len(generator)} generators for a batch of {batch} images: expected one per image"
+        )
     dtype = kwargs["prompt_embeds"].dtype
     return randn_tensor(shape, generator=generator, device=pipe._execution_device, dtype=dtype)

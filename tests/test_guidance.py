@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 import torch
+from ait2i_ext.adapters import StableDiffusionAdapter
 from conftest import sharpen_attention
 
 from ait2i_ext import AIT2IConfig, ScheduleConfig, generate
-from ait2i_ext.adapters import StableDiffusionAdapter
 from ait2i_ext.config import model_config, write_model_settings
 from ait2i_ext.guidance import guidance_step
 from ait2i_ext.pipeline import _input_scale, resolve_targets
@@ -63,7 +63,9 @@ def test_zero_step_size_with_a_lora_at_scale_zero_equals_the_stock_pipeline(tiny
     from peft import LoraConfig, inject_adapter_in_model
 
     lora = dict(r=4, lora_alpha=4, init_lora_weights=False)
-    inject_adapter_in_model(LoraConfig(target_modules=["q_proj", "k_proj", "v_proj"], **lora), tiny_sd.text_encoder)
+    inject_adapter_in_model(
+        LoraConfig(target_modules=["q_proj", "k_proj", "v_proj"], **lora), tiny_sd.text_encoder
+    )
     tiny_sd.unet.add_adapter(LoraConfig(target_modules=["to_q", "to_k", "to_v"], **lora))
     for scale in (0.0, 0.5):
         kw = {"cross_attention_kwargs": {"scale": scale}}
@@ -183,6 +185,41 @@ def test_refinement_option_runs_extra_iterations(tiny_sd):
     )
     out = _run(tiny_sd, cfg, num_inference_steps=4)
     assert out.steps[0].iterations == 3 and out.steps[1].iterations == 1
+
+
+def test_refinement_per_image_does_not_depend_on_the_batch(tiny_sd):
+    """Each image stops refining on its own: in a batch it comes out as it does alone. With the
+    batch maximum an image that met the threshold keeps moving while another has not."""
+    pipe = sharpen_attention(tiny_sd)
+    schedule = dict(step_scale=20.0, refinement=True, max_refinement_iters=4)
+
+    def images(seeds, threshold, scope):
+        cfg = AIT2IConfig(
+            schedule=ScheduleConfig(
+                refinement_thresholds=((0, threshold),), refinement_scope=scope, **schedule
+            )
+        )
+        gens = [_gen(s) for s in seeds]
+        out = generate(
+            pipe,
+            PROMPT,
+            config=cfg,
+            generator=gens,
+            num_images_per_prompt=len(seeds),
+            num_inference_steps=2,
+            output_type="np",
+        )
+        return out.images, out.steps[0].losses["existence"]
+
+    # A threshold between the two seeds' existence losses: one image meets it, the other does not.
+    lone = {s: images([s], 0.0, "image")[1] for s in (0, 1)}
+    threshold = 1.0 - sum(lone.values()) / 2
+    alone = {s: images([s], threshold, "image")[0][0] for s in (0, 1)}
+    batch, _ = images([0, 1], threshold, "image")
+    for k, s in enumerate((0, 1)):
+        np.testing.assert_allclose(batch[k], alone[s], atol=1e-5)
+    batch_max, _ = images([0, 1], threshold, "batch")
+    assert any(np.abs(batch_max[k] - alone[s]).max() > 1e-3 for k, s in enumerate((0, 1)))
 
 
 def test_user_callback_still_runs_and_sees_guided_latents(tiny_sd):

@@ -32,8 +32,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from ait2i_ext.shapes.data import DEFAULT_OBJECT_WEIGHTS, ShapesDataset
 from ait2i_ext.config import write_model_settings
+from ait2i_ext.shapes.data import DEFAULT_OBJECT_WEIGHTS, ShapesDataset
 from ait2i_ext.shapes.model import SHAPES_LOSS, build_shapes_pipeline
 
 logger = logging.getLogger(__name__)
