@@ -223,9 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--mode", default="truncated", choices=["full", "truncated"])
     parser.add_argument(
-        "--aggregation-radius", type=float, help="default: the model's ait2i.json (2.5 on the shipped model), else 5"
+        "--aggregation-radius",
+        type=float,
+        help="default: the model's ait2i.json (2.5 on the shipped model), else 5",
     )
-    parser.add_argument("--alignment-radius", type=float, help="default: the model's ait2i.json (3 on the shipped model), else 6")
+    parser.add_argument(
+        "--alignment-radius",
+        type=float,
+        help="default: the model's ait2i.json (3 on the shipped model), else 6",
+    )
     args = parser.parse_args(argv)
     try:  # the model's ait2i.json radii; bad radii fail here, not after the LoRAs are trained
         args.radii = model_loss(

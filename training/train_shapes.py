@@ -187,7 +187,9 @@ def export_pipeline(
             config[key] = "float32"
     te_config.write_text(json.dumps(config, indent=2) + "\n")
     # The model's ait2i settings travel with it: loss radii sized to its objects.
-    write_model_settings(tmp, loss={k: getattr(SHAPES_LOSS, k) for k in ("aggregation_radius", "alignment_radius")})
+    write_model_settings(
+        tmp, loss={k: getattr(SHAPES_LOSS, k) for k in ("aggregation_radius", "alignment_radius")}
+    )
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 
