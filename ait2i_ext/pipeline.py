@@ -140,6 +140,9 @@ def generate(
             raise ValueError(
                 f"{key}= is not supported by ait2i.generate: pass the prompt text; ait2i encodes it"
             )
+    steps = call_kwargs.get("num_inference_steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"num_inference_steps={steps!r} is invalid: expected an integer >= 1")
     prompts = _prompts(prompt)
     defaults = _call_defaults(pipe)
     # The map resolution, fixed once for the run: down- and up-block layers at 1/32 of the image.

@@ -266,6 +266,9 @@ def test_bad_inputs(tiny_sd):
         generate(tiny_sd, [])
     with pytest.raises(ValueError, match="pipeline object is not supported"):
         generate(object(), PROMPT)
+    for steps in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=rf"num_inference_steps={steps!r} is invalid"):
+            generate(tiny_sd, PROMPT, num_inference_steps=steps)
     with pytest.raises(ValueError, match=r"mode='fastest' is invalid"):
         AIT2IConfig(mode="fastest")
 
