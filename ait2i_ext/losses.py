@@ -133,10 +133,10 @@ def peak_centroids(
     for _ in range(k):
         peak = _argmax_cell(remaining)
         ball = ball_mask(peak, height, width, radius)
-        c = centroid((remaining if source == "remaining" else m) * ball, fallback=first_peak)
         if first_peak is None:
             first_peak = peak
-        else:
+        c = centroid((remaining if source == "remaining" else m) * ball, fallback=first_peak)
+        if peaks:
             empty = (remaining.detach().sum(dim=(1, 2)) <= torch.finfo(m.dtype).tiny)[:, None]
             peak = torch.where(empty, first_peak, peak)
             c = torch.where(empty, first_peak, c)
