@@ -81,6 +81,16 @@ def test_negative_prompt_embeds_are_used_not_dropped(tiny_sd):
     assert np.array_equal(out.images, ref) and not np.array_equal(ref, _stock(tiny_sd))
 
 
+def test_sdxl_negative_embeds_are_used_as_the_stock_pipeline_uses_them(tiny_sdxl):
+    g = _gen(5)
+    negative = {
+        "negative_prompt_embeds": torch.randn(1, 77, 32, generator=g),
+        "negative_pooled_prompt_embeds": torch.randn(1, 32, generator=g),
+    }
+    kw = dict(height=64, width=64, num_inference_steps=2, **negative)
+    assert np.array_equal(_run(tiny_sdxl, OBSERVE, **kw).images, _stock(tiny_sdxl, **kw))
+
+
 def test_lcm_timestep_cond_reaches_the_guided_pass():
     """A UNet with ``time_cond_proj_dim`` (LCM) gets the guidance-scale embedding in the guided
     pass exactly as in the pipeline's own passes."""
