@@ -122,17 +122,22 @@ def _subjects(args: argparse.Namespace, prompt: str):
 
 
 def _config(args: argparse.Namespace):
-    from .config import AIT2IConfig, LossConfig, ScheduleConfig
-    from .shapes.model import loss_radii
+    from .config import model_config, model_loss
 
-    shipped = args.model is None and default_model() is not None
+    # The model's own settings (its folder's ait2i.json), then what the command line says.
+    model = args.gligen or args.model or default_model()
     try:
-        radii = loss_radii(shipped, args.aggregation_radius, args.alignment_radius)
+        radii = model_loss(
+            model, aggregation_radius=args.aggregation_radius, alignment_radius=args.alignment_radius
+        )
     except ValueError as e:
         raise ValueError(f"--aggregation-radius / --alignment-radius: {e}") from None
-    loss = LossConfig(isolation=args.isolation, **radii)
-    schedule = ScheduleConfig(step_scale=args.step_scale, refinement=args.refinement)
-    return AIT2IConfig(loss=loss, schedule=schedule, mode=args.mode)
+    return model_config(
+        model,
+        loss={**radii, "isolation": args.isolation},
+        schedule={"step_scale": args.step_scale, "refinement": args.refinement},
+        mode=args.mode,
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

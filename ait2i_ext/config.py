@@ -6,11 +6,18 @@ naming the offending field, its value and what was expected.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Literal
 
 IsolationMode = Literal["euclidean", "cosine"]
 GuidanceMode = Literal["full", "truncated", "lagged"]
+PeakSource = Literal["remaining", "full"]
+ExistenceTokens = Literal["words", "all"]
+RefinementScope = Literal["image", "batch"]
 
 
 def _check(cond: bool, name: str, value: object, expected: str) -> None:
@@ -20,10 +27,16 @@ def _check(cond: bool, name: str, value: object, expected: str) -> None:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Weights and geometry of the AI-T2I losses (``shared/METHOD.md``, Losses).
+    """Weights and geometry of the AI-T2I losses (``docs/method.md``, Losses).
 
     Radii are in grid cells of a ``reference_resolution`` x ``reference_resolution`` map and scale
     with the map actually used (a 32x32 SDXL map uses twice the radius).
+
+    ``peak_source`` picks the map the peak centroids are taken from (``"remaining"``: with earlier
+    peak regions removed; ``"full"``: the whole map, as the authors' code does; see
+    :func:`ait2i_ext.losses.peak_centroids`). ``existence_tokens`` picks the tokens the existence
+    term's softmax runs over (``"words"``: the prompt's words only; ``"all"``: ``1:-1`` as
+    Attend-and-Excite, padding included). The defaults are the measured choices (DEVELOPERS.md).
     """
 
     w_isolation: float = 2.0
@@ -40,6 +53,8 @@ class LossConfig:
     smoothing_kernel: int = 3
     smoothing_sigma: float = 0.5
     box_centroid_weight: float = 1.0
+    peak_source: PeakSource = "remaining"
+    existence_tokens: ExistenceTokens = "words"
 
     def __post_init__(self) -> None:
         for name in (
@@ -56,6 +71,18 @@ class LossConfig:
             self.isolation in ("euclidean", "cosine"), "isolation", self.isolation, "'euclidean' or 'cosine'"
         )
         _check(self.top_k >= 1, "top_k", self.top_k, "an integer >= 1")
+        _check(
+            self.peak_source in ("remaining", "full"),
+            "peak_source",
+            self.peak_source,
+            "'remaining' or 'full'",
+        )
+        _check(
+            self.existence_tokens in ("words", "all"),
+            "existence_tokens",
+            self.existence_tokens,
+            "'words' or 'all'",
+        )
         for name in ("aggregation_radius", "alignment_radius", "softmax_scale", "smoothing_sigma"):
             value = getattr(self, name)
             _check(value > 0, name, value, "a number > 0")
@@ -70,12 +97,14 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """When and how far the latents move (``shared/METHOD.md``, Schedule).
+    """When and how far the latents move (``docs/method.md``, Schedule).
 
     ``alpha_i = step_scale * sqrt(s_i)`` with ``s = linspace(scale_start, scale_end, num_steps)``,
     applied once per step on the first ``guided_fraction`` of the steps. Iterative refinement
     (Attend-and-Excite's) runs extra updates at the steps in ``refinement_thresholds`` until the
-    existence loss falls below ``1 - threshold``, at most ``max_refinement_iters`` times.
+    existence loss falls below ``1 - threshold``, at most ``max_refinement_iters`` times; with
+    ``refinement_scope="image"`` each image of a batch stops on its own (its result does not depend
+    on the other images of the batch), with ``"batch"`` all continue while the worst has not met it.
     """
 
     step_scale: float = 20.0
@@ -85,6 +114,7 @@ class ScheduleConfig:
     refinement: bool = False
     refinement_thresholds: tuple[tuple[int, float], ...] = ((0, 0.05), (10, 0.5), (20, 0.8))
     max_refinement_iters: int = 20
+    refinement_scope: RefinementScope = "image"
 
     def __post_init__(self) -> None:
         _check(self.step_scale >= 0, "step_scale", self.step_scale, "a number >= 0")
@@ -95,6 +125,12 @@ class ScheduleConfig:
             "a fraction in [0, 1]",
         )
         _check(self.max_refinement_iters >= 1, "max_refinement_iters", self.max_refinement_iters, ">= 1")
+        _check(
+            self.refinement_scope in ("image", "batch"),
+            "refinement_scope",
+            self.refinement_scope,
+            "'image' or 'batch'",
+        )
         for item in self.refinement_thresholds:
             _check(
                 len(item) == 2 and int(item[0]) >= 0 and 0.0 <= float(item[1]) <= 1.0,
@@ -104,8 +140,13 @@ class ScheduleConfig:
             )
 
     def num_guided_steps(self, num_steps: int) -> int:
-        """Number of leading denoising steps that get a latent update."""
-        return int(round(num_steps * self.guided_fraction))
+        """Number of leading denoising steps that get a latent update: ``floor(num_steps * guided_fraction)``.
+
+        ``num_steps`` is the length of the scheduler's timesteps, i.e. the denoising loop's
+        iterations: 25 of 50 for DDIM, and 25 of PNDM's 51 (its first timestep runs twice), as
+        the authors' code guides the loop indices ``i < 25``.
+        """
+        return math.floor(num_steps * self.guided_fraction + 1e-9)
 
     def step_sizes(self, num_steps: int) -> list[float]:
         """``alpha_i`` for every step ``i`` of a ``num_steps`` schedule (0 where unguided)."""
@@ -130,9 +171,10 @@ class AIT2IConfig:
     Args:
         loss: loss weights and geometry.
         schedule: step sizes and which steps are guided.
-        attention_resolution: side of the square cross-attention maps the losses read. ``None``
-            picks the UNet's cross-attention resolution closest to 16 (16x16 for SD 1.x/2.x at
-            512 px, 32x32 for SDXL at 1024 px).
+        attention_resolution: side of the cross-attention maps the losses read. ``None`` picks
+            the down- and up-block layers at 1/32 of the image side (16x16 for SD 1.x/2.x at
+            512 px, 24x24 at 768, 32x32 for SDXL at 1024; the mid block never joins), or, on UNets
+            without layers there, the side closest to 16 (:func:`ait2i_ext.capture.select_factor`).
         mode: ``"truncated"`` (default) runs the conditional UNet pass for the update only up to the
             last layer that produces the maps (the same gradient as ``"full"``, less work);
             ``"full"`` runs the whole pass (the straightforward reference); ``"lagged"`` takes the
@@ -156,3 +198,111 @@ class AIT2IConfig:
                 self.attention_resolution,
                 ">= 1 or None",
             )
+
+
+# --- settings stored with a model -----------------------------------------------------------
+
+#: A pipeline folder may hold this file at its root: ``{"loss": {...}, "schedule": {...}}``, field
+#: overrides of :class:`LossConfig` / :class:`ScheduleConfig` that suit that model (e.g. loss radii
+#: sized to its objects). :func:`model_config` reads it; the training scripts write it.
+MODEL_SETTINGS_FILE = "ait2i.json"
+_SECTIONS = {"loss": LossConfig, "schedule": ScheduleConfig}
+
+
+def _model_folder(model) -> Path | None:
+    """The local folder a pipeline (``name_or_path``) or a path names, ``None`` if there is none."""
+    path = getattr(model, "name_or_path", model)
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    folder = Path(path)
+    return folder if folder.is_dir() else None
+
+
+def read_model_settings(model) -> dict[str, dict]:
+    """The ``ait2i.json`` settings of a model folder: ``{"loss": {...}, "schedule": {...}}``.
+
+    Args:
+        model: a pipeline folder, or a pipeline loaded from one (``pipe.name_or_path``). A hub id,
+            a pipeline built in memory or a folder without the file gives ``{}``.
+
+    Raises:
+        ValueError: the file is not valid JSON, has unknown sections or fields, or values the
+            configs refuse (naming the file).
+    """
+    folder = _model_folder(model)
+    if folder is None or not (folder / MODEL_SETTINGS_FILE).is_file():
+        return {}
+    path = folder / MODEL_SETTINGS_FILE
+    try:
+        settings = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(settings, dict) or set(settings) - set(_SECTIONS):
+        raise ValueError(f"{path} is invalid: expected an object with the sections {sorted(_SECTIONS)}")
+    for section, cls in _SECTIONS.items():
+        values = settings.get(section, {})
+        known = {f.name for f in fields(cls)}
+        if not isinstance(values, dict) or set(values) - known:
+            raise ValueError(
+                f"{path}: section {section!r} is invalid: expected {cls.__name__} fields, got {values!r}"
+            )
+        try:
+            cls(**_from_json(values))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
+    return {section: dict(settings.get(section, {})) for section in _SECTIONS if settings.get(section)}
+
+
+def _from_json(values: dict) -> dict:
+    """JSON lists back to the tuples the frozen configs hold."""
+    out = dict(values)
+    if "refinement_thresholds" in out:
+        out["refinement_thresholds"] = tuple(tuple(pair) for pair in out["refinement_thresholds"])
+    return out
+
+
+def model_config(
+    model=None, *, loss: dict | None = None, schedule: dict | None = None, **options
+) -> AIT2IConfig:
+    """The :class:`AIT2IConfig` a model calls for: defaults, its ``ait2i.json``, then the given fields.
+
+    Args:
+        model: a pipeline folder or a pipeline loaded from one (``None``: defaults only).
+        loss: :class:`LossConfig` fields that win over the model's.
+        schedule: :class:`ScheduleConfig` fields that win over the model's.
+        **options: other :class:`AIT2IConfig` fields (``mode``, ``attention_resolution``).
+
+    Example: ``model_config(pipe, schedule={"step_scale": 10})`` keeps the model's loss radii.
+    """
+    settings = read_model_settings(model) if model is not None else {}
+    return AIT2IConfig(
+        loss=LossConfig(**_from_json({**settings.get("loss", {}), **(loss or {})})),
+        schedule=ScheduleConfig(**_from_json({**settings.get("schedule", {}), **(schedule or {})})),
+        **options,
+    )
+
+
+def model_loss(model, **given: float | None) -> dict:
+    """``LossConfig`` overrides for ``model``: its ``ait2i.json`` loss settings, then the ``given``
+    fields that are not ``None`` (e.g. ``aggregation_radius=args.aggregation_radius``).
+
+    Raises ``ValueError`` (naming the value) for a setting ``LossConfig`` refuses, so command-line
+    tools can fail before loading or sampling anything.
+    """
+    loss = dict(read_model_settings(model).get("loss", {})) if model is not None else {}
+    loss.update({name: value for name, value in given.items() if value is not None})
+    LossConfig(**loss)  # validates
+    return loss
+
+
+def write_model_settings(
+    folder: str | os.PathLike, loss: dict | None = None, schedule: dict | None = None
+) -> Path:
+    """Write ``ait2i.json`` (the given :class:`LossConfig` / :class:`ScheduleConfig` fields) into a
+    pipeline folder, validated first; returns its path."""
+    settings = {k: dict(v) for k, v in (("loss", loss), ("schedule", schedule)) if v}
+    for section, values in settings.items():
+        _SECTIONS[section](**_from_json(values))
+    path = Path(folder) / MODEL_SETTINGS_FILE
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+    return path

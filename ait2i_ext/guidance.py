@@ -84,7 +84,7 @@ def guidance_step(
     t,
     targets: Sequence[PromptTarget],
     config: AIT2IConfig,
-    step_size: float,
+    step_size: float | torch.Tensor,
     input_scale: float = 1.0,
 ) -> tuple[torch.Tensor, LossTerms, torch.Tensor]:
     """One latent update ``z <- z - step_size * grad_z L``, taken in the UNet's input space.
@@ -92,6 +92,7 @@ def guidance_step(
     ``input_scale`` is the factor ``c`` the scheduler applies before the UNet (``scale_model_input``;
     1 for DDIM/PNDM/DPM, ``1/sqrt(sigma^2+1)`` for Euler-type). The step is taken on ``c * z`` so that
     ``step_size`` means the same for every scheduler: ``z <- z - step_size * grad_z L / c^2``.
+    ``step_size`` may be a ``(B,)`` tensor, one size per image (0 leaves an image as it is).
 
     Returns:
         The updated latents (detached, same dtype), the loss terms before the update, and the
@@ -102,6 +103,8 @@ def guidance_step(
         attn = capture_maps(unet, forward, z, t, config)
         terms = batch_losses(attn, targets, config)
         (grad,) = torch.autograd.grad(terms.total.sum(), z)
+    if torch.is_tensor(step_size):
+        step_size = step_size.to(grad.device, grad.dtype).view(-1, *[1] * (grad.ndim - 1))
     new = (z.detach() - (step_size / input_scale**2) * grad.to(z.dtype)).to(latents.dtype)
     return new, _detach(terms), attn.detach()
 
@@ -140,16 +143,22 @@ class Guide:
         if not self.is_guided(i):
             return latents
         t, alpha = self.timesteps[i], self.step_sizes[i]
-        args = (self.unet, self.forward, latents, t, self.targets, self.config, alpha, self.input_scale(t))
-        latents, terms, _ = guidance_step(*args)
+        c = self.input_scale(t)
+
+        def step(z: torch.Tensor, size: float | torch.Tensor):
+            return guidance_step(self.unet, self.forward, z, t, self.targets, self.config, size, c)
+
+        latents, terms, _ = step(latents, alpha)
         iterations = 1
         if i in self.thresholds:
             target = 1.0 - self.thresholds[i]
-            while (
-                float(terms.existence.max()) > target
-                and iterations < self.config.schedule.max_refinement_iters
-            ):
-                latents, terms, _ = guidance_step(*args[:2], latents, *args[3:])
+            per_image = self.config.schedule.refinement_scope == "image"
+            while iterations < self.config.schedule.max_refinement_iters:
+                # Images still above the target get another update ("batch": all, while any is).
+                above = terms.existence > target
+                if not bool(above.any()):
+                    break
+                latents, terms, _ = step(latents, alpha * above.float() if per_image else alpha)
                 iterations += 1
         self.records.append(StepRecord(i, float(t), alpha, iterations, terms.as_floats()))
         logger.debug("step %d: %s", i, self.records[-1].losses)

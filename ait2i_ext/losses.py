@@ -1,4 +1,4 @@
-"""The AI-T2I losses as pure functions on attention maps (``shared/METHOD.md``, Losses and Layout).
+"""The AI-T2I losses as pure functions on attention maps (``docs/method.md``, Losses and Layout).
 
 Conventions shared by every function here:
 
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import IsolationMode
+from .config import IsolationMode, PeakSource
 
 
 def scaled_radius(radius: float, size: int, reference_resolution: int) -> float:
@@ -98,13 +98,17 @@ def _argmax_cell(m: torch.Tensor) -> torch.Tensor:
     return torch.stack((flat // width, flat % width), dim=-1).to(m.dtype)
 
 
-def peak_centroids(m: torch.Tensor, k: int, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+def peak_centroids(
+    m: torch.Tensor, k: int, radius: float, source: PeakSource = "remaining"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy top-``k`` peak regions of each map.
 
     For ``i = 1..k``: ``p_i`` is the argmax of what remains of the map (no gradient through the
-    choice), ``c_i`` is the centroid of the remaining map inside ``B_r(p_i)`` (differentiable), then
-    ``B_r(p_i)`` is removed from the remaining map. A region is cut out once, so later regions do
-    not count mass already claimed by an earlier one.
+    choice), ``c_i`` is the centroid inside ``B_r(p_i)`` (differentiable) of the remaining map
+    (``source="remaining"``: a region is cut out once, so later regions do not count mass already
+    claimed by an earlier one) or of the full map (``source="full"``, the authors' code: one wide
+    blob then yields centroids near its own centre), then ``B_r(p_i)`` is removed from the
+    remaining map.
 
     When nothing is left (a map with fewer than ``k`` separated peaks, e.g. one blob inside the
     first ball), the missing ``p_i`` and ``c_i`` are set to ``p_1``: they add nothing to the losses
@@ -114,11 +118,14 @@ def peak_centroids(m: torch.Tensor, k: int, radius: float) -> tuple[torch.Tensor
         m (`torch.Tensor` of shape `(N, H, W)`): non-negative maps.
         k (`int`): number of peaks ``K``.
         radius (`float`): ball radius ``r`` in cells of this map.
+        source (`str`): ``"remaining"`` or ``"full"``: the map the centroids are taken from.
 
     Returns:
         `tuple`: ``peaks`` (`torch.Tensor` of shape `(N, k, 2)`, detached) and ``centroids``
         (`torch.Tensor` of shape `(N, k, 2)`), both ``(y, x)`` in cells.
     """
+    if source not in ("remaining", "full"):
+        raise ValueError(f"source={source!r} is invalid: expected 'remaining' or 'full'")
     _, height, width = m.shape
     remaining = m
     first_peak = None
@@ -128,10 +135,12 @@ def peak_centroids(m: torch.Tensor, k: int, radius: float) -> tuple[torch.Tensor
         ball = ball_mask(peak, height, width, radius)
         if first_peak is None:
             first_peak = peak
-        else:
-            empty = remaining.detach().sum(dim=(1, 2)) <= torch.finfo(m.dtype).tiny
-            peak = torch.where(empty[:, None], first_peak, peak)
-        centroids.append(centroid(remaining * ball, fallback=first_peak))
+        c = centroid((remaining if source == "remaining" else m) * ball, fallback=first_peak)
+        if peaks:
+            empty = (remaining.detach().sum(dim=(1, 2)) <= torch.finfo(m.dtype).tiny)[:, None]
+            peak = torch.where(empty, first_peak, peak)
+            c = torch.where(empty, first_peak, c)
+        centroids.append(c)
         peaks.append(peak)
         remaining = remaining * (1 - ball)
     return torch.stack(peaks, dim=1), torch.stack(centroids, dim=1)
@@ -150,7 +159,9 @@ def _peak_spread(anchor: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return to_anchor + between
 
 
-def aggregation_loss(m: torch.Tensor, k: int, radius: float) -> torch.Tensor:
+def aggregation_loss(
+    m: torch.Tensor, k: int, radius: float, source: PeakSource = "remaining"
+) -> torch.Tensor:
     """Aggregation ``L_agg``: pulls the secondary blobs of a map onto its main peak.
 
     ``L_agg = [sum_{i=1..k} |sg(p_1) - c_i| + sum_{2 <= i < j <= k} |c_i - c_j|] / D`` with
@@ -160,15 +171,18 @@ def aggregation_loss(m: torch.Tensor, k: int, radius: float) -> torch.Tensor:
         m (`torch.Tensor` of shape `(N, H, W)`): non-negative maps (a subject token's attention).
         k (`int`): number of peak regions ``K``.
         radius (`float`): ball radius ``r`` in cells of this map (see :func:`scaled_radius`).
+        source (`str`): where the centroids come from (see :func:`peak_centroids`).
 
     Returns:
         `torch.Tensor` of shape `(N,)`.
     """
-    peaks, centroids = peak_centroids(m, k, radius)
+    peaks, centroids = peak_centroids(m, k, radius, source)
     return _peak_spread(peaks[:, 0], centroids) / _diagonal(*m.shape[-2:])
 
 
-def alignment_loss(member: torch.Tensor, anchor: torch.Tensor, k: int, radius: float) -> torch.Tensor:
+def alignment_loss(
+    member: torch.Tensor, anchor: torch.Tensor, k: int, radius: float, source: PeakSource = "remaining"
+) -> torch.Tensor:
     """Group-member alignment ``L_align``: pulls a member token's blobs onto its subject's peak.
 
     The form of :func:`aggregation_loss` on ``member``'s peak regions, with ``p_1`` the argmax of
@@ -180,6 +194,7 @@ def alignment_loss(member: torch.Tensor, anchor: torch.Tensor, k: int, radius: f
         anchor (`torch.Tensor` of shape `(N, H, W)`): map of the group's main token.
         k (`int`): number of peak regions ``K``.
         radius (`float`): ball radius ``r`` in cells of this map.
+        source (`str`): where the centroids come from (see :func:`peak_centroids`).
 
     Returns:
         `torch.Tensor` of shape `(N,)`.
@@ -188,7 +203,7 @@ def alignment_loss(member: torch.Tensor, anchor: torch.Tensor, k: int, radius: f
         raise ValueError(
             f"member shape {tuple(member.shape)} does not match anchor shape {tuple(anchor.shape)}"
         )
-    _, centroids = peak_centroids(member, k, radius)
+    _, centroids = peak_centroids(member, k, radius, source)
     return _peak_spread(_argmax_cell(anchor), centroids) / _diagonal(*member.shape[-2:])
 
 
@@ -202,7 +217,7 @@ def isolation_loss(maps: torch.Tensor, mode: IsolationMode = "euclidean") -> tor
     - ``"euclidean"``: ``1 - |c(A_i) - c(A_j)| / sqrt(H^2 + W^2)``, low when the centroids are far
       apart.
     - ``"cosine"``: the cosine similarity ``<vec A_i, vec A_j> / (|A_i| |A_j|)``, low when the maps
-      do not overlap. (``shared/METHOD.md`` writes ``1 - cos``; that is a distance to maximise, so
+      do not overlap. (``docs/method.md`` writes ``1 - cos``; that is a distance to maximise, so
       the minimised loss is the similarity itself.)
 
     Args:

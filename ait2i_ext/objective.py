@@ -84,9 +84,11 @@ def existence_maps(
 ) -> torch.Tensor:
     """Each group's main map as Attend-and-Excite's existence term reads it.
 
-    The word tokens ``1 .. eot_index - 1`` are scaled by ``cfg.softmax_scale`` and softmaxed over
-    tokens (so start and end tokens cannot absorb the attention), then each group's main map is
-    smoothed with ``cfg.smoothing_kernel`` / ``cfg.smoothing_sigma``.
+    The word tokens ``1 .. eot_index - 1`` (``cfg.existence_tokens="words"``: start, end and
+    padding tokens cannot absorb the attention) or tokens ``1 .. T - 2`` (``"all"``, as diffusers'
+    Attend-and-Excite slices ``1:-1``) are scaled by ``cfg.softmax_scale`` and softmaxed over
+    tokens, then each group's main map is smoothed with ``cfg.smoothing_kernel`` /
+    ``cfg.smoothing_sigma``.
 
     Args:
         attn (`torch.Tensor` of shape `(N, H, W, T)`): cross-attention probabilities per token.
@@ -100,7 +102,8 @@ def existence_maps(
     _check_attention(attn)
     _check_eot(eot_index, attn.shape[-1])
     _check_groups(groups, 1, eot_index, f"a word token, before eot_index={eot_index}")
-    words = torch.softmax(attn[..., 1:eot_index] * cfg.softmax_scale, dim=-1)
+    last = eot_index if cfg.existence_tokens == "words" else attn.shape[-1] - 1
+    words = torch.softmax(attn[..., 1:last] * cfg.softmax_scale, dim=-1)
     maps = words[..., [group.main - 1 for group in groups]].permute(0, 3, 1, 2)
     n, num_groups, height, width = maps.shape
     smoothed = losses.smooth(
@@ -154,7 +157,8 @@ def compute_losses(
     # Every map of every group goes through one batched call (the losses are per map).
     num_groups = main.shape[1]
     flat_main = main.reshape(n * num_groups, height, width)
-    aggregation = losses.aggregation_loss(flat_main, cfg.top_k, aggregation_radius).view(n, num_groups).sum(1)
+    aggregation = losses.aggregation_loss(flat_main, cfg.top_k, aggregation_radius, cfg.peak_source)
+    aggregation = aggregation.view(n, num_groups).sum(1)
     owners = [g for g, group in enumerate(groups) for _ in group.members]
     if owners:
         members = attn[..., [m for group in groups for m in group.members]].permute(0, 3, 1, 2)
@@ -164,6 +168,7 @@ def compute_losses(
             anchors.reshape(-1, height, width),
             cfg.top_k,
             alignment_radius,
+            cfg.peak_source,
         )
         alignment = alignment.view(n, len(owners)).sum(1)
     else:

@@ -4,13 +4,14 @@ The pipeline's own ``__call__`` runs unchanged. Guidance is attached from outsid
 
 1. resolve each prompt's subjects to token groups;
 2. encode the prompts once (the adapter) and pass the embeddings to the call;
-3. draw the initial latents exactly as the pipeline would and guide them for step 0;
+3. draw the initial noise exactly as the pipeline would and guide it for step 0;
 4. guide the latents of every later scheduled step from the adapter's step-end hook;
 5. collect per-step losses and, on request, the conditional attention maps of the sampling passes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from collections.abc import Sequence
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .capture import capture_attention
-from .config import AIT2IConfig
+from .capture import capture_attention, map_side
+from .config import AIT2IConfig, model_config, read_model_settings
 from .fast import LaggedGuide, sampling_hooks
 from .guidance import Guide, PromptTarget, StepRecord
 from .tokens import SubjectSpec, TokenGroup, eot_index, resolve_groups
@@ -38,6 +39,8 @@ class GuidedOutput:
         maps: ``(B, H, W, T)`` conditional cross-attention maps of the sampling passes averaged
             over the denoising steps (``None`` unless ``return_maps``).
         images_per_prompt: images generated for each prompt.
+        config: the configuration the run used (the model's settings applied, the map resolution
+            resolved).
     """
 
     images: list
@@ -45,6 +48,7 @@ class GuidedOutput:
     steps: tuple[StepRecord, ...]
     maps: torch.Tensor | None
     images_per_prompt: int = 1
+    config: AIT2IConfig | None = None
 
     def group_maps(self, index: int) -> dict[str, torch.Tensor]:
         """Per-group ``(H, W)`` maps (the main token's map) of image ``index``."""
@@ -110,7 +114,11 @@ def generate(
         prompt: one prompt or a list (batch).
         subjects: subjects by words (see :mod:`ait2i_ext.tokens`), for every prompt or one list per
             prompt; ``None`` infers them from each prompt.
-        config: loss weights, schedule and mode; defaults to ``AIT2IConfig()``.
+        config: loss weights, schedule and mode. ``None``: the model's own settings, i.e.
+            ``AIT2IConfig()`` updated by the ``ait2i.json`` of the folder the pipeline was loaded
+            from (:func:`~ait2i_ext.config.model_config`; the shipped shapes model has one). An
+            explicit ``config`` is used as given: build it with ``model_config(pipe, ...)`` to
+            change some fields and keep the model's others.
         guidance: ``False`` runs the pipeline untouched (same images as calling it directly).
         return_maps: also record the conditional attention maps of the sampling passes.
         adapter: an adapter instance; by default chosen from the pipeline's class.
@@ -122,15 +130,25 @@ def generate(
     """
     from .adapters import adapter_for
 
-    config = config or AIT2IConfig()
+    if config is None:
+        config = model_config(pipe)
+    elif read_model_settings(pipe):
+        logger.info("an explicit config is used as given: %s's ait2i.json does not apply", pipe.name_or_path)
     adapter = adapter or adapter_for(pipe)
-    for key in ("prompt_embeds", "latents"):
+    for key in ("prompt_embeds", "pooled_prompt_embeds", "latents"):
         if call_kwargs.get(key) is not None:
             raise ValueError(
                 f"{key}= is not supported by ait2i.generate: pass the prompt text; ait2i encodes it"
             )
+    steps = call_kwargs.get("num_inference_steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"num_inference_steps={steps!r} is invalid: expected an integer >= 1")
     prompts = _prompts(prompt)
     defaults = _call_defaults(pipe)
+    # The map resolution, fixed once for the run: down- and up-block layers at 1/32 of the image.
+    latent_hw = _latent_hw(pipe, call_kwargs)
+    side = map_side(pipe.unet, latent_hw, config.attention_resolution, pipe.vae_scale_factor)
+    config = dataclasses.replace(config, attention_resolution=side)
     num_images = int(call_kwargs.get("num_images_per_prompt") or 1)
     targets = resolve_targets(adapter.tokenizer, prompts, subjects, num_images)
     # Layout adapters fill their own call arguments (GLIGEN boxes, the control image's size).
@@ -146,13 +164,18 @@ def generate(
         embeds, forward = adapter.encode(prompts, num_images, guidance_scale > 1.0, kwargs)
         kwargs.update(embeds, num_images_per_prompt=1)  # the embeddings are already repeated per image
         timesteps = _timesteps(pipe, steps, kwargs)
-        latents = _initial_latents(pipe, len(prompts) * num_images, kwargs)
+        noise = _initial_noise(pipe, len(prompts) * num_images, kwargs)
+        # The pipeline scales the latents it is given by init_noise_sigma: hand it the noise plus the
+        # update in noise units, so that a zero update gives it exactly the noise it would draw.
+        latents = noise * pipe.scheduler.init_noise_sigma  # what prepare_latents makes of it
         guide_cls = LaggedGuide if config.mode == "lagged" else Guide  # ait2i_ext/fast.py
         guide = guide_cls(
             pipe.unet, forward, targets, timesteps, config, lambda t: _input_scale(pipe.scheduler, t)
         )
-        latents = guide.update(0, latents)
-        kwargs.update(num_inference_steps=steps, latents=latents / pipe.scheduler.init_noise_sigma)
+        guided = guide.update(0, latents)
+        kwargs.update(
+            num_inference_steps=steps, latents=noise + (guided - latents) / pipe.scheduler.init_noise_sigma
+        )
     else:
         kwargs["prompt"] = prompts
 
@@ -167,7 +190,6 @@ def generate(
         kwargs = adapter.attach(kwargs, on_step_end)
     with torch.no_grad(), sampling_hooks(guide):
         if observed is not None:
-            latent_hw = _latent_hw(pipe, kwargs)
             with capture_attention(pipe.unet, latent_hw, config.attention_resolution, detach=True) as store:
                 result = pipe(**kwargs)
         else:
@@ -179,6 +201,7 @@ def generate(
         steps=tuple(guide.records) if guide else (),
         maps=observed.mean() if observed is not None else None,
         images_per_prompt=num_images,
+        config=config,
     )
 
 
@@ -225,17 +248,17 @@ def _input_scale(scheduler, t) -> float:
     return float(scheduler.scale_model_input(one, t))
 
 
-def _initial_latents(pipe, batch: int, kwargs: dict) -> torch.Tensor:
-    """The initial noise exactly as the pipeline would draw it (scaled by ``init_noise_sigma``)."""
+def _initial_noise(pipe, batch: int, kwargs: dict) -> torch.Tensor:
+    """The unit-variance noise the pipeline would draw (``prepare_latents`` before its scaling by
+    ``init_noise_sigma``): the same generator calls, so the stock call would draw the same values."""
+    from diffusers.utils.torch_utils import randn_tensor
+
     h, w = _latent_hw(pipe, kwargs)
+    shape = (batch, pipe.unet.config.in_channels, h, w)
+    generator = kwargs.get("generator")
+    if isinstance(generator, list) and len(generator) != batch:
+        raise ValueError(
+            f"got {len(generator)} generators for a batch of {batch} images: expected one per image"
+        )
     dtype = kwargs["prompt_embeds"].dtype
-    return pipe.prepare_latents(
-        batch,
-        pipe.unet.config.in_channels,
-        h * pipe.vae_scale_factor,
-        w * pipe.vae_scale_factor,
-        dtype,
-        pipe._execution_device,
-        kwargs.get("generator"),
-        None,
-    )
+    return randn_tensor(shape, generator=generator, device=pipe._execution_device, dtype=dtype)

@@ -7,7 +7,7 @@
 
 Methods: ``plain`` (the stock pipeline), ``attend-excite`` (diffusers'
 ``StableDiffusionAttendAndExcitePipeline`` on the same components, its defaults), ``ait2i``
-(defaults; on the shipped shapes model its radii, ``SHAPES_LOSS``), ``ait2i-reference`` (the
+(defaults and the model's ``ait2i.json``: on the shipped shapes model its radii 2.5 / 3), ``ait2i-reference`` (the
 reference radii 5 / 6 whatever the model), ``ait2i-no-agg`` (aggregation and alignment weights 0), ``ait2i-no-iso`` (isolation
 weight 0), ``ait2i-boxes`` (each subject also gets its layout box: the box terms of
 docs/layout.md), ``ait2i-lagged`` (the approximate ``"lagged"`` mode); ``--methods`` picks. The
@@ -62,8 +62,9 @@ def method_config(
 ) -> AIT2IConfig | None:
     """The configuration of an ait2i ``method`` (``None`` for the others).
 
-    ``radii`` (``aggregation_radius`` / ``alignment_radius``) apply to every ait2i method but
-    ``ait2i-reference``, which keeps the reference values of ``LossConfig``.
+    ``radii`` (the model's ``LossConfig`` settings from its ``ait2i.json``, radii given on the
+    command line on top) apply to every ait2i method but ``ait2i-reference``, which keeps the
+    reference values of ``LossConfig``.
     """
     schedule = ScheduleConfig(step_scale=step_scale)
     radii = {} if method == "ait2i-reference" else dict(radii or {})
@@ -72,8 +73,8 @@ def method_config(
         "ait2i-reference": LossConfig(),
         "ait2i-boxes": LossConfig(**radii),
         "ait2i-lagged": LossConfig(**radii),
-        "ait2i-no-agg": LossConfig(w_aggregation=0.0, w_alignment=0.0, **radii),
-        "ait2i-no-iso": LossConfig(w_isolation=0.0, **radii),
+        "ait2i-no-agg": LossConfig(**{**radii, "w_aggregation": 0.0, "w_alignment": 0.0}),
+        "ait2i-no-iso": LossConfig(**{**radii, "w_isolation": 0.0}),
     }.get(method)
     if loss is None:
         return None
@@ -224,12 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--aggregation-radius",
         type=float,
-        help="ait2i peak radius in 16x16-map cells (default: 2.5 on the shapes model, 5 with --model)",
+        help="ait2i peak radius in 16x16-map cells (default: the model's ait2i.json: 2.5 on the shapes model; else 5)",
     )
     parser.add_argument(
         "--alignment-radius",
         type=float,
-        help="ait2i alignment radius (default: 3 on the shapes model, 6 with --model)",
+        help="ait2i alignment radius (default: the model's ait2i.json: 3 on the shapes model; else 6)",
     )
     parser.add_argument("--mode", default="truncated", choices=["full", "truncated"])
     parser.add_argument("--examples", type=int, default=6, help="prompts shown in the PNG grid")
@@ -240,10 +241,15 @@ def main(argv: list[str] | None = None) -> int:
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"--methods: {m!r} is invalid: expected some of {list(METHODS)}")
-    from ait2i_ext.shapes.model import loss_radii
+    from ait2i_ext.config import model_loss
+    from ait2i_ext.shapes.model import default_model_path
 
-    try:  # the shipped shapes model gets radii sized to its objects; bad radii fail before any sampling
-        args.radii = loss_radii(not args.model, args.aggregation_radius, args.alignment_radius)
+    try:  # the model's ait2i.json radii (the shapes model's fit its objects); bad radii fail here
+        args.radii = model_loss(
+            args.model or default_model_path(),
+            aggregation_radius=args.aggregation_radius,
+            alignment_radius=args.alignment_radius,
+        )
     except ValueError as e:
         raise SystemExit(f"--aggregation-radius / --alignment-radius: {e}") from None
     # cpu=True lets `torchrun --nproc_per_node N` shard over CPU processes (gloo); `accelerate launch

@@ -35,8 +35,9 @@ from ait2i_ext.adapters.personalize import load_lora, personalized_subjects
 from PIL import Image, ImageDraw
 
 from ait2i_ext import AIT2IConfig, LossConfig, generate
+from ait2i_ext.config import model_loss
 from ait2i_ext.shapes.data import BACKGROUND, COLOURS, IMAGE_SIZE
-from ait2i_ext.shapes.model import loss_radii
+from ait2i_ext.shapes.model import default_model_path
 
 IDENTIFIER, CLASS_NOUN = "sks", "star"
 CONCEPT_COLOUR = "yellow"
@@ -222,20 +223,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--mode", default="truncated", choices=["full", "truncated"])
     parser.add_argument(
-        "--aggregation-radius", type=float, help="default: 2.5 on the shipped model (SHAPES_LOSS), else 5"
+        "--aggregation-radius",
+        type=float,
+        help="default: the model's ait2i.json (2.5 on the shipped model), else 5",
     )
-    parser.add_argument("--alignment-radius", type=float, help="default: 3 on the shipped model, else 6")
+    parser.add_argument(
+        "--alignment-radius",
+        type=float,
+        help="default: the model's ait2i.json (3 on the shipped model), else 6",
+    )
     args = parser.parse_args(argv)
-    try:  # bad radii fail here, not after the LoRAs are trained
-        args.radii = loss_radii(args.model is None, args.aggregation_radius, args.alignment_radius)
+    try:  # the model's ait2i.json radii; bad radii fail here, not after the LoRAs are trained
+        args.radii = model_loss(
+            args.model or default_model_path(),
+            aggregation_radius=args.aggregation_radius,
+            alignment_radius=args.alignment_radius,
+        )
     except ValueError as e:
         raise SystemExit(f"--aggregation-radius / --alignment-radius: {e}") from None
 
     if args.model:
         model = args.model
     else:
-        from ait2i_ext.shapes.model import default_model_path
-
         model = default_model_path()
     if not (Path(model) / "model_index.json").is_file():
         raise SystemExit(

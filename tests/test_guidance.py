@@ -1,8 +1,13 @@
+import numpy as np
 import pytest
 import torch
+from ait2i_ext.adapters import StableDiffusionAdapter
 from conftest import sharpen_attention
 
 from ait2i_ext import AIT2IConfig, ScheduleConfig, generate
+from ait2i_ext.config import model_config, write_model_settings
+from ait2i_ext.guidance import guidance_step
+from ait2i_ext.pipeline import _input_scale, resolve_targets
 
 PROMPT = "a red circle and a blue square"
 STRONG = AIT2IConfig(schedule=ScheduleConfig(step_scale=100.0))
@@ -18,20 +23,101 @@ def _run(pipe, config=None, seed=0, **kw):
     return generate(pipe, PROMPT, config=config, generator=_gen(seed), **kw)
 
 
-@pytest.mark.parametrize("return_maps", [False, True])
-def test_guidance_off_is_bit_identical_to_the_stock_pipeline(tiny_sd, return_maps):
-    ref = tiny_sd(PROMPT, num_inference_steps=6, output_type="np", generator=_gen()).images
-    out = _run(tiny_sd, guidance=False, return_maps=return_maps)
-    assert (out.images == ref).all()
-    assert out.steps == ()
+def _stock(pipe, seed=0, **kw):
+    kw = {"num_inference_steps": 6, "output_type": "np", **kw}
+    return pipe(PROMPT, generator=_gen(seed), **kw).images
+
+
+def _use(pipe, scheduler: str):
+    import diffusers
+
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    return pipe
+
+
+@pytest.mark.parametrize(
+    "guidance, return_maps, config",
+    [(False, False, None), (False, True, None), (True, False, OBSERVE), (True, True, OBSERVE)],
+)
+def test_no_update_is_bit_identical_to_the_stock_pipeline(tiny_sd, guidance, return_maps, config):
+    """Guidance off, or on with step size 0 (own encoding, own noise, UNet passes under capture,
+    latents handed back every step): the very images of the stock call."""
+    ref = _stock(tiny_sd)
+    out = _run(tiny_sd, config, guidance=guidance, return_maps=return_maps)
+    assert np.array_equal(out.images, ref)
     assert (out.maps is not None) == return_maps
+    assert [r.step for r in out.steps] == ([0, 1, 2] if guidance else [])  # first half, step 0 included
 
 
-def test_zero_step_size_leaves_the_images_unchanged(tiny_sd):
-    ref = tiny_sd(PROMPT, num_inference_steps=6, output_type="np", generator=_gen()).images
-    out = _run(tiny_sd, OBSERVE)
-    assert abs(out.images - ref).max() < 1e-5
-    assert [r.step for r in out.steps] == [0, 1, 2]  # the first half of 6 steps, step 0 included
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler"])
+def test_zero_step_size_leaves_the_images_exactly_unchanged(tiny_sd, scheduler):
+    pipe = _use(sharpen_attention(tiny_sd), scheduler)  # init_noise_sigma != 1 on Euler
+    ref = _stock(pipe, negative_prompt="blurry")
+    out = _run(pipe, OBSERVE, negative_prompt="blurry")
+    assert np.array_equal(out.images, ref)
+    assert not np.array_equal(_run(pipe, STRONG, negative_prompt="blurry").images, ref)
+
+
+def test_zero_step_size_with_a_lora_at_scale_zero_equals_the_stock_pipeline(tiny_sd):
+    """The LoRA scale reaches the text encoder too (``lora_scale`` of ``encode_prompt``)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora = dict(r=4, lora_alpha=4, init_lora_weights=False)
+    inject_adapter_in_model(
+        LoraConfig(target_modules=["q_proj", "k_proj", "v_proj"], **lora), tiny_sd.text_encoder
+    )
+    tiny_sd.unet.add_adapter(LoraConfig(target_modules=["to_q", "to_k", "to_v"], **lora))
+    for scale in (0.0, 0.5):
+        kw = {"cross_attention_kwargs": {"scale": scale}}
+        assert np.array_equal(_run(tiny_sd, OBSERVE, **kw).images, _stock(tiny_sd, **kw))
+    scaled = {"cross_attention_kwargs": {"scale": 0.0}}
+    assert not np.array_equal(_stock(tiny_sd, **scaled), _stock(tiny_sd))  # the LoRA acts at scale 1
+
+
+def test_negative_prompt_embeds_are_used_not_dropped(tiny_sd):
+    negative = torch.randn(1, 77, 32, generator=_gen(5))
+    ref = _stock(tiny_sd, negative_prompt_embeds=negative)
+    out = _run(tiny_sd, OBSERVE, negative_prompt_embeds=negative)
+    assert np.array_equal(out.images, ref) and not np.array_equal(ref, _stock(tiny_sd))
+
+
+def test_sdxl_negative_embeds_are_used_as_the_stock_pipeline_uses_them(tiny_sdxl):
+    g = _gen(5)
+    negative = {
+        "negative_prompt_embeds": torch.randn(1, 77, 32, generator=g),
+        "negative_pooled_prompt_embeds": torch.randn(1, 32, generator=g),
+    }
+    kw = dict(height=64, width=64, num_inference_steps=2, **negative)
+    assert np.array_equal(_run(tiny_sdxl, OBSERVE, **kw).images, _stock(tiny_sdxl, **kw))
+
+
+def test_lcm_timestep_cond_reaches_the_guided_pass():
+    """A UNet with ``time_cond_proj_dim`` (LCM) gets the guidance-scale embedding in the guided
+    pass exactly as in the pipeline's own passes."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from ait2i_ext.testing import tiny_sd_components, tiny_unet_config
+
+    components = tiny_sd_components()
+    torch.manual_seed(0)
+    components["unet"] = UNet2DConditionModel(**tiny_unet_config(), time_cond_proj_dim=8).eval()
+    pipe = StableDiffusionPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    conds = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda m, args, kwargs: conds.append(kwargs.get("timestep_cond")), with_kwargs=True
+    )
+    _run(pipe, OBSERVE, num_inference_steps=2, guidance_scale=3.0)
+    hook.remove()
+    assert len(conds) == 3 and all(c is not None for c in conds)  # guided pass, then 2 sampling passes
+    torch.testing.assert_close(conds[0], conds[1], rtol=0, atol=0)
+
+
+def test_ip_adapter_inputs_are_refused_with_guidance(tiny_sd):
+    with pytest.raises(ValueError, match="ip_adapter_image_embeds= is not supported with ait2i guidance"):
+        generate(tiny_sd, PROMPT, ip_adapter_image_embeds=[torch.zeros(2, 1, 32)])
+    with pytest.raises(ValueError, match="ip_adapter_image= is not supported"):
+        generate(tiny_sd, PROMPT, ip_adapter_image=object())
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -82,13 +168,25 @@ def test_batch_images_per_prompt_negative_prompt_and_reproducible(tiny_sd):
     "scheduler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler"]
 )
 def test_any_scheduler(tiny_sd, scheduler):
-    import diffusers
-
-    tiny_sd.scheduler = getattr(diffusers, scheduler).from_config(tiny_sd.scheduler.config)
-    out = _run(sharpen_attention(tiny_sd), STRONG, num_inference_steps=4)
-    assert out.images.shape == (1, 64, 64, 3)
-    assert len(out.steps) == len(tiny_sd.scheduler.timesteps) // 2  # PNDM's PRK warm-up adds steps
-    assert all(torch.isfinite(torch.tensor(r.losses["total"])) for r in out.steps)
+    pipe = _use(sharpen_attention(tiny_sd), scheduler)
+    ref = _stock(pipe)
+    observed = _run(pipe, OBSERVE)
+    guided = _run(pipe)
+    assert np.array_equal(observed.images, ref)  # the scheduler's own sampling, untouched
+    assert not np.array_equal(guided.images, ref)
+    num_guided = ScheduleConfig().num_guided_steps(len(pipe.scheduler.timesteps))
+    assert [r.step for r in guided.steps] == list(range(num_guided))
+    # One update at the first timestep, in this scheduler's input scaling, lowers the objective there.
+    adapter = StableDiffusionAdapter(pipe)
+    _, forward = adapter.encode([PROMPT], 1, False, {})
+    target = resolve_targets(pipe.tokenizer, [PROMPT], None, 1)
+    pipe.scheduler.set_timesteps(6)
+    t = pipe.scheduler.timesteps[0]
+    z = torch.randn(1, 4, 32, 32, generator=_gen()) * pipe.scheduler.init_noise_sigma
+    c = _input_scale(pipe.scheduler, t)
+    moved, before, _ = guidance_step(pipe.unet, forward, z, t, target, OBSERVE, 1.0, c)
+    _, after, _ = guidance_step(pipe.unet, forward, moved, t, target, OBSERVE, 0.0, c)
+    assert float(after.total) < float(before.total)
 
 
 def test_refinement_option_runs_extra_iterations(tiny_sd):
@@ -99,15 +197,67 @@ def test_refinement_option_runs_extra_iterations(tiny_sd):
     assert out.steps[0].iterations == 3 and out.steps[1].iterations == 1
 
 
+def test_refinement_per_image_does_not_depend_on_the_batch(tiny_sd):
+    """Each image stops refining on its own: in a batch it comes out as it does alone. With the
+    batch maximum an image that met the threshold keeps moving while another has not."""
+    pipe = sharpen_attention(tiny_sd)
+    schedule = dict(step_scale=20.0, refinement=True, max_refinement_iters=4)
+
+    def images(seeds, threshold, scope):
+        cfg = AIT2IConfig(
+            schedule=ScheduleConfig(
+                refinement_thresholds=((0, threshold),), refinement_scope=scope, **schedule
+            )
+        )
+        gens = [_gen(s) for s in seeds]
+        out = generate(
+            pipe,
+            PROMPT,
+            config=cfg,
+            generator=gens,
+            num_images_per_prompt=len(seeds),
+            num_inference_steps=2,
+            output_type="np",
+        )
+        return out.images, out.steps[0].losses["existence"]
+
+    # A threshold between the two seeds' existence losses: one image meets it, the other does not.
+    lone = {s: images([s], 0.0, "image")[1] for s in (0, 1)}
+    threshold = 1.0 - sum(lone.values()) / 2
+    alone = {s: images([s], threshold, "image")[0][0] for s in (0, 1)}
+    batch, _ = images([0, 1], threshold, "image")
+    for k, s in enumerate((0, 1)):
+        np.testing.assert_allclose(batch[k], alone[s], atol=1e-5)
+    batch_max, _ = images([0, 1], threshold, "batch")
+    assert any(np.abs(batch_max[k] - alone[s]).max() > 1e-3 for k, s in enumerate((0, 1)))
+
+
 def test_user_callback_still_runs_and_sees_guided_latents(tiny_sd):
-    steps = []
+    """The user's callback runs after the update: it sees the guided latents (not the scheduler's),
+    and what it returns is what the next step's UNet passes get."""
+    pipe = sharpen_attention(tiny_sd)
+    seen, stepped, unet_inputs = {}, [], []
+    step = pipe.scheduler.step
+
+    def recording_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        stepped.append(out[0].clone())  # prev_sample (a tuple with return_dict=False)
+        return out
 
     def callback(pipe, i, t, tensors):
-        steps.append(i)
-        return tensors
+        seen[i] = tensors["latents"].clone()
+        return {"latents": tensors["latents"] + 1.0} if i == 2 else tensors
 
-    _run(tiny_sd, num_inference_steps=4, callback_on_step_end=callback)
-    assert steps == [0, 1, 2, 3]
+    pipe.scheduler.step = recording_step
+    hook = pipe.unet.register_forward_pre_hook(lambda m, args: unet_inputs.append(args[0].detach().clone()))
+    _run(pipe, STRONG, num_inference_steps=4, callback_on_step_end=callback)
+    hook.remove()
+    sampling = [x[1:] for x in unet_inputs if x.shape[0] == 2]  # conditional half of each CFG pass
+    assert sorted(seen) == [0, 1, 2, 3] and len(sampling) == 4
+    assert not torch.equal(seen[0], stepped[0])  # step 1 is guided: the callback sees the update
+    assert torch.equal(seen[0], sampling[1]) and torch.equal(seen[1], sampling[2])
+    assert torch.equal(seen[3], stepped[3])  # last step: nothing left to guide
+    assert torch.equal(seen[2] + 1.0, sampling[3])  # the callback's latents reach the next step
 
 
 def test_truncated_mode_matches_full(tiny_sd):
@@ -126,5 +276,50 @@ def test_bad_inputs(tiny_sd):
         generate(tiny_sd, [])
     with pytest.raises(ValueError, match="pipeline object is not supported"):
         generate(object(), PROMPT)
+    for steps in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=rf"num_inference_steps={steps!r} is invalid"):
+            generate(tiny_sd, PROMPT, num_inference_steps=steps)
     with pytest.raises(ValueError, match=r"mode='fastest' is invalid"):
         AIT2IConfig(mode="fastest")
+
+
+# --- settings that belong to the model (ait2i.json in the pipeline folder) ---------------------
+
+
+def _radii(out):
+    return out.config.loss.aggregation_radius, out.config.loss.alignment_radius
+
+
+def test_shipped_model_uses_its_own_radii_through_the_api():
+    from diffusers import DiffusionPipeline
+
+    from ait2i_ext.shapes.model import default_model_path
+
+    pipe = DiffusionPipeline.from_pretrained(default_model_path())
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=2, output_type="np")
+    assert _radii(generate(pipe, PROMPT, **kw)) == (2.5, 3.0)
+    assert _radii(generate(pipe, PROMPT, config=AIT2IConfig(), **kw)) == (5.0, 6.0)  # explicit wins
+    kept = model_config(pipe, schedule={"step_scale": 10.0})
+    assert _radii(generate(pipe, PROMPT, config=kept, **kw)) == (2.5, 3.0)
+
+
+def test_a_retrained_folder_carries_its_own_settings(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from ait2i_ext.testing import tiny_sd_pipeline
+
+    tiny_sd_pipeline().save_pretrained(tmp_path)
+    write_model_settings(tmp_path, loss={"aggregation_radius": 4.0, "alignment_radius": 4.5})
+    write_model_settings(tmp_path, loss={"aggregation_radius": 4.0}, schedule={"guided_fraction": 0.25})
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    out = generate(pipe, PROMPT, num_inference_steps=4, output_type="np")
+    assert _radii(out) == (4.0, 6.0) and [r.step for r in out.steps] == [0]
+    (tmp_path / "ait2i.json").write_text('{"loss": {"aggregation_radius": -1}}')
+    with pytest.raises(ValueError, match=r"ait2i.json: aggregation_radius=-1 is invalid"):
+        generate(pipe, PROMPT, num_inference_steps=2)
+    (tmp_path / "ait2i.json").write_text('{"loss": {"radius": 2}}')
+    with pytest.raises(ValueError, match=r"section 'loss' is invalid: expected LossConfig fields"):
+        model_config(tmp_path)
+    assert model_config(tiny_sd_pipeline()) == AIT2IConfig()  # built in memory: no folder, defaults

@@ -226,3 +226,20 @@ def test_losses_keep_dtype():
     assert losses.isolation_loss(m).dtype == torch.float64
     assert losses.aggregation_loss(m[:, 0], 3, 2.0).dtype == torch.float64
     assert math.isfinite(losses.existence_loss(m).sum().item())
+
+
+@pytest.mark.parametrize("radius", [2.5, 5.0])
+def test_full_map_centroids_penalise_one_wide_blob_less(radius):
+    """One subject drawn large: with the earlier peak regions removed, the later "peaks" sit on the
+    blob's rim and their centroids are pulled outwards; from the full map they fall back towards
+    its centre (the authors' form)."""
+    ys, xs = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    blob = torch.exp(-((ys - 7.5) ** 2 + (xs - 7.5) ** 2) / (2 * 4.0**2))[None]
+    remaining = losses.aggregation_loss(blob, 3, radius, "remaining")
+    full = losses.aggregation_loss(blob, 3, radius, "full")
+    assert float(full) < float(remaining)
+    peaks_r, _ = losses.peak_centroids(blob, 3, radius, "remaining")
+    peaks_f, _ = losses.peak_centroids(blob, 3, radius, "full")
+    assert torch.equal(peaks_r, peaks_f)  # same peaks: only the centroids' source differs
+    with pytest.raises(ValueError, match="source='nearest' is invalid"):
+        losses.peak_centroids(blob, 3, radius, "nearest")

@@ -38,14 +38,36 @@ def test_group_maps_picks_main_tokens():
     assert torch.equal(maps[:, 0], attn[..., 3]) and torch.equal(maps[:, 1], attn[..., 6])
 
 
-def test_existence_maps_follow_attend_and_excite():
+def _attend_and_excite():
+    from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite import (
+        pipeline_stable_diffusion_attend_and_excite as ae,
+    )
+
+    return ae
+
+
+def test_smoothing_is_attend_and_excites_gaussian_smoothing():
+    ae = _attend_and_excite()
+    maps = random_attention()[..., 3]
+    padded = torch.nn.functional.pad(maps[:, None], (1, 1, 1, 1), mode="reflect")
+    expected = ae.GaussianSmoothing(channels=1, kernel_size=3, sigma=0.5)(padded)[:, 0]
+    torch.testing.assert_close(losses.smooth(maps, 3, 0.5), expected)
+
+
+@pytest.mark.parametrize("tokens", ["all", "words"])
+def test_existence_maps_match_attend_and_excites_maxima(tokens):
+    """``"all"``: diffusers' Attend-and-Excite as it is (softmax over tokens ``1:-1``); ``"words"``:
+    the same code given only the tokens up to the end-of-text token (softmax over the words)."""
+    ae = _attend_and_excite().StableDiffusionAttendAndExcitePipeline
     attn = random_attention()
-    cfg = LossConfig()
-    maps = existence_maps(attn, [CAT, DOG], EOT, cfg)
-    assert maps.shape == (N, 2, H, W)
-    words = torch.softmax(attn[..., 1:EOT] * cfg.softmax_scale, dim=-1)
-    expected = losses.smooth(words[..., 2], cfg.smoothing_kernel, cfg.smoothing_sigma)
-    torch.testing.assert_close(maps[:, 0], expected)
+    cfg = LossConfig(existence_tokens=tokens)
+    maxima = existence_maps(attn, [CAT, DOG], EOT, cfg).amax(dim=(2, 3))
+    for n in range(N):
+        image = attn[n].clone() if tokens == "all" else attn[n, :, :, : EOT + 1].clone()
+        expected = torch.stack(ae._compute_max_attention_per_index(image, [CAT.main, DOG.main]))
+        torch.testing.assert_close(maxima[n], expected)
+    other = LossConfig(existence_tokens="words" if tokens == "all" else "all")
+    assert not torch.allclose(maxima, existence_maps(attn, [CAT, DOG], EOT, other).amax(dim=(2, 3)))
 
 
 def test_compute_losses_shapes_grad_and_inputs_unchanged():

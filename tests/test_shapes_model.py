@@ -67,6 +67,8 @@ def test_shipped_model_loads_and_samples():
 def test_training_smoke_run(tmp_path):
     from diffusers import StableDiffusionPipeline
 
+    from ait2i_ext.config import read_model_settings
+
     try:
         from ait2i_ext.training.train_shapes import main
     except ImportError:  # not installed: run from the repository root
@@ -80,6 +82,8 @@ def test_training_smoke_run(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(str(export), safety_checker=None)
     assert pipe.vae.config.scaling_factor != 1.0
     assert pipe.scheduler.config.prediction_type == "v_prediction"
+    # The model's ait2i settings travel with it (radii sized to its objects).
+    assert read_model_settings(export) == {"loss": {"aggregation_radius": 2.5, "alignment_radius": 3.0}}
     # Resuming a finished run changes nothing and exports again.
     assert main([*argv, "--resume", "latest"]) == export
 

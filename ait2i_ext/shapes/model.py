@@ -23,27 +23,9 @@ LATENT_CHANNELS = 4
 #: maps, so the aggregation / alignment radii are about an object's radius (2.5 / 3 cells), as the
 #: reference 5 / 6 are for Stable Diffusion subjects spanning about half of a 512 px image. With the
 #: reference radii a ball covers a whole object and its neighbour, and aggregation pulls the two
-#: together (measured in docs/shapes.md). ``ait2i generate`` and the benchmark use it for this model.
+#: together (measured in docs/shapes.md). ``training/train_shapes.py`` writes it into the model
+#: folder's ``ait2i.json``, which ``generate``, the CLI and the benchmarks read.
 SHAPES_LOSS = LossConfig(aggregation_radius=2.5, alignment_radius=3.0)
-
-
-def loss_radii(
-    shipped_model: bool, aggregation_radius: float | None = None, alignment_radius: float | None = None
-) -> dict[str, float]:
-    """``LossConfig`` radius overrides: :data:`SHAPES_LOSS`'s on the shipped model, then the given ones.
-
-    Raises ``ValueError`` (naming the value) for a radius ``LossConfig`` refuses, so callers can fail
-    before loading or sampling anything.
-    """
-    radii = {}
-    if shipped_model:
-        radii = dict(
-            aggregation_radius=SHAPES_LOSS.aggregation_radius, alignment_radius=SHAPES_LOSS.alignment_radius
-        )
-    given = dict(aggregation_radius=aggregation_radius, alignment_radius=alignment_radius)
-    radii.update({name: value for name, value in given.items() if value is not None})
-    LossConfig(**radii)  # validates
-    return radii
 
 
 def default_model_path() -> str:
