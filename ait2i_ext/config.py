@@ -20,7 +20,7 @@ def _check(cond: bool, name: str, value: object, expected: str) -> None:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Weights and geometry of the AI-T2I losses (``shared/METHOD.md``, Losses).
+    """Weights and geometry of the AI-T2I losses (``docs/method.md``, Losses).
 
     Radii are in grid cells of a ``reference_resolution`` x ``reference_resolution`` map and scale
     with the map actually used (a 32x32 SDXL map uses twice the radius).
@@ -70,7 +70,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """When and how far the latents move (``shared/METHOD.md``, Schedule).
+    """When and how far the latents move (``docs/method.md``, Schedule).
 
     ``alpha_i = step_scale * sqrt(s_i)`` with ``s = linspace(scale_start, scale_end, num_steps)``,
     applied once per step on the first ``guided_fraction`` of the steps. Iterative refinement

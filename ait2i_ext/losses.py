@@ -1,4 +1,4 @@
-"""The AI-T2I losses as pure functions on attention maps (``shared/METHOD.md``, Losses and Layout).
+"""The AI-T2I losses as pure functions on attention maps (``docs/method.md``, Losses and Layout).
 
 Conventions shared by every function here:
 
@@ -202,7 +202,7 @@ def isolation_loss(maps: torch.Tensor, mode: IsolationMode = "euclidean") -> tor
     - ``"euclidean"``: ``1 - |c(A_i) - c(A_j)| / sqrt(H^2 + W^2)``, low when the centroids are far
       apart.
     - ``"cosine"``: the cosine similarity ``<vec A_i, vec A_j> / (|A_i| |A_j|)``, low when the maps
-      do not overlap. (``shared/METHOD.md`` writes ``1 - cos``; that is a distance to maximise, so
+      do not overlap. (``docs/method.md`` writes ``1 - cos``; that is a distance to maximise, so
       the minimised loss is the similarity itself.)
 
     Args:
