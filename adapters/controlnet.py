@@ -344,7 +344,7 @@ def control_image(spec: str, size: int, controlnet=None) -> Image.Image:
     Args:
         spec: ``canny:PATH`` (edges), ``lineart:PATH`` (line art) or ``image:PATH`` (the image as is,
             e.g. a ready-made depth or pose map). Canny and line art use controlnet-aux's detectors
-            when it is installed (``pip install ait2i[control]``), else the built-in
+            when it is installed (``pip install -e ".[control]"``), else the built-in
             :func:`canny_edges` / :func:`lineart_standard`.
         size: side in pixels of the square result (the generated image's size); the image is resized.
         controlnet: optional ``ControlNetModel`` / ``MultiControlNetModel`` to check channels against.

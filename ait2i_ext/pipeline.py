@@ -129,6 +129,10 @@ def generate(
             raise ValueError(
                 f"{key}= is not supported by ait2i.generate: pass the prompt text; ait2i encodes it"
             )
+    for key in ("num_inference_steps", "num_images_per_prompt"):
+        value = call_kwargs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key}={value!r} is invalid: expected an integer >= 1")
     prompts = _prompts(prompt)
     defaults = _call_defaults(pipe)
     num_images = int(call_kwargs.get("num_images_per_prompt") or 1)
