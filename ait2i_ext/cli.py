@@ -42,7 +42,9 @@ def _device_and_dtype(device: str | None, dtype: str | None):
             "use --device cpu or install a CUDA build of torch"
         )
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device!r} is unavailable: this torch has no MPS backend; use --device cpu")
+        raise ValueError(
+            f"--device {device!r} is unavailable: this torch has no MPS backend; use --device cpu"
+        )
     names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if dtype is None:
         dtype = "fp16" if device.startswith("cuda") else "fp32"
@@ -394,9 +396,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         record["sheet"] = f"{stem}_seeds.png"
         viz.seed_sheet(sheet, title=args.prompt).save(out / record["sheet"])
     if objects:
-        record["correct"] = {
-            label: sum(bool(mark) for _, _, mark in rows) for label, rows in sheet.items()
-        }
+        record["correct"] = {label: sum(bool(mark) for _, _, mark in rows) for label, rows in sheet.items()}
         summary = [f"{label} {n}/{len(seeds)} right" for label, n in record["correct"].items()]
     record["status"] = "done"
     _write_json(out / "run.json", record)
@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--identifier",
-        help="personalisation token (e.g. sks) joining the group of the noun it precedes (default: none)",
+            help="personalisation token (e.g. sks) joining the group of the noun it precedes (default: none)",
         )
 
     g = sub.add_parser("generate", help="generate images with (or without) AI-T2I guidance")
@@ -547,13 +547,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KIND:PATH",
         help="control image for --controlnet: canny:photo.png, lineart:photo.png or image:edges.png",
     )
-    g.add_argument("--lora", metavar="PATH", help="a LoRA (.safetensors file or folder) to load (default: none)")
+    g.add_argument(
+        "--lora", metavar="PATH", help="a LoRA (.safetensors file or folder) to load (default: none)"
+    )
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
     g.add_argument(
         "--threads", type=int, help="CPU threads, >= 1 (default: 1 for the shipped/tiny models, else torch's)"
     )
     g.add_argument(
-        "--dtype", choices=["fp32", "fp16", "bf16"], help="weights' dtype (default: fp16 on cuda, fp32 on cpu)"
+        "--dtype",
+        choices=["fp32", "fp16", "bf16"],
+        help="weights' dtype (default: fp16 on cuda, fp32 on cpu)",
     )
     g.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bars")
     g.add_argument("--verbose", action="store_true", help="also show the libraries' warnings and notes")

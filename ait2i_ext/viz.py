@@ -277,7 +277,9 @@ def seed_sheet(
             sheet.paste(tile, (x + frame, y + frame))
             if mark is not None:
                 colour = RIGHT if mark else WRONG
-                draw.rectangle((x, y, x + cell - 1, y + tile.height + 2 * frame - 1), outline=colour, width=frame)
+                draw.rectangle(
+                    (x, y, x + cell - 1, y + tile.height + 2 * frame - 1), outline=colour, width=frame
+                )
                 draw.text(
                     (x + 4, y + tile.height + 2 * frame), "right" if mark else "wrong", fill=colour, font=font
                 )

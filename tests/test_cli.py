@@ -104,9 +104,15 @@ SHAPES_PROMPT = "a red circle and a blue square"
         (["--gligen", "/nonexistent-ait2i/gligen"], "--gligen '/nonexistent-ait2i/gligen' does not exist"),
         (["--lora", "/nonexistent-ait2i/sks.safetensors"], "does not exist"),
         (["--lora", "missing-lora.safetensors"], "--lora 'missing-lora.safetensors' does not exist"),
-        (["--controlnet", "./no-such-net", "--control", "canny:x.png"], "--controlnet './no-such-net' does not exist"),
+        (
+            ["--controlnet", "./no-such-net", "--control", "canny:x.png"],
+            "--controlnet './no-such-net' does not exist",
+        ),
         (["--subjects", "dog"], "'dog' is not in the prompt"),
-        (["--box", "circle:0.1,0.1,0.5,0.5", "--box", "square:0.1,0.1,0.5,0.5"], "two subjects need different boxes"),
+        (
+            ["--box", "circle:0.1,0.1,0.5,0.5", "--box", "square:0.1,0.1,0.5,0.5"],
+            "two subjects need different boxes",
+        ),
         (["--no-guidance", "--compare"], "--compare and --no-guidance are exclusive"),
         (["--device", "nonsense"], "--device 'nonsense' is invalid"),
     ],
@@ -126,8 +132,16 @@ def test_bad_input_creates_nothing(extra, message, tmp_path, capsys, monkeypatch
     [
         ("   ", [], "--prompt '' is empty"),
         ("word " * 80 + "cat", ["--subjects", "cat"], "lies past the tokenizer's 77-token window"),
-        ("a cat and a dog", ["--evaluate"], "--evaluate: prompt 'a cat and a dog' names no shapes-world object"),
-        (SHAPES_PROMPT, ["--control", "canny:/nonexistent-ait2i.png", "--controlnet", "x/y"], "does not exist"),
+        (
+            "a cat and a dog",
+            ["--evaluate"],
+            "--evaluate: prompt 'a cat and a dog' names no shapes-world object",
+        ),
+        (
+            SHAPES_PROMPT,
+            ["--control", "canny:/nonexistent-ait2i.png", "--controlnet", "x/y"],
+            "does not exist",
+        ),
     ],
 )
 def test_bad_prompt_creates_nothing(prompt, extra, message, tmp_path, capsys):
@@ -206,7 +220,9 @@ def test_help_gives_every_option_a_text_and_its_default():
                 continue
             assert action.help, f"ait2i {name} {action.option_strings}: no help"
             if action.default not in (None, False) and not action.required:
-                assert "%(default)s" in action.help or str(action.default) in action.help, action.option_strings
+                assert "%(default)s" in action.help or str(action.default) in action.help, (
+                    action.option_strings
+                )
 
 
 def test_version(capsys):

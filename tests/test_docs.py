@@ -97,7 +97,12 @@ def test_readme_names_the_files_command_one_writes(tmp_path, monkeypatch):
 
 
 def test_docs_cite_the_projects_own_method():
-    for path in [*DOCS, *ROOT.glob("ait2i_ext/**/*.py"), *ROOT.glob("adapters/*.py"), *ROOT.glob("training/*.py")]:
+    for path in [
+        *DOCS,
+        *ROOT.glob("ait2i_ext/**/*.py"),
+        *ROOT.glob("adapters/*.py"),
+        *ROOT.glob("training/*.py"),
+    ]:
         text = path.read_text()
         assert "METHOD.md" not in text and "METHOD's" not in text, path
     assert (ROOT / "docs" / "method.md").exists()

@@ -64,7 +64,7 @@ def _spacy_or_skip():
 
     if spacy_pipeline() is None:
         if os.environ.get("CI"):
-            pytest.fail('CI installs the [nlp] extra: spaCy or its English model is missing')
+            pytest.fail("CI installs the [nlp] extra: spaCy or its English model is missing")
         pytest.skip('spaCy with an English model is not installed (pip install -e ".[nlp]")')
 
 
