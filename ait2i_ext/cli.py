@@ -410,6 +410,10 @@ def cmd_describe(args: argparse.Namespace) -> int:
     from .testing import load_clip_tokenizer
     from .tokens import describe, resolve_groups
 
+    if not args.prompt.strip():
+        raise ValueError("--prompt '' is empty: expected a text prompt")
+    if args.model and _missing_local_path(args.model):
+        raise ValueError(f"--model {args.model!r} does not exist: expected a local path or a hub id")
     if args.model:
         from transformers import CLIPTokenizer
 

@@ -51,6 +51,8 @@ def test_describe(capsys):
     [
         (["describe", "--prompt", "a cat", "--subjects", "dog"], "'dog' is not in the prompt 'a cat'"),
         (["describe", "--prompt", "a cat", "--identifier", "sks"], "identifier 'sks' is not in the prompt"),
+        (["describe", "--prompt", "a cat", "--model", "./nowhere"], "--model './nowhere' does not exist"),
+        (["describe", "--prompt", " "], "--prompt '' is empty"),
         (
             ["generate", "--model", "tiny", "--prompt", "a cat", "--steps", "0", "--out", "x"],
             "--steps 0 is invalid",
