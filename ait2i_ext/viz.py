@@ -181,12 +181,12 @@ def attention_grid(
     boxes: Mapping[str, Box] | None = None,
     cell: int = 256,
 ) -> Image.Image:
-    """One row: the image, then each subject's attention map beside it, then a colour bar.
+    """One row: the image, then each subject's attention map beside it, each with its colour bar.
 
-    The maps are drawn alone (not over the image) on one common scale, 0 to the largest value of any
-    map, so the same colour means the same attention in every panel; the bar on the right gives the
-    values (the share of a cell's cross-attention on the subject's word). Each subject keeps one
-    colour: its name above its panel, its box on the image and on its panel.
+    The maps are drawn alone (not over the image), each from 0 to its own largest value, and the bar
+    right of each map gives its values (the share of a cell's cross-attention on the subject's word),
+    so a weak map is readable and its bar says that it is weak. Each subject keeps one colour: its
+    name above its panel, its box on the image and on its panel.
 
     Args:
         image (`PIL.Image.Image`): the generated image.
@@ -195,7 +195,7 @@ def attention_grid(
         cell (`int`): panel width in pixels; the image is resized to it (nearest when enlarging).
 
     Returns:
-        `PIL.Image.Image`: RGB, ``(1 + len(group_maps)) * cell`` wide plus the colour bar.
+        `PIL.Image.Image`: RGB, ``cell`` wide for the image plus ``cell`` and a bar per subject.
     """
     boxes = dict(boxes or {})
     base = _upscale(image, cell)
@@ -204,18 +204,18 @@ def attention_grid(
     font = _font(max(12, cell // 14))
     small = _font(max(10, cell // 20))
     label_height = font.getbbox("Ag")[3] + 8
-    high = max([float(_to_numpy(m).max()) for m in group_maps.values()] + [0.0])
 
-    tiles = [("image", None, base.copy())]
-    tiles += [(name, colours[name], _heat_tile(group_maps[name], base.size, high)) for name in names]
-    bar = colour_bar(base.height, high, small)
-    gap = 8
-    grid = Image.new(
-        "RGB", (cell * len(tiles) + gap + bar.width, label_height + base.height), (255, 255, 255)
-    )
+    panels = [("image", None, base.copy(), None)]
+    for name in names:
+        high = float(_to_numpy(group_maps[name]).max())
+        bar = colour_bar(base.height, high, small)
+        panels.append((name, colours[name], _heat_tile(group_maps[name], base.size, high), bar))
+    gap = 6
+    widths = [cell + (gap + bar.width + gap if bar else 0) for *_, bar in panels]
+    grid = Image.new("RGB", (sum(widths), label_height + base.height), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    for column, (name, colour, tile) in enumerate(tiles):
-        left = column * cell
+    left = 0
+    for (name, colour, tile, bar), width in zip(panels, widths):
         tile_draw = ImageDraw.Draw(tile)
         if colour is None:  # the image panel shows every box, a subject's panel its own
             shown = boxes
@@ -224,9 +224,10 @@ def attention_grid(
         for box_name, box in shown.items():
             _draw_box(tile_draw, box, tile.size, colours[box_name], None, font)
         grid.paste(tile, (left, label_height))
+        if bar is not None:
+            grid.paste(bar, (left + cell + gap, label_height))
         draw.text((left + 6, 4), name, fill=colour or (0, 0, 0), font=font)
-    grid.paste(bar, (cell * len(tiles) + gap, label_height))
-    draw.text((cell * len(tiles) + gap, 4), "attention", fill=(0, 0, 0), font=small)
+        left += width
     return grid
 
 

@@ -52,12 +52,15 @@ def test_attention_grid_layout_and_example(tmp_path):
     cat = torch.zeros(16, 16)
     cat[2:8, 2:7] = 1.0
     dog = torch.zeros(16, 16)
-    dog[9:14, 9:15] = 0.5  # half the cat's peak: one common scale draws it cooler
+    dog[9:14, 9:15] = 0.5  # a weaker map: drawn on its own scale, its bar says 0.5
     grid = attention_grid(
         image, {"cat": cat, "dog": dog}, boxes={"cat": (0.1, 0.1, 0.45, 0.5), "dog": (0.55, 0.55, 0.95, 0.9)}
     )
     cell = 256
-    assert 3 * cell + 16 < grid.width < 3 * cell + 120 and grid.height > cell  # + the colour bar
+    one = attention_grid(image, {"cat": cat})
+    panel = one.width - cell  # the cat's map and its colour bar
+    assert one.height == grid.height and cell + 30 < panel < cell + 120
+    assert cell + 30 < grid.width - cell - panel < cell + 120  # the dog's map and bar
     label = grid.height - cell
     pixels = np.asarray(grid).astype(int)
     # the image panel is the image itself (no heat map laid over it), away from the boxes
@@ -65,16 +68,15 @@ def test_attention_grid_layout_and_example(tmp_path):
     assert np.array_equal(pixels[label + 240 : label + 250, 5:20], upscaled[240:250, 5:20])
     cat_hot = pixels[label + 4 * 16 + 8, cell + 4 * 16 + 8]  # inside the cat blob, on the cat panel
     cat_cold = pixels[label + 12 * 16, cell + 12 * 16]
-    dog_half = pixels[label + 11 * 16 + 8, 2 * cell + 11 * 16 + 8]
+    dog_hot = pixels[label + 11 * 16 + 8, cell + panel + 11 * 16 + 8]
     assert cat_hot[0] > cat_hot[2] and cat_cold[2] > cat_cold[0]
-    assert tuple(dog_half) != tuple(cat_hot) and dog_half[1] > cat_hot[1]  # 0.5 is green-yellow, 1.0 dark red
-    bar = pixels[label:, 3 * cell + 8 : 3 * cell + 20]
-    assert bar[2, 5, 0] > bar[2, 5, 2] and bar[-3, 5, 2] > bar[-3, 5, 0]  # hot on top, cold below
-    title = {tuple(p) for p in pixels[:label, cell : 2 * cell].reshape(-1, 3)}
+    assert dog_hot[0] > dog_hot[2]  # hot on its own scale
+    for k in range(2):  # each map has its bar: hot on top, cold below
+        bar = pixels[label:, k * panel + 2 * cell + 8 : k * panel + 2 * cell + 20]
+        assert bar[2, 5, 0] > bar[2, 5, 2] and bar[-3, 5, 2] > bar[-3, 5, 0]
+    title = {tuple(p) for p in pixels[:label, cell : cell + panel].reshape(-1, 3)}
     assert PALETTE[0] in title  # the cat's name in the cat's colour
     grid.save(tmp_path / "grid.png")
-    one = attention_grid(image, {"cat": cat})
-    assert one.height == grid.height and 2 * cell < one.width < grid.width - cell + 8
 
 
 def test_colour_bar_labels_the_scale():
