@@ -256,3 +256,31 @@ def test_progress_bars_stay_out_of_a_log(tmp_path, capfd):
     assert main([*argv, "--out", str(tmp_path / "out")]) == 0  # stderr is captured: not a terminal
     out, err = capfd.readouterr()
     assert out.startswith("wrote 1 image(s)") and "\r" not in err and "\x1b[" not in err and "%|" not in err
+
+
+def test_lora_run_is_quiet_without_quiet(tmp_path, capfd):
+    """A UNet-only LoRA: diffusers' "No LoRA keys associated to CLIPTextModel" stays out of the output."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from ait2i_ext.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(seed=0)
+    pipe.save_pretrained(tmp_path / "model")
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(
+        LoraConfig(r=2, lora_alpha=2, target_modules=["to_k", "to_v"], init_lora_weights=False)
+    )
+    StableDiffusionPipeline.save_lora_weights(
+        str(tmp_path / "lora"),
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)),
+    )
+    argv = ["generate", "--model", str(tmp_path / "model"), "--lora", str(tmp_path / "lora"), "--prompt",
+            "a cat and a dog", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "out")]  # fmt: skip
+    capfd.readouterr()  # what saving the model printed
+    assert main(argv) == 0
+    out, err = capfd.readouterr()
+    assert out.startswith("wrote 1 image(s)") and err == "", err
