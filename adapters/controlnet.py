@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -327,6 +328,9 @@ def lineart_standard(image: Image.Image, sigma: float = 6.0, intensity_threshold
 def _detector(kind: str) -> Callable[[Image.Image, int], Image.Image] | None:
     """controlnet-aux's weight-free detector for ``kind``, when controlnet-aux is installed."""
     try:
+        with warnings.catch_warnings():  # its import warns about optional packages it does not need here
+            warnings.simplefilter("ignore")
+            import controlnet_aux  # noqa: F401
         if kind == "canny":
             from controlnet_aux import CannyDetector
 
@@ -344,7 +348,7 @@ def control_image(spec: str, size: int, controlnet=None) -> Image.Image:
     Args:
         spec: ``canny:PATH`` (edges), ``lineart:PATH`` (line art) or ``image:PATH`` (the image as is,
             e.g. a ready-made depth or pose map). Canny and line art use controlnet-aux's detectors
-            when it is installed (``pip install ait2i[control]``), else the built-in
+            when it is installed (``pip install -e ".[control]"``), else the built-in
             :func:`canny_edges` / :func:`lineart_standard`.
         size: side in pixels of the square result (the generated image's size); the image is resized.
         controlnet: optional ``ControlNetModel`` / ``MultiControlNetModel`` to check channels against.

@@ -32,6 +32,19 @@ def _device_and_dtype(device: str | None, dtype: str | None):
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is invalid: expected cpu, cuda, cuda:N or mps") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {device!r} is unavailable: this torch ({torch.__version__}) sees no CUDA device; "
+            "use --device cpu or install a CUDA build of torch"
+        )
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(
+            f"--device {device!r} is unavailable: this torch has no MPS backend; use --device cpu"
+        )
     names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if dtype is None:
         dtype = "fp16" if device.startswith("cuda") else "fp32"
@@ -98,7 +111,7 @@ def load_pipeline(args: argparse.Namespace):
         if threads:
             torch.set_num_threads(threads)
     pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=False, leave=False, desc="denoising")
+    pipe.set_progress_bar_config(disable=True if args.quiet else None, leave=False, desc="denoising")
     return pipe
 
 
@@ -140,6 +153,148 @@ def _config(args: argparse.Namespace):
     )
 
 
+#: Sane ranges of the numeric options: (option, attribute, lowest, highest or None).
+_RANGES = (
+    ("--steps", "steps", 1, 1000),
+    ("--num-images", "num_images", 1, 10000),
+    ("--seed", "seed", 0, 2**63 - 1),
+    ("--guidance-scale", "guidance_scale", 0.0, 50.0),
+    ("--step-scale", "step_scale", 0.0, None),
+    ("--threads", "threads", 1, None),
+    ("--height", "height", 8, 8192),
+    ("--width", "width", 8, 8192),
+)
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _missing_local_path(value: str) -> bool:
+    """``value`` is written as a local path (not a hub id ``org/name``) and does not exist."""
+    if Path(value).expanduser().exists():
+        return False
+    return (
+        value.startswith((".", "/", "~"))
+        or value.count("/") > 1
+        or "\\" in value
+        or value.endswith((".safetensors", ".bin", ".ckpt", ".pt", ".pth"))
+    )
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every check that needs no model: ranges, combinations, paths, the device. Raises ``ValueError``."""
+    if not args.prompt.strip():
+        raise ValueError("--prompt '' is empty: expected a text prompt")
+    for option, name, low, high in _RANGES:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if value < low or (high is not None and value > high):
+            expected = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ValueError(f"{option} {value} is invalid: expected {expected}")
+    if args.seed + args.num_images > 2**63:
+        raise ValueError(f"--seed {args.seed} with --num-images {args.num_images} runs past 2**63 - 1")
+    if args.gligen and args.controlnet:
+        raise ValueError("--gligen and --controlnet are exclusive: choose one layout route")
+    if bool(args.control) != bool(args.controlnet):
+        raise ValueError(
+            "--controlnet and --control go together: a ControlNet needs a control image and vice versa"
+        )
+    if args.no_guidance and args.compare:
+        raise ValueError("--compare and --no-guidance are exclusive: --compare already samples plain")
+    for option, values in (
+        ("--model", [] if args.model == "tiny" else _as_list(args.model)),
+        ("--gligen", _as_list(args.gligen)),
+        ("--controlnet", _as_list(args.controlnet)),
+        ("--lora", _as_list(args.lora)),
+    ):
+        for value in values:
+            if _missing_local_path(value):
+                raise ValueError(f"{option} {value!r} does not exist: expected a local path or a hub id")
+    for spec in _as_list(args.control):
+        path = spec.partition(":")[2]
+        if path and not Path(path).expanduser().exists():
+            raise ValueError(f"--control {spec!r}: the image {path!r} does not exist")
+    _device_and_dtype(args.device, args.dtype)
+    if args.evaluate:
+        _shapes_objects(args.prompt)
+    _check_boxes(args.box)
+
+
+def _check_boxes(specs) -> None:
+    """Boxes parse, and no two subjects share one box (isolation could not tell them apart)."""
+    from .adapters.layout import parse_box_arg
+
+    seen: dict[tuple, str] = {}
+    for spec in _as_list(specs):
+        word, box = parse_box_arg(spec)
+        if tuple(box) in seen:
+            raise ValueError(
+                f"--box {spec!r} repeats the box of {seen[tuple(box)]!r}: two subjects need different boxes"
+            )
+        seen[tuple(box)] = word
+
+
+def _image_multiple(pipe) -> int:
+    """Image sides must be a multiple of this: the VAE factor times the UNet's total downsampling."""
+    levels = len(pipe.unet.config.block_out_channels)
+    return int(pipe.vae_scale_factor) * 2 ** (levels - 1)
+
+
+def check_against_model(args: argparse.Namespace, pipe, subjects) -> dict:
+    """Checks that need the loaded pipeline (image size, words in its tokenizer's window); returns the
+    image size ``{"height": H, "width": W}`` the run will use."""
+    from .tokens import resolve_groups
+
+    multiple = _image_multiple(pipe)
+    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = {}
+    for option, name in (("--height", "height"), ("--width", "width")):
+        value = getattr(args, name) or default
+        if value % multiple:
+            raise ValueError(
+                f"{option} {value} is invalid for this model: expected a multiple of {multiple} "
+                f"(VAE factor {pipe.vae_scale_factor} x UNet downsampling {multiple // pipe.vae_scale_factor}), "
+                f"e.g. {max(multiple, value // multiple * multiple)}"
+            )
+        size[name] = value
+    resolve_groups(pipe.tokenizer, args.prompt, subjects)  # a word not in the prompt or past its window
+    return size
+
+
+def _shapes_objects(prompt: str):
+    """The shapes-world objects of ``prompt`` for the evaluator (``ValueError`` when it names none)."""
+    from .shapes.prompts import parse_prompt
+
+    try:
+        return parse_prompt(prompt)
+    except ValueError as err:
+        raise ValueError(f"--evaluate: {err}") from None
+
+
+def _evaluation(image, objects) -> dict:
+    """The shapes-world evaluator's verdict on one image (``correct``: every object right, nothing else)."""
+    from .shapes.evaluator import evaluate
+
+    score = evaluate(image, objects)
+    return {
+        "correct": score.correct,
+        "all_present": score.all_present,
+        "all_bound": score.all_bound,
+        "neglect": score.neglect,
+        "colour_mixing": score.colour_mixing,
+        "extra": score.extra,
+    }
+
+
+def _write_json(path: Path, record: dict) -> None:
+    """Write ``record`` atomically: a killed run leaves the previous complete file."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, path)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
@@ -147,40 +302,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from . import viz
     from .pipeline import generate
 
-    if args.steps < 1:
-        raise ValueError(f"--steps {args.steps} is invalid: expected an integer >= 1")
+    check_arguments(args)  # everything that needs no model, before anything loads
     config = _config(args)
     subjects = _subjects(args, args.prompt)  # bad words and boxes fail before anything loads
-    if args.gligen and args.controlnet:
-        raise ValueError("--gligen and --controlnet are exclusive: choose one layout route")
-    if bool(args.control) != bool(args.controlnet):
-        raise ValueError(
-            "--controlnet and --control go together: a ControlNet needs a control image and vice versa"
-        )
+    shipped = args.model is None and not (args.gligen or args.controlnet)
+    objects = None
+    if args.evaluate or (shipped and default_model() is not None):
+        try:
+            objects = _shapes_objects(args.prompt)
+        except ValueError:
+            objects = None  # a prompt outside the shapes world on the shipped model: no marks
     pipe = load_pipeline(args)
-    call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
-    if args.height:
-        call["height"] = args.height
-    if args.width:
-        call["width"] = args.width
+    size = check_against_model(args, pipe, subjects)
+    call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, **size)
     if args.negative_prompt:
         call["negative_prompt"] = args.negative_prompt
     if args.control:
         from .adapters.controlnet import control_image
 
-        size = args.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-        call["image"] = control_image(args.control, size, controlnet=getattr(pipe, "controlnet", None))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        call["image"] = control_image(
+            args.control, size["height"], controlnet=getattr(pipe, "controlnet", None)
+        )
     seeds = list(range(args.seed, args.seed + args.num_images))
     runs = [("guided", True)] if not args.no_guidance else [("plain", False)]
-    if args.compare and not args.no_guidance:
+    if args.compare:
         runs = [("plain", False), ("guided", True)]
     record = {
+        "status": "running",
         "prompt": args.prompt,
         "model": args.model or default_model(),
         "config": dataclasses.asdict(config),
         "call": {k: v for k, v in call.items() if k != "image"},
+        "seeds": seeds,
         "layout": {
             "boxes": args.box,
             "gligen": args.gligen,
@@ -189,10 +342,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         },
         "lora": args.lora,
         "identifier": args.identifier,
+        "evaluator": "ait2i_ext.shapes.evaluator" if objects else None,
         "images": [],
     }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # nothing is created before every check has passed
+    _write_json(out / "run.json", record)
     stem = _slug(args.prompt)
-    with tqdm(total=len(seeds) * len(runs), desc="images", disable=args.quiet) as bar:
+    sheet: dict[str, list] = {label: [] for label, _ in runs}
+    with tqdm(total=len(seeds) * len(runs), desc="images", disable=True if args.quiet else None) as bar:
         for seed in seeds:
             pictures = {}
             for label, guided in runs:
@@ -221,23 +379,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     "groups": [dataclasses.asdict(g) for g in result.groups[0]],
                     "loss_per_step": [dataclasses.asdict(s) for s in result.steps],
                 }
+                if objects:
+                    entry["evaluation"] = _evaluation(image, objects)
+                sheet[label].append((seed, image, entry.get("evaluation", {}).get("correct")))
+                boxes = {g.name: g.box for g in result.groups[0] if g.box}
                 if args.attention_maps:
-                    boxes = {g.name: g.box for g in result.groups[0] if g.box}
                     grid = viz.attention_grid(image, result.group_maps(0), boxes or None)
                     entry["attention_maps"] = f"{stem}_{seed}_{label}_maps.png"
                     grid.save(out / entry["attention_maps"])
-                if any(g.box for g in result.groups[0]):
-                    boxes = {g.name: g.box for g in result.groups[0] if g.box}
+                if boxes:
                     entry["boxes"] = f"{stem}_{seed}_{label}_boxes.png"
                     viz.box_overlay(image, boxes).save(out / entry["boxes"])
                 record["images"].append(entry)
+                _write_json(out / "run.json", record)  # a killed run keeps what it made
                 bar.update(1)
             if len(pictures) == 2:
                 side = viz.side_by_side(pictures, title=args.prompt)
                 side.save(out / f"{stem}_{seed}_compare.png")
-    (out / "run.json").write_text(json.dumps(record, indent=2, default=str))
+    summary = []
+    if len(seeds) > 1 or objects:
+        record["sheet"] = f"{stem}_seeds.png"
+        viz.seed_sheet(sheet, title=args.prompt).save(out / record["sheet"])
+    if objects:
+        record["correct"] = {label: sum(bool(mark) for _, _, mark in rows) for label, rows in sheet.items()}
+        summary = [f"{label} {n}/{len(seeds)} right" for label, n in record["correct"].items()]
+    record["status"] = "done"
+    _write_json(out / "run.json", record)
     if not args.quiet:
-        print(f"wrote {len(record['images'])} image(s) and run.json to {out}")
+        extra = f" (evaluator: {', '.join(summary)})" if summary else ""
+        print(f"wrote {len(record['images'])} image(s) and run.json to {out}{extra}")
     return 0
 
 
@@ -245,6 +415,10 @@ def cmd_describe(args: argparse.Namespace) -> int:
     from .testing import load_clip_tokenizer
     from .tokens import describe, resolve_groups
 
+    if not args.prompt.strip():
+        raise ValueError("--prompt '' is empty: expected a text prompt")
+    if args.model and _missing_local_path(args.model):
+        raise ValueError(f"--model {args.model!r} does not exist: expected a local path or a hub id")
     if args.model:
         from transformers import CLIPTokenizer
 
@@ -272,8 +446,10 @@ def _true_or_false(text: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ait2i", description="AI-T2I attention guidance for diffusers pipelines."
+        prog="ait2i",
+        description="AI-T2I attention guidance for diffusers pipelines (the method: docs/method.md).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def subject_args(p):
@@ -292,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
             help='a layout box for a subject, normalised: --box "cat:0.05,0.2,0.5,0.9" (repeatable)',
         )
         p.add_argument(
-            "--identifier", help="personalisation token (e.g. sks) joining the group of the noun it precedes"
+            "--identifier",
+            help="personalisation token (e.g. sks) joining the group of the noun it precedes (default: none)",
         )
 
     g = sub.add_parser("generate", help="generate images with (or without) AI-T2I guidance")
@@ -301,37 +478,69 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         help="diffusers pipeline folder or hub id (default: the shipped shapes model); 'tiny' for random tiny components",
     )
-    g.add_argument("--out", required=True, help="output folder")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--num-images", type=int, default=1, help="images (consecutive seeds)")
-    g.add_argument("--steps", type=int, default=50, help="denoising steps")
-    g.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale")
-    g.add_argument("--negative-prompt")
-    g.add_argument("--height", type=int)
-    g.add_argument("--width", type=int)
-    g.add_argument("--no-guidance", action="store_true", help="plain sampling (the stock pipeline)")
+    g.add_argument("--out", required=True, help="output folder, created after every check has passed")
+    g.add_argument("--seed", type=int, default=0, help="seed of the first image (default: %(default)s)")
+    g.add_argument(
+        "--num-images",
+        type=int,
+        default=1,
+        help="images, one per consecutive seed from --seed (default: %(default)s); with several, "
+        "also a sheet of all seeds, *_seeds.png",
+    )
+    g.add_argument("--steps", type=int, default=50, help="denoising steps, 1-1000 (default: %(default)s)")
+    g.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=7.5,
+        help="classifier-free guidance scale, 0-50; <= 1 turns it off (default: %(default)s)",
+    )
+    g.add_argument("--negative-prompt", help="what the image should not show (default: none)")
+    g.add_argument(
+        "--height",
+        type=int,
+        help="image height in pixels, a multiple of what the model needs (the VAE factor x the UNet's "
+        "downsampling: 16 on the shipped model, 64 on Stable Diffusion) (default: the model's size)",
+    )
+    g.add_argument("--width", type=int, help="image width in pixels, as --height (default: the model's size)")
+    g.add_argument("--no-guidance", action="store_true", help="plain sampling only (the stock pipeline)")
     g.add_argument(
         "--compare",
         action="store_true",
-        help="also sample plain with the same seed and save both side by side",
+        help="sample plain and guided with the same seeds; save them side by side (*_compare.png)",
+    )
+    g.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="mark each image right or wrong with the shapes-world evaluator (the prompt must name "
+        "shapes-world objects); on by default for the shipped model when the prompt does",
     )
     g.add_argument(
         "--attention-maps",
         action="store_true",
-        help="save a grid of per-subject attention maps next to each image",
+        help="save each subject's attention map beside the image, with a colour bar (*_maps.png)",
     )
-    g.add_argument("--step-scale", type=float, default=20.0, help="alpha_i = step_scale * sqrt(s_i)")
-    g.add_argument("--isolation", choices=["euclidean", "cosine"], default="euclidean")
+    g.add_argument(
+        "--step-scale",
+        type=float,
+        default=20.0,
+        help="step size alpha_i = step_scale * sqrt(s_i), >= 0 (default: %(default)s)",
+    )
+    g.add_argument(
+        "--isolation",
+        choices=["euclidean", "cosine"],
+        default="euclidean",
+        help="isolation loss between subjects (default: %(default)s)",
+    )
     g.add_argument(
         "--aggregation-radius",
         type=float,
-        help="peak radius in cells of a 16x16 map, about a subject's radius (default: 5, METHOD's value for SD; "
-        "2.5 for the shipped shapes model, whose objects are small)",
+        help="peak radius in cells of a 16x16 map, about a subject's radius (default: 5, the value "
+        "docs/method.md gives for Stable Diffusion; 2.5 on the shipped shapes model, whose objects are small)",
     )
     g.add_argument(
         "--alignment-radius",
         type=float,
-        help="radius of the attribute / member alignment term (default: 6; 3 for the shipped shapes model)",
+        help="radius of the attribute / member alignment term (default: 6; 3 on the shipped shapes model)",
     )
     g.add_argument(
         "--mode",
@@ -341,26 +550,40 @@ def build_parser() -> argparse.ArgumentParser:
         "full, faster; lagged reuses the sampling pass (approximate, fastest)",
     )
     g.add_argument(
-        "--refinement", action="store_true", help="Attend-and-Excite iterative refinement at steps 0, 10, 20"
+        "--refinement",
+        action="store_true",
+        help="Attend-and-Excite iterative refinement at steps 0, 10, 20 (default: off)",
     )
     g.add_argument(
-        "--gligen", metavar="MODEL", help="a StableDiffusionGLIGENPipeline folder or hub id (boxes via --box)"
+        "--gligen",
+        metavar="MODEL",
+        help="a StableDiffusionGLIGENPipeline folder or hub id, boxes via --box (default: none)",
     )
     g.add_argument(
-        "--controlnet", metavar="MODEL", action="append", help="a ControlNet folder or hub id (repeatable)"
+        "--controlnet",
+        metavar="MODEL",
+        action="append",
+        help="a ControlNet folder or hub id, repeatable (default: none)",
     )
     g.add_argument(
         "--control",
         metavar="KIND:PATH",
-        help="control image: canny:photo.png, lineart:photo.png or image:edges.png",
+        help="control image for --controlnet: canny:photo.png, lineart:photo.png or image:edges.png",
     )
-    g.add_argument("--lora", metavar="PATH", help="a LoRA (.safetensors file or folder) to load")
-    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     g.add_argument(
-        "--threads", type=int, help="CPU threads (default: 1 for the shipped/tiny models, else torch's)"
+        "--lora", metavar="PATH", help="a LoRA (.safetensors file or folder) to load (default: none)"
     )
-    g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda, fp32 on cpu")
-    g.add_argument("--quiet", action="store_true")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
+    g.add_argument(
+        "--threads", type=int, help="CPU threads, >= 1 (default: 1 for the shipped/tiny models, else torch's)"
+    )
+    g.add_argument(
+        "--dtype",
+        choices=["fp32", "fp16", "bf16"],
+        help="weights' dtype (default: fp16 on cuda, fp32 on cpu)",
+    )
+    g.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bars")
+    g.add_argument("--verbose", action="store_true", help="also show the libraries' warnings and notes")
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("describe", help="show the token groups a prompt resolves to")
@@ -379,10 +602,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ait2i")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def quiet_libraries(verbose: bool = False, quiet: bool = False) -> None:
+    """Keep the libraries' routine notes out of a run's output (``verbose`` keeps them).
+
+    Silenced: diffusers' ``torch_dtype`` FutureWarning and its fp16-on-CPU note, peft/diffusers'
+    "No LoRA keys associated to CLIPTextModel", accelerate's notes, transformers' notes. Loading bars
+    show only on a terminal and never with ``quiet``.
+    """
+    import warnings
+
+    import diffusers
+    import transformers
+
+    if quiet or not sys.stderr.isatty():
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+    if verbose:
+        return
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*float16.*cpu.*", category=UserWarning)
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    for name in ("accelerate", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. its note that torchvision is absent
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    level = logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logger.setLevel(level)
+    quiet_libraries(verbose, quiet)
     try:
         return args.func(args)
     except (ValueError, OSError, ImportError) as err:

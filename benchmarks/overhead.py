@@ -25,7 +25,7 @@ Methods:
                         ``compiled_losses``); the compile happens in the untimed warm-up
 
 Memory is measured in one more, untimed, round (max over the prompts and seeds): on CUDA the peak of
-``torch.cuda.max_memory_allocated`` (weights included, as in ``shared/METHOD.md``); on CPU the peak
+``torch.cuda.max_memory_allocated`` (weights included, as in the reference figures of ``docs/performance.md``); on CPU the peak
 resident set above the one before sampling (weights excluded), read from ``VmHWM`` after resetting
 it through ``/proc/self/clear_refs``, with glibc set to mmap every block of 4 KiB or more so that
 freed tensors leave the resident set instead of staying in malloc's heap (see ``PeakMemory``).

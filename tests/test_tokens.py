@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from ait2i_ext.tokens import Subject, describe, eot_index, infer_subjects, resolve_groups, validate_box
@@ -42,17 +44,52 @@ def test_word_boundaries(tokenizer):
         resolve_groups(tokenizer, "a bobcat", ["cat"])
 
 
-@pytest.mark.parametrize(
-    "prompt, expected",
-    [
-        ("a red circle and a blue square", ["red circle", "blue square"]),
-        ("a cat with a hat", ["cat", "hat"]),
-        ("a red circle, a blue square and a green triangle", ["red circle", "blue square", "green triangle"]),
-        ("a photo of a cat and a dog", ["cat", "dog"]),
-    ],
-)
-def test_inference_rule(prompt, expected):
-    assert infer_subjects(prompt) == expected
+INFERENCE_CASES = [
+    ("a red circle and a blue square", ["red circle", "blue square"]),
+    ("a cat with a hat", ["cat", "hat"]),
+    ("a red circle, a blue square and a green triangle", ["red circle", "blue square", "green triangle"]),
+    ("a photo of a cat and a dog", ["cat", "dog"]),
+    ("a cat sitting on a mat", ["cat", "mat"]),
+    ("a dog running in the park, high quality", ["dog", "park"]),
+    ("a dog. a cat.", ["dog", "cat"]),
+    ("a dog chasing a cat", ["dog", "cat"]),
+    ("masterpiece, best quality, a fox in the snow, 8k", ["fox", "snow"]),
+    ("a king and a wedding ring", ["king", "wedding ring"]),
+    ("a hippopotamus and a hot dog", ["hippopotamus", "hot dog"]),
+]
+
+
+def _spacy_or_skip():
+    from ait2i_ext.tokens import spacy_pipeline
+
+    if spacy_pipeline() is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI installs the [nlp] extra: spaCy or its English model is missing")
+        pytest.skip('spaCy with an English model is not installed (pip install -e ".[nlp]")')
+
+
+@pytest.mark.parametrize("parser", ["rule", "spacy"])
+@pytest.mark.parametrize("prompt, expected", INFERENCE_CASES)
+def test_inference(prompt, expected, parser):
+    if parser == "spacy":
+        _spacy_or_skip()
+    assert infer_subjects(prompt, parser=parser) == expected
+
+
+def test_inference_auto_uses_spacy_when_installed(monkeypatch):
+    from ait2i_ext import tokens
+
+    monkeypatch.setattr(tokens, "spacy_pipeline", lambda: None)
+    assert infer_subjects("a cat sitting on a mat") == ["cat", "mat"]  # the rule
+    with pytest.raises(ValueError, match="needs spaCy"):
+        infer_subjects("a cat", parser="spacy")
+    with pytest.raises(ValueError, match="parser='nltk' is invalid"):
+        infer_subjects("a cat", parser="nltk")
+
+
+def test_rule_keeps_nouns_ending_in_ing_and_splits_at_verbs():
+    assert infer_subjects("a building behind a swing", parser="rule") == ["building", "swing"]
+    assert infer_subjects("a cat sits on a red mat", parser="rule") == ["cat", "red mat"]
 
 
 def test_inferred_groups(tokenizer):

@@ -52,19 +52,53 @@ def test_attention_grid_layout_and_example(tmp_path):
     cat = torch.zeros(16, 16)
     cat[2:8, 2:7] = 1.0
     dog = torch.zeros(16, 16)
-    dog[9:14, 9:15] = 1.0
-    dog[3, 12] = 0.6
+    dog[9:14, 9:15] = 0.5  # a weaker map: drawn on its own scale, its bar says 0.5
     grid = attention_grid(
         image, {"cat": cat, "dog": dog}, boxes={"cat": (0.1, 0.1, 0.45, 0.5), "dog": (0.55, 0.55, 0.95, 0.9)}
     )
     cell = 256
-    assert grid.width == 3 * cell and grid.height > cell
+    one = attention_grid(image, {"cat": cat})
+    panel = one.width - cell  # the cat's map and its colour bar
+    assert one.height == grid.height and cell + 30 < panel < cell + 120
+    assert cell + 30 < grid.width - cell - panel < cell + 120  # the dog's map and bar
     label = grid.height - cell
     pixels = np.asarray(grid).astype(int)
-    cat_hot = pixels[label + 4 * 16 + 8, cell + 4 * 16 + 8]  # inside the cat blob, on the cat tile
+    # the image panel is the image itself (no heat map laid over it), away from the boxes
+    upscaled = np.asarray(image.resize((cell, cell), Image.Resampling.NEAREST)).astype(int)
+    assert np.array_equal(pixels[label + 240 : label + 250, 5:20], upscaled[240:250, 5:20])
+    cat_hot = pixels[label + 4 * 16 + 8, cell + 4 * 16 + 8]  # inside the cat blob, on the cat panel
     cat_cold = pixels[label + 12 * 16, cell + 12 * 16]
+    dog_hot = pixels[label + 11 * 16 + 8, cell + panel + 11 * 16 + 8]
     assert cat_hot[0] > cat_hot[2] and cat_cold[2] > cat_cold[0]
-    assert (pixels[:label] != 255).any()  # labels were written
+    assert dog_hot[0] > dog_hot[2]  # hot on its own scale
+    for k in range(2):  # each map has its bar: hot on top, cold below
+        bar = pixels[label:, k * panel + 2 * cell + 8 : k * panel + 2 * cell + 20]
+        assert bar[2, 5, 0] > bar[2, 5, 2] and bar[-3, 5, 2] > bar[-3, 5, 0]
+    title = {tuple(p) for p in pixels[:label, cell : cell + panel].reshape(-1, 3)}
+    assert PALETTE[0] in title  # the cat's name in the cat's colour
     grid.save(tmp_path / "grid.png")
-    grid.save("/tmp/ait2i_viz_example.png")
-    assert attention_grid(image, {"cat": cat}).size == (2 * cell, grid.height)
+
+
+def test_colour_bar_labels_the_scale():
+    from ait2i_ext.viz import _font, colour_bar
+
+    bar = colour_bar(100, 0.25, _font(12))
+    pixels = np.asarray(bar).astype(int)
+    assert bar.height == 100 and bar.width > 30
+    assert pixels[1, 5, 0] > pixels[1, 5, 2] and pixels[98, 5, 2] > pixels[98, 5, 0]
+    assert (pixels[:, 22:] < 100).any()  # tick labels were written
+
+
+def test_seed_sheet_marks_right_and_wrong():
+    from ait2i_ext.viz import RIGHT, WRONG, seed_sheet
+
+    rows = {
+        "plain": [(0, grey_image(), False), (1, grey_image(), True)],
+        "guided": [(0, grey_image(), True), (1, grey_image(), True)],
+    }
+    sheet = seed_sheet(rows, title="a cat", cell=128)
+    pixels = {tuple(p) for p in np.asarray(sheet).reshape(-1, 3)}
+    assert RIGHT in pixels and WRONG in pixels
+    assert sheet.height > 2 * 128 and sheet.width > 2 * 128
+    unmarked = seed_sheet({"plain": [(0, grey_image(), None)]}, cell=128)
+    assert not {RIGHT, WRONG} & {tuple(p) for p in np.asarray(unmarked).reshape(-1, 3)}

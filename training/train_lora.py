@@ -2,7 +2,7 @@
 
 A small, readable version of diffusers' ``train_dreambooth_lora.py`` (diffusers + peft + accelerate),
 plus an optional attention regulariser that pulls the identifier's cross-attention map onto its
-class noun's peak (``shared/METHOD.md``, Personalisation). See ``docs/lora.md``.
+class noun's peak (``docs/method.md``, Personalisation). See ``docs/lora.md``.
 
     accelerate launch -m ait2i_ext.training.train_lora \\
         --pretrained_model path/or/hub-id --instance_data_dir dog/ \\
@@ -403,7 +403,7 @@ def attention_regulariser(
     attn: torch.Tensor, identifier_idx: Sequence[int], noun_idx: int, cfg: LossConfig | None = None
 ) -> torch.Tensor:
     """Alignment loss of the identifier's cross-attention maps onto its class noun's peak, per image
-    (``shared/METHOD.md``, group-member alignment with the identifier as the member).
+    (``docs/method.md``, group-member alignment with the identifier as the member).
 
     Args:
         attn (`torch.Tensor`): `(N, H, W, T)` cross-attention probabilities of the instance prompt.
