@@ -247,6 +247,11 @@ def boxed_comparison(
         )
         for i, row in enumerate(rows)
     ]
+    return stack_rows(strips)
+
+
+def stack_rows(strips: Sequence[Image.Image]) -> Image.Image:
+    """Images stacked top to bottom on white, left-aligned (e.g. rows of :func:`side_by_side`)."""
     grid = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), (255, 255, 255))
     y = 0
     for strip in strips:

@@ -187,17 +187,11 @@ class ClipScorer:
 
 
 def example_grid(rows: list[tuple[str, dict]], methods: list[str]):
-    from PIL import Image
+    from ait2i_ext.viz import side_by_side, stack_rows
 
-    from ait2i_ext.viz import side_by_side
-
-    strips = [side_by_side({m: images[m] for m in methods}, title=text, cell=160) for text, images in rows]
-    grid = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), (255, 255, 255))
-    y = 0
-    for s in strips:
-        grid.paste(s, (0, y))
-        y += s.height
-    return grid
+    return stack_rows(
+        [side_by_side({m: images[m] for m in methods}, title=text, cell=160) for text, images in rows]
+    )
 
 
 def format_table(rows: list[dict], keys: list[str]) -> str:
