@@ -17,11 +17,11 @@ def test_stock_from_pretrained_loads_the_shipped_gligen():
     assert pipe.unet.config.attention_type == "gated" and pipe.unet.config.sample_size == 16
 
 
-def test_loader_gives_a_float32_gligen_pipeline_with_open_gates():
+def test_loader_gives_a_float32_gligen_pipeline_with_trained_gates():
     pipe = load_gligen_pipeline()
     assert isinstance(pipe, StableDiffusionGLIGENPipeline) and pipe.unet.dtype == torch.float32
     gates = [p for n, p in pipe.unet.named_parameters() if n.endswith("alpha_attn")]
-    assert gates and all(g.abs() > 0.01 for g in gates)  # trained: the grounding is on
+    assert gates and all(g != 0 for g in gates) and max(g.abs() for g in gates) > 0.05  # trained from 0
 
 
 def test_shipped_gligen_shares_the_shapes_models_other_components():

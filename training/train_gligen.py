@@ -115,7 +115,8 @@ def gligen_pipeline_from(base):
     """
     from diffusers import StableDiffusionGLIGENPipeline, UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_config({**base.unet.config, "attention_type": "gated"})
+    config = {k: v for k, v in base.unet.config.items() if k != "_name_or_path"}  # no local paths
+    unet = UNet2DConditionModel.from_config({**config, "attention_type": "gated"})
     missing, unexpected = unet.load_state_dict(base.unet.state_dict(), strict=False)
     not_new = [k for k in missing if not any(k.startswith(m) or f".{m}." in k for m in TRAINED)]
     if not_new or unexpected:
