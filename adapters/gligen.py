@@ -20,6 +20,7 @@ How this adapter fits the pipeline without copying its ``__call__``:
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -133,6 +134,26 @@ def fusers_enabled(unet, enabled: bool) -> Iterator[None]:
             m.enabled = state
 
 
+def check_callback_follows_every_step(scheduler, num_inference_steps: int) -> None:
+    """Raise unless the pipeline's legacy callback runs after every UNet pass of the schedule.
+
+    The loop calls it only after its ``len(timesteps) - num_inference_steps * order`` warm-up
+    passes: PNDM's (its first timestep twice, or its Runge-Kutta steps) would go unguided, so guided
+    step 1 would be skipped silently. Checked on a copy of the scheduler, before any sampling.
+    """
+    probe = copy.deepcopy(scheduler)
+    probe.set_timesteps(num_inference_steps)
+    order = getattr(scheduler, "order", 1)
+    warm_up = len(probe.timesteps) - num_inference_steps * order
+    if warm_up > 0:
+        raise ValueError(
+            f"{type(scheduler).__name__} is not supported with GLIGEN guidance: its first {warm_up} UNet pass(es) "
+            "are a warm-up after which StableDiffusionGLIGENPipeline does not call back, so those steps could not "
+            "be guided; use pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config) (or Euler, "
+            "DPM-Solver++)"
+        )
+
+
 class GLIGENAdapter(StableDiffusionAdapter):
     """``StableDiffusionGLIGENPipeline``: grounded conditional pass and in-place latent updates.
 
@@ -172,6 +193,8 @@ class GLIGENAdapter(StableDiffusionAdapter):
     ) -> tuple[dict, Callable]:
         pipe = self.pipe
         layout = self.prepare(call_kwargs)
+        steps = call_kwargs.get("num_inference_steps", _call_default(pipe, "num_inference_steps"))
+        check_callback_follows_every_step(pipe.scheduler, steps)
         new, _ = super().encode(prompts, num_images, do_cfg, call_kwargs)
         prompt_embeds = new["prompt_embeds"]
         grounding = gligen_inputs(
@@ -258,6 +281,7 @@ def load_gligen_pipeline(path: str, dtype: torch.dtype | str | None = None):
 
 __all__ = [
     "GLIGENAdapter",
+    "check_callback_follows_every_step",
     "check_gligen_layout",
     "fusers_enabled",
     "gligen_inputs",

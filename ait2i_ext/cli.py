@@ -64,6 +64,40 @@ def default_model() -> str | None:
     return str(path) if (path / "model_index.json").exists() else None
 
 
+def layout_route(args: argparse.Namespace) -> str | None:
+    """Which layout route ``--box`` takes: ``"gligen"``, ``"boxes"``, ``"controlnet"`` or ``None`` (no boxes).
+
+    With boxes on the shipped model the shipped GLIGEN model grounds them unless ``--layout boxes``;
+    ``--gligen PATH`` is GLIGEN on any model. Fills ``args.gligen`` with the shipped GLIGEN when it
+    is chosen. Raises ``ValueError`` for a ``--layout`` that cannot be honoured.
+    """
+    from .shapes.gligen import default_gligen_path, gligen_installed
+
+    if args.layout == "boxes" and args.gligen:
+        raise ValueError("--layout boxes and --gligen contradict: --gligen grounds the boxes with GLIGEN")
+    if args.layout == "gligen" and not args.box and not args.gligen:
+        raise ValueError("--layout gligen needs boxes: add --box WORD:x0,y0,x1,y1 for each subject")
+    if args.controlnet:
+        if args.layout is not None:
+            raise ValueError(f"--layout {args.layout} does not apply with --controlnet")
+        return "controlnet"
+    if args.gligen:
+        return "gligen"
+    wants_gligen = args.layout == "gligen" or (args.layout is None and args.box)
+    if not wants_gligen:
+        return "boxes" if args.box else None
+    shipped = args.model is None and default_model() is not None
+    if shipped and gligen_installed():
+        args.gligen = default_gligen_path()
+        return "gligen"
+    if args.layout == "gligen":
+        raise ValueError(
+            f"--layout gligen: no GLIGEN model for --model {args.model!r}: pass --gligen PATH_OR_ID "
+            "(the shipped GLIGEN belongs to the shipped shapes model)"
+        )
+    return "boxes"
+
+
 def load_pipeline(args: argparse.Namespace):
     """The pipeline named by ``--model`` (a local folder or hub id; ``tiny`` for random tiny
     components), with ``--gligen``/``--controlnet``/``--lora`` applied."""
@@ -107,12 +141,19 @@ def load_pipeline(args: argparse.Namespace):
         # The shipped and tiny models are small: on a CPU one thread is fastest and never
         # oversubscribes a busy machine; large checkpoints get torch's default or --threads.
         small = args.model in (None, "tiny") and not (args.gligen or args.controlnet)
+        small = small or args.gligen == _shipped_gligen()
         threads = args.threads or (1 if small else None)
         if threads:
             torch.set_num_threads(threads)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True if args.quiet else None, leave=False, desc="denoising")
     return pipe
+
+
+def _shipped_gligen() -> str:
+    from .shapes.gligen import default_gligen_path
+
+    return default_gligen_path()
 
 
 def _subjects(args: argparse.Namespace, prompt: str):
@@ -312,6 +353,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             objects = _shapes_objects(args.prompt)
         except ValueError:
             objects = None  # a prompt outside the shapes world on the shipped model: no marks
+    route = layout_route(args)  # may pick the shipped GLIGEN for --box on the shipped model
     pipe = load_pipeline(args)
     size = check_against_model(args, pipe, subjects)
     call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, **size)
@@ -335,6 +377,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "call": {k: v for k, v in call.items() if k != "image"},
         "seeds": seeds,
         "layout": {
+            "route": route,
             "boxes": args.box,
             "gligen": args.gligen,
             "controlnet": args.controlnet,
@@ -558,6 +601,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--gligen",
         metavar="MODEL",
         help="a StableDiffusionGLIGENPipeline folder or hub id, boxes via --box (default: none)",
+    )
+    g.add_argument(
+        "--layout",
+        choices=["gligen", "boxes"],
+        help="how --box places the subjects: gligen (default on the shipped model: the shipped GLIGEN model "
+        "grounds the boxes, plus the box term) or boxes (the box term alone, on the plain model)",
     )
     g.add_argument(
         "--controlnet",

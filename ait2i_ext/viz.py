@@ -311,3 +311,41 @@ def side_by_side(images: Mapping[str, Image.Image], title: str | None = None, ce
         draw.text((column * cell + 6, top - line + 4), label, fill=(0, 0, 0), font=font)
         grid.paste(tile, (column * cell, top))
     return grid
+
+
+def boxed_comparison(
+    rows: Sequence[Mapping[str, Image.Image]],
+    boxes: Mapping[str, Box],
+    title: str | None = None,
+    cell: int = 192,
+) -> Image.Image:
+    """Methods side by side (columns) for several seeds (rows), the layout boxes drawn over every image.
+
+    Args:
+        rows (`Sequence[Mapping[str, PIL.Image.Image]]`): per row, label -> image (same labels in every row).
+        boxes (`Mapping[str, tuple]`): label -> ``(x0, y0, x1, y1)`` in ``[0, 1]``, drawn on each image.
+        title (`str`, *optional*): a line above the first row (e.g. the prompt).
+        cell (`int`): tile width in pixels.
+
+    Returns:
+        `PIL.Image.Image`: RGB, ``len(rows[0]) * cell`` wide.
+    """
+    if not rows:
+        raise ValueError("boxed_comparison needs at least one row of images")
+    strips = [
+        side_by_side(
+            {k: box_overlay(v, boxes, cell) for k, v in row.items()}, title if i == 0 else None, cell
+        )
+        for i, row in enumerate(rows)
+    ]
+    return stack_rows(strips)
+
+
+def stack_rows(strips: Sequence[Image.Image]) -> Image.Image:
+    """Images stacked top to bottom on white, left-aligned (e.g. rows of :func:`side_by_side`)."""
+    grid = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), (255, 255, 255))
+    y = 0
+    for strip in strips:
+        grid.paste(strip, (0, y))
+        y += strip.height
+    return grid

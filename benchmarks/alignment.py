@@ -10,7 +10,9 @@ Methods: ``plain`` (the stock pipeline), ``attend-excite`` (diffusers'
 (defaults and the model's ``ait2i.json``: on the shipped shapes model its radii 2.5 / 3), ``ait2i-reference`` (the
 reference radii 5 / 6 whatever the model), ``ait2i-no-agg`` (aggregation and alignment weights 0), ``ait2i-no-iso`` (isolation
 weight 0), ``ait2i-boxes`` (each subject also gets its layout box: the box terms of
-docs/layout.md), ``ait2i-lagged`` (the approximate ``"lagged"`` mode); ``--methods`` picks. The
+docs/layout.md), ``ait2i-lagged`` (the approximate ``"lagged"`` mode), ``gligen`` (the GLIGEN
+model of ``--gligen``, by default the shipped GLIGEN shapes model, grounded on the layout boxes)
+and ``gligen-ait2i`` (the same with ait2i guidance and the box term); ``--methods`` picks. The
 ``in_box`` column is the share of objects drawn in their layout box (IoU >= 0.5). On the shapes model every image is scored by
 ``ait2i_ext.shapes.evaluator``: all subjects present (colour and shape), colours bound, fully
 correct; plus seconds per image. With ``--model`` (a Stable Diffusion checkpoint) the prompts are
@@ -40,7 +42,10 @@ METHODS = (
     "ait2i-no-iso",
     "ait2i-boxes",
     "ait2i-lagged",
+    "gligen",
+    "gligen-ait2i",
 )
+GLIGEN_METHODS = ("gligen", "gligen-ait2i")
 ANIMALS = (
     "cat",
     "dog",
@@ -73,6 +78,7 @@ def method_config(
         "ait2i-reference": LossConfig(),
         "ait2i-boxes": LossConfig(**radii),
         "ait2i-lagged": LossConfig(**radii),
+        "gligen-ait2i": LossConfig(**radii),
         "ait2i-no-agg": LossConfig(**{**radii, "w_aggregation": 0.0, "w_alignment": 0.0}),
         "ait2i-no-iso": LossConfig(**{**radii, "w_isolation": 0.0}),
     }.get(method)
@@ -107,8 +113,12 @@ def animal_cases(per_set: int) -> list[Case]:
     return [Case("animals", f"a {a} and a {b}", (a, b), (a, b)) for a, b in pairs]
 
 
-def run_method(pipe, ae_pipe, method: str, case: Case, seeds: list[int], args) -> tuple[list, float]:
-    """Images for ``seeds`` (one batch) and seconds per image."""
+def run_method(
+    pipe, ae_pipe, method: str, case: Case, seeds: list[int], args, gligen_pipe=None
+) -> tuple[list, float]:
+    """Images for ``seeds`` (one batch) and seconds per image (``gligen_pipe`` for the GLIGEN methods;
+    ``gligen`` is ``generate(..., guidance=False)``: the stock pipeline call, phrases and boxes filled
+    from the subjects' boxes)."""
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     call = dict(
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, num_images_per_prompt=len(seeds)
@@ -116,6 +126,17 @@ def run_method(pipe, ae_pipe, method: str, case: Case, seeds: list[int], args) -
     start = time.perf_counter()
     if method == "plain":
         images = pipe(case.text, generator=generators, **call).images
+    elif method in GLIGEN_METHODS:
+        out = generate(
+            gligen_pipe,
+            case.text,
+            list(case.boxed),
+            config=method_config("gligen-ait2i", args.mode, args.step_scale, args.radii),
+            guidance=method == "gligen-ait2i",
+            generator=generators,
+            **call,
+        )
+        images = out.images
     elif method == "attend-excite":
         groups = resolve_groups(pipe.tokenizer, case.text, list(case.subjects))
         images = ae_pipe(
@@ -167,17 +188,11 @@ class ClipScorer:
 
 
 def example_grid(rows: list[tuple[str, dict]], methods: list[str]):
-    from PIL import Image
+    from ait2i_ext.viz import side_by_side, stack_rows
 
-    from ait2i_ext.viz import side_by_side
-
-    strips = [side_by_side({m: images[m] for m in methods}, title=text, cell=160) for text, images in rows]
-    grid = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), (255, 255, 255))
-    y = 0
-    for s in strips:
-        grid.paste(s, (0, y))
-        y += s.height
-    return grid
+    return stack_rows(
+        [side_by_side({m: images[m] for m in methods}, title=text, cell=160) for text, images in rows]
+    )
 
 
 def format_table(rows: list[dict], keys: list[str]) -> str:
@@ -213,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--prompts-per-set", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=64, help="seeds 0..N-1 for every prompt and method")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds FIRST..FIRST+N-1 (a report split)")
+    parser.add_argument(
+        "--gligen",
+        help="GLIGEN pipeline folder for the gligen methods (default: the shipped GLIGEN shapes model)",
+    )
     parser.add_argument("--batch", type=int, default=32, help="seeds sampled together")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
@@ -277,10 +297,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         ae_pipe.set_progress_bar_config(disable=True)
     clip = ClipScorer(args.clip_model, device) if args.clip_model else None
+    gligen_pipe = None
+    if any(m in GLIGEN_METHODS for m in methods) and not all(c.boxed for c in cases):
+        raise SystemExit("--methods gligen, gligen-ait2i need layout boxes: use the shapes prompts")
+    if any(m in GLIGEN_METHODS for m in methods):
+        from ait2i_ext.shapes.gligen import load_gligen_pipeline
+
+        gligen_pipe = load_gligen_pipeline(dtype, args.gligen).to(device)
+        gligen_pipe.set_progress_bar_config(disable=True)
 
     # warm-up (first calls allocate and pick kernels), so the first method timed is not penalised
     pipe(cases[0].text, num_inference_steps=1, guidance_scale=args.guidance_scale)
-    seeds_all = list(range(args.seeds))
+    seeds_all = list(range(args.first_seed, args.first_seed + args.seeds))
     records, examples = [], {}
     with state.split_between_processes(seeds_all) as my_seeds:
         batches = [my_seeds[i : i + args.batch] for i in range(0, len(my_seeds), args.batch)]
@@ -290,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             for method in methods:
                 for seeds in batches:
-                    images, seconds = run_method(pipe, ae_pipe, method, case, seeds, args)
+                    images, seconds = run_method(pipe, ae_pipe, method, case, seeds, args, gligen_pipe)
                     for seed, image in zip(seeds, images):
                         scores = (
                             score_shapes(image, case)
@@ -307,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                                 **scores,
                             }
                         )
-                        if seed == 0 and len({c for c, _ in examples}) < args.examples:
+                        if seed == args.first_seed and len({c for c, _ in examples}) < args.examples:
                             examples[(case.text, method)] = image
                     bar.update(1)
         bar.close()

@@ -27,18 +27,14 @@ def random_shapes_model(tmp_path_factory):
     return path
 
 
+def shapes_two(model) -> list[str]:
+    """Benchmark arguments for the first prompt of the ``two`` set on ``model``."""
+    return ["--model", str(model), "--prompts", "shapes", "--sets", "two", "--prompts-per-set", "1"]
+
+
 def test_alignment_benchmark_runs_and_writes_its_table(random_shapes_model, tmp_path, capsys):
     alignment = _load("alignment")
-    argv = [
-        "--model",
-        str(random_shapes_model),
-        "--prompts",
-        "shapes",
-        "--sets",
-        "two",
-        "--prompts-per-set",
-        "1",
-    ]
+    argv = shapes_two(random_shapes_model)
     argv += [
         "--seeds",
         "2",
@@ -55,6 +51,23 @@ def test_alignment_benchmark_runs_and_writes_its_table(random_shapes_model, tmp_
     assert all(r["n"] == 2 and 0.0 <= r["in_box"] <= 1.0 for r in rows)
     assert "ait2i-boxes" in capsys.readouterr().out
     assert (tmp_path / "examples.png").exists()
+
+
+def test_alignment_benchmark_gligen_methods_share_seeds(random_shapes_model, tmp_path):
+    from ait2i_ext.training.train_gligen import gligen_pipeline_from
+    from diffusers import StableDiffusionPipeline
+
+    gligen = tmp_path / "gligen"
+    gligen_pipeline_from(StableDiffusionPipeline.from_pretrained(random_shapes_model)).save_pretrained(gligen)
+    argv = shapes_two(random_shapes_model)
+    argv += ["--seeds", "2", "--first-seed", "7", "--steps", "2", "--methods", "plain,gligen,gligen-ait2i"]
+    out = tmp_path / "out"
+    assert _load("alignment").main([*argv, "--gligen", str(gligen), "--out", str(out)]) == 0
+    table = json.loads((out / "table.json").read_text())
+    rows = {(r["set"], r["method"]): r for r in table["rows"]}
+    assert {m for _, m in rows} == {"plain", "gligen", "gligen-ait2i"}
+    assert all(r["n"] == 2 and 0.0 <= r["in_box"] <= 1.0 for r in rows.values())
+    assert table["args"]["first_seed"] == 7
 
 
 def test_alignment_benchmark_rejects_unknown_methods(random_shapes_model, tmp_path):

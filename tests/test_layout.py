@@ -24,6 +24,7 @@ from ait2i_ext.adapters.layout import parse_box_arg, subjects_with_boxes
 from diffusers import (
     DDIMScheduler,
     HeunDiscreteScheduler,
+    PNDMScheduler,
     StableDiffusionControlNetPipeline,
     StableDiffusionXLControlNetPipeline,
     UNet2DConditionModel,
@@ -322,6 +323,41 @@ def test_gligen_bad_inputs(gligen_pipe):
             GLIGENAdapter(gligen_pipe, SUBJECTS).attach({}, lambda i, t, tensors: tensors)
     finally:
         gligen_pipe.scheduler = scheduler
+
+
+def _guided_steps(pipe, scheduler_cls, **scheduler_kwargs) -> list[int]:
+    scheduler = pipe.scheduler
+    try:
+        pipe.scheduler = scheduler_cls.from_config(scheduler.config, **scheduler_kwargs)
+        out = generate(
+            pipe,
+            PROMPT,
+            SUBJECTS,
+            config=AIT2IConfig(schedule=ScheduleConfig(step_scale=1.0)),
+            adapter=GLIGENAdapter(pipe, SUBJECTS),
+            num_inference_steps=8,
+            generator=seed(),
+            output_type="latent",
+        )
+    finally:
+        pipe.scheduler = scheduler
+    return [r.step for r in out.steps]
+
+
+def test_gligen_guides_every_scheduled_step(gligen_pipe):
+    assert _guided_steps(gligen_pipe, DDIMScheduler) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("skip_prk_steps", [True, False])
+def test_gligen_refuses_schedulers_whose_warm_up_skips_the_callback(gligen_pipe, skip_prk_steps):
+    # PNDM runs UNet passes before the legacy callback starts (its warm-up): guided step 1 would be
+    # skipped silently ([0, 2, 3]). It must be a clear error before any sampling.
+    with (
+        UNetCalls(gligen_pipe.unet) as calls,
+        pytest.raises(ValueError, match="PNDMScheduler.*DDIMScheduler"),
+    ):
+        _guided_steps(gligen_pipe, PNDMScheduler, skip_prk_steps=skip_prk_steps)
+    assert calls == []
 
 
 # --- ControlNet -----------------------------------------------------------------------------------

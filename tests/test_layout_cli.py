@@ -55,3 +55,46 @@ def test_route_argument_errors(tmp_path, capsys, extra, message):
     assert main(["generate", "--model", "tiny", *COMMON, *extra, "--out", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+# --- the shipped GLIGEN shapes model ------------------------------------------------------------
+
+SHAPES = ["--prompt", "a red circle and a blue square", "--steps", "2", "--quiet"]
+SHAPE_BOXES = ["--box", "circle:0.05,0.05,0.45,0.45", "--box", "square:0.55,0.55,0.95,0.95"]
+
+
+@pytest.mark.parametrize(
+    "extra, route, gligen",
+    [([], "gligen", True), (["--layout", "gligen"], "gligen", True), (["--layout", "boxes"], "boxes", False)],
+)
+def test_box_on_the_shipped_model_takes_the_shipped_gligen_unless_told(tmp_path, extra, route, gligen):
+    from ait2i_ext.shapes.gligen import default_gligen_path
+
+    out = tmp_path / "o"
+    assert main(["generate", *SHAPES, *SHAPE_BOXES, *extra, "--out", str(out)]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["layout"]["route"] == route
+    assert record["layout"]["gligen"] == (default_gligen_path() if gligen else None)
+    assert record["config"]["loss"]["aggregation_radius"] == 2.5  # the shapes radii on both routes
+    (entry,) = record["images"]
+    assert [g["box"] for g in entry["groups"]] == [[0.05, 0.05, 0.45, 0.45], [0.55, 0.55, 0.95, 0.95]]
+
+
+def test_no_box_no_layout_route(tmp_path):
+    assert main(["generate", *SHAPES, "--out", str(tmp_path / "o")]) == 0
+    record = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert record["layout"]["route"] is None and record["layout"]["gligen"] is None
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--layout", "gligen"], "--layout gligen needs boxes"),
+        (["--layout", "boxes", "--gligen", "g", *SHAPE_BOXES], "--layout boxes and --gligen contradict"),
+        (["--model", "tiny", "--layout", "gligen", *SHAPE_BOXES], "no GLIGEN model for --model 'tiny'"),
+    ],
+)
+def test_layout_argument_errors(tmp_path, capsys, extra, message):
+    assert main(["generate", *SHAPES, *extra, "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -151,6 +151,44 @@ def _checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def resume_state(accelerator, output_dir: Path, resume: str | None) -> Path | None:
+    """Load ``--resume`` (``"latest"`` or a checkpoint folder) into the accelerator's registered state.
+
+    Returns the checkpoint loaded, or ``None`` (no ``--resume``, or no checkpoint yet: a fresh start).
+    """
+    if not resume:
+        return None
+    ckpts = _checkpoints(output_dir)
+    path = (ckpts[-1] if ckpts else None) if resume == "latest" else Path(resume)
+    if path is None:
+        logger.info("no checkpoint in %s: starting from scratch", output_dir)
+        return None
+    accelerator.load_state(str(path))
+    return path
+
+
+def caption_ids(tokenizer, captions: list[str], device) -> torch.Tensor:
+    """``(B, 77)`` token ids of ``captions``, padded to the tokenizer's length as the pipelines pad."""
+    return tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
+
+
+def v_loss(pred: torch.Tensor, target: torch.Tensor, snr: torch.Tensor, min_snr_gamma: float) -> torch.Tensor:
+    """Mean squared error on ``v``, each sample weighted by min-SNR-gamma (``gamma = 0``: unweighted).
+
+    Args:
+        pred, target: ``(B, C, H, W)`` predicted and true velocities.
+        snr: ``(B,)`` signal-to-noise ratio of each sample's timestep.
+    """
+    weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1.0) if min_snr_gamma else torch.ones_like(snr)
+    return (weight * F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))).mean()
+
+
 def export_pipeline(
     pipe, ema: EMA, params: list[torch.nn.Parameter], scaling_factor: float, path: Path
 ) -> None:
@@ -219,16 +257,11 @@ def main(argv: list[str] | None = None) -> Path:
     progress = Progress()
     accelerator.register_for_checkpointing(ema, progress)
 
-    if args.resume:
-        ckpts = _checkpoints(output_dir)
-        path = (ckpts[-1] if ckpts else None) if args.resume == "latest" else Path(args.resume)
-        if path is None:
-            logger.info("no checkpoint in %s: starting from scratch", output_dir)
-        else:
-            accelerator.load_state(str(path))
-            logger.info(
-                "resumed from %s (vae step %d, unet step %d)", path, progress.vae_step, progress.unet_step
-            )
+    path = resume_state(accelerator, output_dir, args.resume)
+    if path is not None:
+        logger.info(
+            "resumed from %s (vae step %d, unet step %d)", path, progress.vae_step, progress.unet_step
+        )
 
     start = last_ckpt = time.monotonic()
 
@@ -350,13 +383,7 @@ def main(argv: list[str] | None = None) -> Path:
                 )
             with torch.no_grad():
                 latents = vae.encode(pixels).latent_dist.mean * progress.scaling_factor
-            ids = tokenizer(
-                captions,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(accelerator.device)
+            ids = caption_ids(tokenizer, captions, accelerator.device)
             noise = torch.randn_like(latents)
             t = torch.randint(
                 0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
@@ -365,11 +392,7 @@ def main(argv: list[str] | None = None) -> Path:
             target = scheduler.get_velocity(latents, noise, t)
             with accelerator.autocast():
                 pred = unet(noisy, t, text_encoder(ids)[0]).sample
-            snr = snr_all[t]
-            weight = torch.clamp(snr, max=args.min_snr_gamma) / (snr + 1.0)  # min-SNR-gamma for v
-            loss = (
-                weight * F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-            ).mean()
+            loss = v_loss(pred, target, snr_all[t], args.min_snr_gamma)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(diffusion_params, 1.0)
             opt.step()

@@ -16,6 +16,7 @@ from .data import (
     sample_scene,
 )
 from .evaluator import Detection, EvaluatorConfig, ObjectScore, PromptScore, detect, evaluate
+from .gligen import default_gligen_path, load_gligen_pipeline
 from .model import build_shapes_pipeline, default_model_path
 from .prompts import (
     PROMPT_SETS,
@@ -43,9 +44,11 @@ __all__ = [
     "ShapeObject",
     "SubjectWords",
     "build_shapes_pipeline",
+    "default_gligen_path",
     "default_model_path",
     "detect",
     "evaluate",
+    "load_gligen_pipeline",
     "parse_prompt",
     "prompt_set",
     "render_scene",
