@@ -211,7 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         "--sets", default="two,three,held_out,hard", help="shapes prompt sets, comma-separated"
     )
     parser.add_argument("--prompts-per-set", type=int, default=4)
-    parser.add_argument("--seeds", type=int, default=64, help="seeds 0..N-1 for every prompt and method")
+    parser.add_argument("--seeds", type=int, default=64, help="N seeds for every prompt and method")
+    parser.add_argument(
+        "--seed-offset",
+        type=int,
+        default=0,
+        help="first seed: seeds OFFSET..OFFSET+N-1 (a split not tuned on)",
+    )
     parser.add_argument("--batch", type=int, default=32, help="seeds sampled together")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
@@ -274,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # warm-up (first calls allocate and pick kernels), so the first method timed is not penalised
     pipe(cases[0].text, num_inference_steps=1, guidance_scale=args.guidance_scale)
-    seeds_all = list(range(args.seeds))
+    seeds_all = list(range(args.seed_offset, args.seed_offset + args.seeds))
     records, examples = [], {}
     with state.split_between_processes(seeds_all) as my_seeds:
         batches = [my_seeds[i : i + args.batch] for i in range(0, len(my_seeds), args.batch)]
@@ -301,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                                 **scores,
                             }
                         )
-                        if seed == 0 and len({c for c, _ in examples}) < args.examples:
+                        if seed == args.seed_offset and len({c for c, _ in examples}) < args.examples:
                             examples[(case.text, method)] = image
                     bar.update(1)
         bar.close()
@@ -334,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(rows, keys)
     print(
-        f"model: {model}; {len(cases)} prompts x {args.seeds} seeds; {args.steps} steps; "
+        f"model: {model}; {len(cases)} prompts x {args.seeds} seeds from {args.seed_offset}; {args.steps} steps; "
         f"guidance scale {args.guidance_scale}; device {device}"
     )
     print(table)

@@ -169,6 +169,26 @@ def test_boxes_alone_move_attention_into_the_boxes(arch, sharpness):
     assert all(g < p for g, p in zip(box_guided[1:], box_plain[1:], strict=True))
 
 
+def test_box_schedule_adds_box_only_updates_on_the_first_steps():
+    pipe = tiny_sd_pipeline()
+    sharpen(pipe.unet, 8.0)
+    schedule = dict(step_scale=0.0, guided_fraction=0.5, box_guided_fraction=0.25, box_step_scale=100.0)
+    config = AIT2IConfig(schedule=ScheduleConfig(box_iterations=3, **schedule))
+    call = dict(num_inference_steps=8, output_type="latent")
+    boxed = generate(pipe, PROMPT, SUBJECTS, config=config, generator=seed(), **call)
+    # steps 0-1 (a quarter of 8): the update plus 3 box-only ones; steps 2-3: the update alone
+    assert [r.iterations for r in boxed.steps] == [4, 4, 1, 1]
+    unboxed = generate(pipe, PROMPT, ["cat", "dog"], config=config, generator=seed(), **call)
+    assert [r.iterations for r in unboxed.steps] == [1, 1, 1, 1]  # no boxes: the schedule is off
+    # the box-only updates lower the box term of the next steps (the main update has step 0 here)
+    plain = AIT2IConfig(schedule=ScheduleConfig(**schedule))
+    observed = generate(pipe, PROMPT, SUBJECTS, config=plain, generator=seed(), **call)
+    assert boxed.loss_curve("box")[0] == pytest.approx(observed.loss_curve("box")[0])
+    assert all(
+        b < o for b, o in zip(boxed.loss_curve("box")[1:], observed.loss_curve("box")[1:], strict=True)
+    )
+
+
 # --- GLIGEN -------------------------------------------------------------------------------------
 
 
