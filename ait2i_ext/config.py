@@ -102,7 +102,7 @@ class ScheduleConfig:
     refinement: bool = False
     refinement_thresholds: tuple[tuple[int, float], ...] = ((0, 0.05), (10, 0.5), (20, 0.8))
     max_refinement_iters: int = 20
-    box_iterations: int = 0
+    box_iterations: int = 3
     box_guided_fraction: float = 0.2
     box_step_scale: float = 20.0
 

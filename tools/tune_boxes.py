@@ -43,6 +43,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
         {"w_box_topk": 1.0},
         {"box_iterations": 5, "box_guided_fraction": 0.2, "box_step_scale": 60.0},
     ),
+    "iters5-s10": ({}, {"box_iterations": 5, "box_guided_fraction": 0.2, "box_step_scale": 10.0}),
+    "iters3": ({}, {"box_iterations": 3, "box_guided_fraction": 0.2, "box_step_scale": 20.0}),
     "iters5-noleak": (
         {"box_leak_weight": 0.0},
         {"box_iterations": 5, "box_guided_fraction": 0.2, "box_step_scale": 60.0},
