@@ -307,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                                 **scores,
                             }
                         )
-                        if seed == args.seed_offset and len({c for c, _ in examples}) < args.examples:
+                        shown = {c for c, _ in examples}  # every method of a prompt already shown
+                        if seed == args.seed_offset and (case.text in shown or len(shown) < args.examples):
                             examples[(case.text, method)] = image
                     bar.update(1)
         bar.close()

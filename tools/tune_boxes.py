@@ -31,8 +31,8 @@ RADII = dict(aggregation_radius=SHAPES_LOSS.aggregation_radius, alignment_radius
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "plain": ({}, {}),
     "ait2i": ({}, {}),
-    "boxes": ({}, {}),  # the box term as shipped before issue 10 (weight 1, the AI-T2I schedule)
-    "wbox4": ({"w_box": 4.0}, {}),
+    "boxes": ({}, {"box_iterations": 0}),  # the box term before issue 10 (weight 1, no box schedule)
+    "wbox4": ({"w_box": 4.0}, {"box_iterations": 0}),
     "iters5": ({}, {"box_iterations": 5, "box_guided_fraction": 0.2, "box_step_scale": 20.0}),
     "iters5-s60": ({}, {"box_iterations": 5, "box_guided_fraction": 0.2, "box_step_scale": 60.0}),
     "iters5-sq": (
@@ -44,7 +44,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
         {"box_iterations": 5, "box_guided_fraction": 0.2, "box_step_scale": 60.0},
     ),
     "iters5-s10": ({}, {"box_iterations": 5, "box_guided_fraction": 0.2, "box_step_scale": 10.0}),
-    "iters3": ({}, {"box_iterations": 3, "box_guided_fraction": 0.2, "box_step_scale": 20.0}),
+    "iters3": ({}, {"box_iterations": 3, "box_guided_fraction": 0.2, "box_step_scale": 20.0}),  # the default
     "iters5-noleak": (
         {"box_leak_weight": 0.0},
         {"box_iterations": 5, "box_guided_fraction": 0.2, "box_step_scale": 60.0},
