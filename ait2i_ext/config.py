@@ -44,6 +44,10 @@ class LossConfig:
     w_existence: float = 0.25
     w_alignment: float = 0.75
     w_box: float = 1.0
+    box_leak_weight: float = 1.0
+    box_power: float = 1.0
+    w_box_topk: float = 0.0
+    box_topk_fraction: float = 0.2
     isolation: IsolationMode = "euclidean"
     top_k: int = 3
     aggregation_radius: float = 5.0
@@ -64,6 +68,8 @@ class LossConfig:
             "w_alignment",
             "w_box",
             "box_centroid_weight",
+            "box_leak_weight",
+            "w_box_topk",
         ):
             value = getattr(self, name)
             _check(value >= 0, name, value, "a weight >= 0")
@@ -93,6 +99,13 @@ class LossConfig:
             self.smoothing_kernel,
             "an odd integer >= 1",
         )
+        _check(self.box_power >= 1, "box_power", self.box_power, "a number >= 1")
+        _check(
+            0 < self.box_topk_fraction <= 1,
+            "box_topk_fraction",
+            self.box_topk_fraction,
+            "a fraction in (0, 1]",
+        )
 
 
 @dataclass(frozen=True)
@@ -105,6 +118,10 @@ class ScheduleConfig:
     existence loss falls below ``1 - threshold``, at most ``max_refinement_iters`` times; with
     ``refinement_scope="image"`` each image of a batch stops on its own (its result does not depend
     on the other images of the batch), with ``"batch"`` all continue while the worst has not met it.
+
+    Layout boxes get their own schedule on top (layout guidance's, Chen et al. 2023): on the first
+    ``box_guided_fraction`` of the steps, ``box_iterations`` extra updates descend the box term
+    alone with step ``box_step_scale``. Without boxes these fields do nothing.
     """
 
     step_scale: float = 20.0
@@ -115,9 +132,20 @@ class ScheduleConfig:
     refinement_thresholds: tuple[tuple[int, float], ...] = ((0, 0.05), (10, 0.5), (20, 0.8))
     max_refinement_iters: int = 20
     refinement_scope: RefinementScope = "image"
+    box_iterations: int = 3
+    box_guided_fraction: float = 0.2
+    box_step_scale: float = 20.0
 
     def __post_init__(self) -> None:
         _check(self.step_scale >= 0, "step_scale", self.step_scale, "a number >= 0")
+        _check(self.box_iterations >= 0, "box_iterations", self.box_iterations, "an integer >= 0")
+        _check(
+            0.0 <= self.box_guided_fraction <= 1.0,
+            "box_guided_fraction",
+            self.box_guided_fraction,
+            "a fraction in [0, 1]",
+        )
+        _check(self.box_step_scale >= 0, "box_step_scale", self.box_step_scale, "a number >= 0")
         _check(
             0.0 <= self.guided_fraction <= 1.0,
             "guided_fraction",
@@ -147,6 +175,10 @@ class ScheduleConfig:
         the authors' code guides the loop indices ``i < 25``.
         """
         return math.floor(num_steps * self.guided_fraction + 1e-9)
+
+    def num_box_steps(self, num_steps: int) -> int:
+        """Number of leading denoising steps that get the extra box-term updates."""
+        return int(round(num_steps * self.box_guided_fraction)) if self.box_iterations else 0
 
     def step_sizes(self, num_steps: int) -> list[float]:
         """``alpha_i`` for every step ``i`` of a ``num_steps`` schedule (0 where unguided)."""

@@ -86,8 +86,12 @@ def guidance_step(
     config: AIT2IConfig,
     step_size: float | torch.Tensor,
     input_scale: float = 1.0,
+    term: str = "total",
 ) -> tuple[torch.Tensor, LossTerms, torch.Tensor]:
     """One latent update ``z <- z - step_size * grad_z L``, taken in the UNet's input space.
+
+    ``L`` is the ``term`` field of :class:`LossTerms`: ``"total"`` (the objective) or one raw term,
+    e.g. ``"box"`` for the box-only updates of the layout schedule.
 
     ``input_scale`` is the factor ``c`` the scheduler applies before the UNet (``scale_model_input``;
     1 for DDIM/PNDM/DPM, ``1/sqrt(sigma^2+1)`` for Euler-type). The step is taken on ``c * z`` so that
@@ -102,7 +106,7 @@ def guidance_step(
         z = latents.detach().requires_grad_(True)
         attn = capture_maps(unet, forward, z, t, config)
         terms = batch_losses(attn, targets, config)
-        (grad,) = torch.autograd.grad(terms.total.sum(), z)
+        (grad,) = torch.autograd.grad(getattr(terms, term).sum(), z)
     if torch.is_tensor(step_size):
         step_size = step_size.to(grad.device, grad.dtype).view(-1, *[1] * (grad.ndim - 1))
     new = (z.detach() - (step_size / input_scale**2) * grad.to(z.dtype)).to(latents.dtype)
@@ -132,11 +136,13 @@ class Guide:
         self.step_sizes = config.schedule.step_sizes(len(self.timesteps))
         self.num_guided = config.schedule.num_guided_steps(len(self.timesteps))
         self.thresholds = dict(config.schedule.refinement_thresholds) if config.schedule.refinement else {}
+        has_boxes = any(g.box is not None for target in self.targets for g in target.groups)
+        self.num_box_steps = config.schedule.num_box_steps(len(self.timesteps)) if has_boxes else 0
         self.records: list[StepRecord] = []
 
     def is_guided(self, i: int) -> bool:
         """Step ``i`` is on the schedule (with ``step_scale=0`` its losses are still recorded)."""
-        return 0 <= i < self.num_guided
+        return 0 <= i < max(self.num_guided, self.num_box_steps)
 
     def update(self, i: int, latents: torch.Tensor) -> torch.Tensor:
         """The latents for denoising step ``i``: guided when ``i`` is on the schedule, else unchanged."""
@@ -145,11 +151,16 @@ class Guide:
         t, alpha = self.timesteps[i], self.step_sizes[i]
         c = self.input_scale(t)
 
-        def step(z: torch.Tensor, size: float | torch.Tensor):
-            return guidance_step(self.unet, self.forward, z, t, self.targets, self.config, size, c)
+        def step(z: torch.Tensor, size: float | torch.Tensor, term: str = "total"):
+            return guidance_step(self.unet, self.forward, z, t, self.targets, self.config, size, c, term)
 
         latents, terms, _ = step(latents, alpha)
         iterations = 1
+        if i < self.num_box_steps:  # the layout schedule: extra updates on the box term alone
+            box_alpha = self.config.schedule.box_step_scale
+            for _ in range(self.config.schedule.box_iterations):
+                latents, _, _ = step(latents, box_alpha, "box")
+                iterations += 1
         if i in self.thresholds:
             target = 1.0 - self.thresholds[i]
             per_image = self.config.schedule.refinement_scope == "image"

@@ -321,22 +321,31 @@ def box_masks(boxes: torch.Tensor | Sequence[Sequence[float]], height: int, widt
     return torch.where(empty[:, None, None], nearest, masks).to(boxes.dtype)
 
 
-def box_loss(maps: torch.Tensor, masks: torch.Tensor, centroid_weight: float) -> torch.Tensor:
+def box_loss(
+    maps: torch.Tensor,
+    masks: torch.Tensor,
+    centroid_weight: float,
+    leak_weight: float = 1.0,
+    power: float = 1.0,
+) -> torch.Tensor:
     """Layout term: each group's attention inside its own box and out of the other groups' boxes.
 
     Per group ``g`` with total mass ``S_g``::
 
-        1 - mass(M_g in box_g) / S_g
-          + mass(M_g in the other boxes, outside box_g) / S_g
+        (1 - mass(M_g in box_g) / S_g) ** power
+          + leak_weight * mass(M_g in the other boxes, outside box_g) / S_g
           + centroid_weight * |c(M_g) - c(box_g)| / sqrt((H - 1)^2 + (W - 1)^2)
 
-    averaged over the groups, where ``c(box_g)`` is the centre of the cells the box covers. Every
-    group passed in must have a box: select the boxed groups before calling.
+    averaged over the groups, where ``c(box_g)`` is the centre of the cells the box covers. With
+    ``power=2`` the first term is the energy of training-free layout guidance (Chen et al. 2023).
+    Every group passed in must have a box: select the boxed groups before calling.
 
     Args:
         maps (`torch.Tensor` of shape `(N, G, H, W)`): non-negative maps of the boxed groups.
         masks (`torch.Tensor` of shape `(G, H, W)`): their boxes, from :func:`box_masks`.
         centroid_weight (`float`): weight of the centroid-to-box-centre pull.
+        leak_weight (`float`): weight of the mass a group puts in the other groups' boxes.
+        power (`float`): exponent of the outside-own-box share.
 
     Returns:
         `torch.Tensor` of shape `(N,)`.
@@ -347,10 +356,62 @@ def box_loss(maps: torch.Tensor, masks: torch.Tensor, centroid_weight: float) ->
     masks = masks.to(maps.dtype)
     total = maps.sum(dim=(2, 3)).clamp(min=torch.finfo(maps.dtype).tiny)
     inside = (maps * masks).sum(dim=(2, 3)) / total
-    # Union of the other groups' boxes, minus this group's own box.
-    others = ((masks.sum(dim=0, keepdim=True) - masks).clamp(max=1)) * (1 - masks)
-    leaked = (maps * others).sum(dim=(2, 3)) / total
+    leaked = (maps * _other_boxes(masks)).sum(dim=(2, 3)) / total
     box_centres = centroid(masks)
     map_centres = centroid(maps.flatten(0, 1)).view(n, num_groups, 2)
     offset = torch.linalg.vector_norm(map_centres - box_centres, dim=-1) / _diagonal(height, width)
-    return (1 - inside + leaked + centroid_weight * offset).mean(dim=1)
+    return ((1 - inside).clamp(min=0) ** power + leak_weight * leaked + centroid_weight * offset).mean(dim=1)
+
+
+def _other_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """``(G, H, W)``: per group, the union of the other groups' boxes minus its own box."""
+    return (masks.sum(dim=0, keepdim=True) - masks).clamp(max=1) * (1 - masks)
+
+
+def _topk_mean(values: torch.Tensor, weights: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mean of the ``ceil(fraction * count)`` largest ``values`` where ``weights`` is 1, per row.
+
+    ``values`` and ``weights`` are ``(N, G, P)``; ``weights`` is 0/1 and the same for every image.
+    Cells outside the selection are pushed below every selected value, so ``topk`` never picks them
+    while at least ``k`` cells are selected; rows with no cell give 0.
+    """
+    counts = weights[0].sum(dim=-1)  # (G,)
+    k_max = max(1, int(math.ceil(fraction * float(counts.max()))))
+    masked = torch.where(weights > 0, values, values.new_full((), -1.0))
+    top = masked.topk(min(k_max, values.shape[-1]), dim=-1).values  # (N, G, k_max)
+    ks = (fraction * counts).ceil().clamp(min=1)  # (G,)
+    keep = (torch.arange(top.shape[-1], device=values.device)[None] < ks[:, None]).to(values.dtype)
+    keep = keep * (counts > 0).to(values.dtype)[:, None]
+    return (top.clamp(min=0) * keep).sum(dim=-1) / ks
+
+
+def box_topk_loss(maps: torch.Tensor, masks: torch.Tensor, fraction: float) -> torch.Tensor:
+    """BoxDiff's inner- and outer-box constraints on the strongest cells of each map.
+
+    Per group ``g``, with ``top_P(S)`` the mean of the largest ``ceil(P |S|)`` values of ``M_g`` over
+    the cells ``S``::
+
+        (1 - top_P(box_g)) + top_P(outside box_g)
+
+    averaged over the groups: the box must hold strong responses over a share ``P`` of its cells
+    (which asks for an object the size of the box, not a dot) and nothing strong may sit outside.
+    Meant for maps in ``[0, 1]`` (``objective.existence_maps``).
+
+    Args:
+        maps (`torch.Tensor` of shape `(N, G, H, W)`): maps of the boxed groups, values in ``[0, 1]``.
+        masks (`torch.Tensor` of shape `(G, H, W)`): their boxes, from :func:`box_masks`.
+        fraction (`float`): ``P`` in ``(0, 1]``.
+
+    Returns:
+        `torch.Tensor` of shape `(N,)`.
+    """
+    n, num_groups, _, _ = maps.shape
+    if masks.shape != maps.shape[1:]:
+        raise ValueError(f"masks of shape {tuple(masks.shape)} are invalid: expected {tuple(maps.shape[1:])}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction={fraction!r} is invalid: expected a number in (0, 1]")
+    values = maps.flatten(2)
+    inside = masks.to(maps.dtype).flatten(1).expand(n, num_groups, -1)
+    inner = 1 - _topk_mean(values, inside, fraction)
+    outer = _topk_mean(values, 1 - inside, fraction)
+    return (inner + outer).mean(dim=1)

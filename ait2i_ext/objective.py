@@ -127,8 +127,9 @@ def compute_losses(
       the member's map anchored on the main map (radius ``cfg.alignment_radius``);
     - isolation: :func:`~ait2i_ext.losses.isolation_loss` of the main maps (zero for one group);
     - existence: :func:`~ait2i_ext.losses.existence_loss` of :func:`existence_maps`;
-    - box: :func:`~ait2i_ext.losses.box_loss` over the groups with a ``box`` (zero when none, or
-      when ``boxes_enabled`` is ``False``).
+    - box: :func:`~ait2i_ext.losses.box_loss` over the groups with a ``box``, plus
+      ``cfg.w_box_topk`` x :func:`~ait2i_ext.losses.box_topk_loss` of their :func:`existence_maps`
+      (zero when no group has a box, or when ``boxes_enabled`` is ``False``).
 
     Radii are given for ``cfg.reference_resolution`` and scaled to the map's height. Everything is
     computed in float32 whatever the dtype of ``attn``.
@@ -175,13 +176,18 @@ def compute_losses(
         alignment = attn.new_zeros(n)
 
     isolation = losses.isolation_loss(main, cfg.isolation)
-    existence = losses.existence_loss(existence_maps(attn, groups, eot_index, cfg))
+    scaled = existence_maps(attn, groups, eot_index, cfg)
+    existence = losses.existence_loss(scaled)
 
     boxed = [g for g, group in enumerate(groups) if group.box is not None] if boxes_enabled else []
     if boxed:
         boxes = torch.tensor([groups[g].box for g in boxed], dtype=attn.dtype, device=attn.device)
         masks = losses.box_masks(boxes, height, width)
-        box = losses.box_loss(main[:, boxed], masks, cfg.box_centroid_weight)
+        box = losses.box_loss(
+            main[:, boxed], masks, cfg.box_centroid_weight, cfg.box_leak_weight, cfg.box_power
+        )
+        if cfg.w_box_topk > 0:
+            box = box + cfg.w_box_topk * losses.box_topk_loss(scaled[:, boxed], masks, cfg.box_topk_fraction)
     else:
         box = attn.new_zeros(n)
 

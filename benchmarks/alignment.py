@@ -227,8 +227,15 @@ def main(argv: list[str] | None = None) -> int:
         "--sets", default="two,three,held_out,hard", help="shapes prompt sets, comma-separated"
     )
     parser.add_argument("--prompts-per-set", type=int, default=4)
-    parser.add_argument("--seeds", type=int, default=64, help="seeds 0..N-1 for every prompt and method")
-    parser.add_argument("--first-seed", type=int, default=0, help="seeds FIRST..FIRST+N-1 (a report split)")
+    parser.add_argument("--seeds", type=int, default=64, help="N seeds for every prompt and method")
+    parser.add_argument(
+        "--first-seed",
+        "--seed-offset",
+        dest="first_seed",
+        type=int,
+        default=0,
+        help="first seed: seeds FIRST..FIRST+N-1 (a split not tuned on)",
+    )
     parser.add_argument(
         "--gligen",
         help="GLIGEN pipeline folder for the gligen methods (default: the shipped GLIGEN shapes model)",
@@ -335,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
                                 **scores,
                             }
                         )
-                        if seed == args.first_seed and len({c for c, _ in examples}) < args.examples:
+                        shown = {c for c, _ in examples}  # every method of a prompt already shown
+                        if seed == args.first_seed and (case.text in shown or len(shown) < args.examples):
                             examples[(case.text, method)] = image
                     bar.update(1)
         bar.close()
@@ -368,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(rows, keys)
     print(
-        f"model: {model}; {len(cases)} prompts x {args.seeds} seeds; {args.steps} steps; "
+        f"model: {model}; {len(cases)} prompts x {args.seeds} seeds from {args.first_seed}; {args.steps} steps; "
         f"guidance scale {args.guidance_scale}; device {device}"
     )
     print(table)

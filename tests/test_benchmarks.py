@@ -38,6 +38,8 @@ def test_alignment_benchmark_runs_and_writes_its_table(random_shapes_model, tmp_
     argv += [
         "--seeds",
         "2",
+        "--seed-offset",
+        "1000",
         "--steps",
         "2",
         "--methods",
@@ -49,8 +51,10 @@ def test_alignment_benchmark_runs_and_writes_its_table(random_shapes_model, tmp_
     rows = json.loads((tmp_path / "table.json").read_text())["rows"]
     assert {r["method"] for r in rows} == {"plain", "ait2i", "ait2i-boxes", "ait2i-lagged"}
     assert all(r["n"] == 2 and 0.0 <= r["in_box"] <= 1.0 for r in rows)
-    assert "ait2i-boxes" in capsys.readouterr().out
-    assert (tmp_path / "examples.png").exists()
+    out = capsys.readouterr().out
+    assert "ait2i-boxes" in out
+    assert (tmp_path / "examples.png").exists()  # examples come from the first seed, 1000 here
+    assert "2 seeds from 1000" in out
 
 
 def test_alignment_benchmark_gligen_methods_share_seeds(random_shapes_model, tmp_path):

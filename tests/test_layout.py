@@ -49,7 +49,8 @@ STEPS = 4
 
 
 def guided(step_scale: float) -> AIT2IConfig:
-    return AIT2IConfig(schedule=ScheduleConfig(step_scale=step_scale, guided_fraction=1.0))
+    """Every step guided at ``step_scale``, without the box-only updates (tested on their own)."""
+    return AIT2IConfig(schedule=ScheduleConfig(step_scale=step_scale, guided_fraction=1.0, box_iterations=0))
 
 
 def sharpen(unet, factor: float) -> None:
@@ -168,6 +169,26 @@ def test_boxes_alone_move_attention_into_the_boxes(arch, sharpness):
     box_plain, box_guided = runs[0.0].loss_curve("box"), runs[100.0].loss_curve("box")
     assert box_guided[0] == pytest.approx(box_plain[0])
     assert all(g < p for g, p in zip(box_guided[1:], box_plain[1:], strict=True))
+
+
+def test_box_schedule_adds_box_only_updates_on_the_first_steps():
+    pipe = tiny_sd_pipeline()
+    sharpen(pipe.unet, 8.0)
+    schedule = dict(step_scale=0.0, guided_fraction=0.5, box_guided_fraction=0.25, box_step_scale=100.0)
+    config = AIT2IConfig(schedule=ScheduleConfig(box_iterations=3, **schedule))
+    call = dict(num_inference_steps=8, output_type="latent")
+    boxed = generate(pipe, PROMPT, SUBJECTS, config=config, generator=seed(), **call)
+    # steps 0-1 (a quarter of 8): the update plus 3 box-only ones; steps 2-3: the update alone
+    assert [r.iterations for r in boxed.steps] == [4, 4, 1, 1]
+    unboxed = generate(pipe, PROMPT, ["cat", "dog"], config=config, generator=seed(), **call)
+    assert [r.iterations for r in unboxed.steps] == [1, 1, 1, 1]  # no boxes: the schedule is off
+    # the box-only updates lower the box term of the next steps (the main update has step 0 here)
+    plain = AIT2IConfig(schedule=ScheduleConfig(box_iterations=0, **schedule))
+    observed = generate(pipe, PROMPT, SUBJECTS, config=plain, generator=seed(), **call)
+    assert boxed.loss_curve("box")[0] == pytest.approx(observed.loss_curve("box")[0])
+    assert all(
+        b < o for b, o in zip(boxed.loss_curve("box")[1:], observed.loss_curve("box")[1:], strict=True)
+    )
 
 
 # --- GLIGEN -------------------------------------------------------------------------------------

@@ -243,3 +243,58 @@ def test_full_map_centroids_penalise_one_wide_blob_less(radius):
     assert torch.equal(peaks_r, peaks_f)  # same peaks: only the centroids' source differs
     with pytest.raises(ValueError, match="source='nearest' is invalid"):
         losses.peak_centroids(blob, 3, radius, "nearest")
+
+
+def test_box_loss_power_and_leak_weight():
+    masks = losses.box_masks([(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)], SIZE, SIZE)
+    half = torch.stack([blob((8.0, 4.0)) + blob((8.0, 12.0)), blob((8.0, 12.0))])[None]  # group 0: half in
+    plain = losses.box_loss(half, masks, centroid_weight=0.0)
+    squared = losses.box_loss(half, masks, centroid_weight=0.0, power=2.0)
+    no_leak = losses.box_loss(half, masks, centroid_weight=0.0, leak_weight=0.0)
+    # group 0: outside share 0.5 and leaked share 0.5; group 1 fully in its box
+    torch.testing.assert_close(plain, torch.tensor([(0.5 + 0.5) / 2]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(squared, torch.tensor([(0.25 + 0.5) / 2]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(no_leak, torch.tensor([0.5 / 2]), atol=1e-4, rtol=0)
+
+
+def test_box_loss_gradient_moves_mass_into_the_box():
+    masks = losses.box_masks([(0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)], SIZE, SIZE)
+    maps = batch(torch.stack([blob((8.0, 8.0), sigma=3.0), blob((8.0, 8.0), sigma=3.0)]))
+    for power in (1.0, 2.0):
+        loss = losses.box_loss(maps, masks, centroid_weight=1.0, power=power)
+        (grad,) = torch.autograd.grad(loss.sum(), maps)
+        stepped = (maps - 0.5 * grad / grad.abs().max() * maps.detach().max()).clamp(min=0)
+        share = (stepped * masks).sum(dim=(2, 3)) / stepped.sum(dim=(2, 3))
+        before = (maps.detach() * masks).sum(dim=(2, 3)) / maps.detach().sum(dim=(2, 3))
+        assert (share > before).all()
+
+
+def test_box_topk_loss_prefers_a_box_filled_inside():
+    masks = losses.box_masks([(0.0, 0.0, 0.5, 0.5)], SIZE, SIZE)
+    filled = masks[0].clone()  # the whole box at 1
+    dot = torch.zeros(SIZE, SIZE)
+    dot[3, 3] = 1.0  # one strong cell inside: too small an object
+    outside = torch.roll(masks[0], shifts=(8, 8), dims=(0, 1))  # the box's twin in the other corner
+    maps = batch(filled[None], dot[None], outside[None])
+    loss = assert_unchanged_and_grad(lambda m: losses.box_topk_loss(m, masks, 0.2), maps)
+    assert loss.shape == (3,)
+    assert loss[0] < loss[1] < loss[2]
+    values = loss.detach().tolist()
+    assert values[0] == pytest.approx(0.0, abs=1e-6) and values[2] == pytest.approx(2.0, abs=1e-6)
+
+
+def test_box_topk_loss_gradient_raises_inside_and_lowers_outside():
+    masks = losses.box_masks([(0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)], SIZE, SIZE)
+    maps = batch(torch.full((2, SIZE, SIZE), 0.5))
+    (grad,) = torch.autograd.grad(losses.box_topk_loss(maps, masks, 0.5).sum(), maps)
+    inside, outside = grad[:, masks.bool()], grad[:, ~masks.bool()]
+    assert (grad * masks <= 0).all() and (grad * (1 - masks) >= 0).all()
+    assert inside.lt(0).any() and outside.gt(0).any()
+
+
+def test_box_topk_loss_rejects_bad_input():
+    masks = losses.box_masks([(0.0, 0.0, 0.5, 0.5)], SIZE, SIZE)
+    with pytest.raises(ValueError, match="fraction"):
+        losses.box_topk_loss(torch.rand(1, 1, SIZE, SIZE), masks, 0.0)
+    with pytest.raises(ValueError, match="masks"):
+        losses.box_topk_loss(torch.rand(1, 2, SIZE, SIZE), masks, 0.2)

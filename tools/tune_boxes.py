@@ -1,0 +1,149 @@
+"""Box-term variants on the shipped shapes model, side by side with plain and AI-T2I without boxes.
+
+The tuning tool behind the "boxes alone" table of docs/layout.md: every variant runs on the same
+prompts and seeds, scored by ``ait2i_ext.shapes.evaluator`` (all present, fully correct, in box =
+an asked object detected with IoU >= 0.5 with its box). Results are cached per variant and split
+under ``--out``, so adding a variant does not rerun the others.
+
+    OMP_NUM_THREADS=1 python tools/tune_boxes.py --sets two --prompt-offset 3 --prompts-per-set 2 \\
+        --seeds 16 --variants plain,ait2i,boxes,iters5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ait2i_ext import AIT2IConfig, LossConfig, ScheduleConfig, Subject, generate
+from ait2i_ext.shapes.model import SHAPES_LOSS, default_model_path
+from ait2i_ext.shapes.prompts import prompt_set
+
+logger = logging.getLogger(__name__)
+
+RADII = dict(aggregation_radius=SHAPES_LOSS.aggregation_radius, alignment_radius=SHAPES_LOSS.alignment_radius)
+
+# name -> (LossConfig overrides, ScheduleConfig overrides); "plain" and "ait2i" get no boxes.
+VARIANTS: dict[str, tuple[dict, dict]] = {
+    "plain": ({}, {}),
+    "ait2i": ({}, {}),
+    "boxes": ({}, {"box_iterations": 0}),  # the box term before issue 10 (weight 1, no box schedule)
+    "wbox4": ({"w_box": 4.0}, {"box_iterations": 0}),
+    "iters5": ({}, {"box_iterations": 5, "box_guided_fraction": 0.2, "box_step_scale": 20.0}),
+    "iters5-s60": ({}, {"box_iterations": 5, "box_guided_fraction": 0.2, "box_step_scale": 60.0}),
+    "iters5-sq": (
+        {"box_power": 2.0},
+        {"box_iterations": 5, "box_guided_fraction": 0.2, "box_step_scale": 60.0},
+    ),
+    "iters5-topk": (
+        {"w_box_topk": 1.0},
+        {"box_iterations": 5, "box_guided_fraction": 0.2, "box_step_scale": 60.0},
+    ),
+    "iters5-s10": ({}, {"box_iterations": 5, "box_guided_fraction": 0.2, "box_step_scale": 10.0}),
+    "iters3": ({}, {"box_iterations": 3, "box_guided_fraction": 0.2, "box_step_scale": 20.0}),  # the default
+    "iters5-noleak": (
+        {"box_leak_weight": 0.0},
+        {"box_iterations": 5, "box_guided_fraction": 0.2, "box_step_scale": 60.0},
+    ),
+}
+
+
+def variant_config(name: str) -> AIT2IConfig | None:
+    if name == "plain":
+        return None
+    loss, schedule = VARIANTS[name]
+    return AIT2IConfig(loss=LossConfig(**{**RADII, **loss}), schedule=ScheduleConfig(**schedule))
+
+
+def run(pipe, name: str, prompt, seeds: list[int], steps: int) -> list[dict]:
+    from ait2i_ext.shapes.evaluator import evaluate
+
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    call = dict(
+        num_inference_steps=steps, guidance_scale=7.5, num_images_per_prompt=len(seeds), generator=generators
+    )
+    start = time.perf_counter()
+    if name == "plain":
+        images = pipe(prompt.text, **call).images
+    else:
+        boxed = name != "ait2i"
+        subjects = [
+            Subject(o.shape, attributes=(o.colour,), box=o.box if boxed else None) for o in prompt.objects
+        ]
+        images = generate(pipe, prompt.text, subjects, config=variant_config(name), **call).images
+    seconds = (time.perf_counter() - start) / len(seeds)
+    rows = []
+    for seed, image in zip(seeds, images, strict=True):
+        s = evaluate(image, prompt.objects)
+        in_box = [float((o.iou or 0.0) >= 0.5) for o in s.objects]
+        rows.append(
+            {
+                "prompt": prompt.text,
+                "seed": seed,
+                "present": float(s.all_present),
+                "correct": float(s.correct),
+                "in_box": sum(in_box) / len(in_box),
+                "seconds": seconds,
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    from diffusers import DiffusionPipeline
+    from tqdm.auto import tqdm
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", default="two")
+    parser.add_argument("--prompt-offset", type=int, default=3)
+    parser.add_argument("--prompts-per-set", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=16)
+    parser.add_argument("--seed-offset", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--variants", default="plain,ait2i,boxes")
+    parser.add_argument("--out", default="out/tune_boxes")
+    args = parser.parse_args(argv)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for name in names:
+        if name not in VARIANTS:
+            raise SystemExit(f"--variants: {name!r} is invalid: expected some of {list(VARIANTS)}")
+    prompts = [
+        p
+        for s in args.sets.split(",")
+        for p in prompt_set(s.strip())[args.prompt_offset : args.prompt_offset + args.prompts_per_set]
+    ]
+    seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
+    split = f"{args.sets}-p{args.prompt_offset}x{args.prompts_per_set}-s{args.seed_offset}x{args.seeds}-t{args.steps}"
+    out = Path(args.out) / split
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    pipe = DiffusionPipeline.from_pretrained(default_model_path(), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    table = []
+    for name in tqdm(names, desc="variants"):
+        cache = out / f"{name}.json"
+        if cache.exists():
+            rows = json.loads(cache.read_text())
+        else:
+            rows = [r for p in prompts for r in run(pipe, name, p, seeds, args.steps)]
+            cache.write_text(json.dumps({"variant": VARIANTS[name], "rows": rows}))
+            rows = {"rows": rows}
+        rows = rows["rows"]
+        mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("present", "correct", "in_box", "seconds")}
+        table.append((name, mean, len(rows)))
+    print(f"split {split}: {[p.text for p in prompts]}")
+    print(f"{'variant':<16}{'all present':>12}{'correct':>10}{'in box':>10}{'s/image':>9}{'n':>5}")
+    for name, m, n in table:
+        print(
+            f"{name:<16}{100 * m['present']:>11.1f}%{100 * m['correct']:>9.1f}%{100 * m['in_box']:>9.1f}%"
+            f"{m['seconds']:>9.2f}{n:>5}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
