@@ -642,10 +642,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("ui", help="a local web page: name subjects, draw boxes, compare plain and guided")
     u.add_argument("--model", help="diffusers pipeline folder or hub id (default: the shipped shapes model)")
-    u.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
-    u.add_argument("--port", type=int, default=7860, help="default: 7860")
+    u.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s, this machine only)")
+    u.add_argument("--port", type=int, default=7860, help="port to serve on (default: %(default)s)")
     u.add_argument(
-        "--share", type=_true_or_false, default=False, metavar="true|false", help="a public share link"
+        "--share", type=_true_or_false, default=False, metavar="true|false", help="a public share link (default: false)"
     )
     u.set_defaults(func=cmd_ui)
     return parser
