@@ -87,9 +87,9 @@ def load_pipeline(args: argparse.Namespace):
         )
         pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **kwargs)
     if args.lora:
-        from .adapters.personalize import load_lora
+        from .adapters.personalize import load_loras
 
-        load_lora(pipe, args.lora)
+        load_loras(pipe, args.lora)
     if device == "cpu":
         # The shipped and tiny models are small: on a CPU one thread is fastest and never
         # oversubscribes a busy machine; large checkpoints get torch's default or --threads.
@@ -115,9 +115,9 @@ def _subjects(args: argparse.Namespace, prompt: str):
             subjects if subjects is not None else infer_subjects(prompt), boxes, prompt
         )
     if args.identifier:
-        subjects = with_identifier(
-            subjects if subjects is not None else infer_subjects(prompt), args.identifier, prompt
-        )
+        from .adapters.personalize import personalized_subjects
+
+        subjects = personalized_subjects(prompt, args.identifier, subjects)
     return subjects
 
 
@@ -273,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
             help='a layout box for a subject, normalised: --box "cat:0.05,0.2,0.5,0.9" (repeatable)',
         )
         p.add_argument(
-            "--identifier", help="personalisation token (e.g. sks) joining the group of the noun it precedes"
+            "--identifier",
+            action="append",
+            help="personalisation token (e.g. sks) joining the group of the noun it precedes (repeatable)",
         )
 
     g = sub.add_parser("generate", help="generate images with (or without) AI-T2I guidance")
@@ -335,7 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KIND:PATH",
         help="control image: canny:photo.png, lineart:photo.png or image:edges.png",
     )
-    g.add_argument("--lora", metavar="PATH", help="a LoRA (.safetensors file or folder) to load")
+    g.add_argument(
+        "--lora",
+        metavar="PATH",
+        action="append",
+        help="a LoRA (.safetensors file or folder) to load (repeatable: all are active together)",
+    )
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     g.add_argument(
         "--threads", type=int, help="CPU threads (default: 1 for the shipped/tiny models, else torch's)"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import os
@@ -43,6 +44,7 @@ from .lora_data import (
 logger = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+RUN_CONFIG_NAME = "train_config.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 DEFAULT_UNET_TARGETS = "to_q,to_k,to_v,to_out.0"
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -81,7 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--instance_data_dir", required=True, help="folder of images of the concept")
     g.add_argument("--instance_prompt", required=True, help='e.g. "a photo of sks dog"')
     g.add_argument("--output_dir", default="lora-out")
-    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="training side in pixels; default: the model's own (UNet sample_size x VAE scale factor)",
+    )
     g.add_argument("--random_crop", action="store_true", help="random instead of centre crop")
     g.add_argument("--random_flip", action="store_true")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
@@ -188,9 +195,13 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         value = getattr(args, flag)
         check(value >= 1, f"--{flag}", value, "an integer >= 1")
     check(args.validation_steps >= 1, "--validation_steps", args.validation_steps, "an integer >= 1")
-    check(
-        args.resolution >= 8 and args.resolution % 8 == 0, "--resolution", args.resolution, "a multiple of 8"
-    )
+    if args.resolution is not None:
+        check(
+            args.resolution >= 8 and args.resolution % 8 == 0,
+            "--resolution",
+            args.resolution,
+            "a multiple of 8 (or unset: the model's own size)",
+        )
     check(args.learning_rate > 0, "--learning_rate", args.learning_rate, "a number > 0")
     check(
         args.attention_reg_weight >= 0, "--attention_reg_weight", args.attention_reg_weight, "a weight >= 0"
@@ -255,6 +266,34 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check the command line (see `validate_args`)."""
     return validate_args(build_parser().parse_args(argv))
+
+
+def model_resolution(unet_config, vae_config) -> int:
+    """The image side a model was made for: the UNet's ``sample_size`` (latent side) x the VAE's scale
+    factor (``2 ** (len(block_out_channels) - 1)``, as diffusers' pipelines compute it)."""
+    return int(unet_config.sample_size) * 2 ** (len(vae_config.block_out_channels) - 1)
+
+
+def resolve_model_defaults(args: argparse.Namespace, unet_config, vae_config) -> argparse.Namespace:
+    """Fill the size-dependent flags left unset from the model being trained (logged): ``resolution``."""
+    if args.resolution is None:
+        args.resolution = model_resolution(unet_config, vae_config)
+        logger.info(
+            "--resolution not given: training at %d px, the model's own size (UNet sample_size %d x VAE "
+            "scale factor %d)",
+            args.resolution,
+            unet_config.sample_size,
+            args.resolution // unet_config.sample_size,
+        )
+    return args
+
+
+def save_run_config(args: argparse.Namespace, output_dir: Path) -> Path:
+    """Write the run's resolved flags (model-derived defaults filled in) to ``output_dir/train_config.json``."""
+    path = output_dir / RUN_CONFIG_NAME
+    config = {k: v for k, v in vars(args).items() if k != "lora_target_list"}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -522,6 +561,9 @@ def train(args: argparse.Namespace) -> TrainingResult:
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    resolve_model_defaults(args, unet.config, vae.config)
+    if accelerator.is_main_process:
+        save_run_config(args, output_dir)
     check_lora_targets(unet, args.lora_target_list)
     if args.train_text_encoder:
         check_lora_targets(text_encoder, TEXT_ENCODER_TARGETS, "text encoder LoRA targets")
