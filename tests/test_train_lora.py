@@ -40,7 +40,8 @@ def argv(model_dir: Path, instance_dir: Path, output_dir: Path, *extra: str) -> 
         "--instance_data_dir", str(instance_dir),
         "--instance_prompt", PROMPT,
         "--output_dir", str(output_dir),
-        "--resolution", "64",
+        "--train_batch_size", "1",
+        "--rank", "4",
         "--max_train_steps", "1",
         "--learning_rate", "1e-2",
         "--checkpointing_steps", "1000",
@@ -188,6 +189,51 @@ def test_prior_preservation_generates_class_images_and_validation_images(model_d
     assert result.global_step == 1
     assert sorted(p.name for p in class_dir.iterdir()) == ["class-00000.png", "class-00001.png"]
     assert [p.name for p in (out / "validation").iterdir()] == ["step-000001-0.png"]
+
+
+# --- defaults from the model (issue 15) ----------------------------------------------------------
+
+
+def test_resolution_and_recipe_come_from_the_model_and_are_saved(model_dir, instance_dir, tmp_path, caplog):
+    import json
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet_config = UNet2DConditionModel.load_config(model_dir, subfolder="unet")
+    vae_config = AutoencoderKL.load_config(model_dir, subfolder="vae")
+    expected = unet_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
+    assert expected == 64  # the tiny model: 32 x 32 latents, VAE scale factor 2
+
+    out = tmp_path / "out"
+    required = argv(model_dir, instance_dir, out)[:8]  # model, images, prompt, output folder only
+    with caplog.at_level("INFO", logger=train_lora.__name__):
+        train_lora.main([*required, "--max_train_steps", "1"])
+    saved = json.loads((out / train_lora.RUN_CONFIG_NAME).read_text())
+    recipe = train_lora.SMALL_MODEL_RECIPE
+    assert saved["resolution"] == 64
+    assert (saved["rank"], saved["lora_targets"], saved["learning_rate"]) == (
+        recipe.rank,
+        recipe.lora_targets,
+        recipe.learning_rate,
+    )
+    assert saved["train_batch_size"] == recipe.train_batch_size and saved["max_train_steps"] == 1
+    assert "training at 64 px, the model's own size (UNet sample_size 32 x VAE scale factor 2)" in caplog.text
+    assert "small-model recipe" in caplog.text
+
+    # A flag given on the command line wins over the model's default.
+    train_lora.main([*required, "--max_train_steps", "1", "--resolution", "32", "--rank", "2"])
+    saved = json.loads((out / train_lora.RUN_CONFIG_NAME).read_text())
+    assert (saved["resolution"], saved["rank"], saved["lora_alpha"]) == (32, 2, 2.0)
+
+
+def test_recipe_follows_the_model_size():
+    assert train_lora.default_recipe(64) is train_lora.SMALL_MODEL_RECIPE
+    assert train_lora.default_recipe(512) is train_lora.STANDARD_RECIPE
+    assert train_lora.model_resolution(
+        type("U", (), {"sample_size": 64})(), type("V", (), {"block_out_channels": [1, 2, 3, 4]})()
+    ) == 512  # SD 1.5: 64 x 64 latents, VAE scale factor 8
+    with pytest.raises(ValueError, match="rank=0 is invalid"):
+        train_lora.Recipe("bad", 0, None, "to_q", False, 1e-4, 1, 1, False)
 
 
 # --- checkpoints and resume --------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -48,6 +49,74 @@ RUN_CONFIG_NAME = "train_config.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 DEFAULT_UNET_TARGETS = "to_q,to_k,to_v,to_out.0"
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+_MODEL_DEFAULT = "Default: from the model's size (see `default_recipe`)"
+
+
+def _target_list(targets: str) -> list[str]:
+    return [t.strip() for t in targets.split(",") if t.strip()]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Defaults of the flags that depend on the model being trained (a flag given on the command line wins).
+
+    Args:
+        name: how the log names it.
+        rank, lora_alpha, lora_targets, train_text_encoder, learning_rate, max_train_steps,
+            train_batch_size, random_flip: the flags' defaults (``lora_alpha=None``: equal to the rank).
+    """
+
+    name: str
+    rank: int
+    lora_alpha: float | None
+    lora_targets: str
+    train_text_encoder: bool
+    learning_rate: float
+    max_train_steps: int
+    train_batch_size: int
+    random_flip: bool
+
+    def __post_init__(self) -> None:
+        for field in ("rank", "max_train_steps", "train_batch_size"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field}={getattr(self, field)} is invalid: expected an integer >= 1")
+        if self.learning_rate <= 0 or (self.lora_alpha is not None and self.lora_alpha <= 0):
+            raise ValueError(
+                f"learning_rate={self.learning_rate}, lora_alpha={self.lora_alpha} are invalid: expected > 0"
+            )
+        if not _target_list(self.lora_targets):
+            raise ValueError(f"lora_targets={self.lora_targets!r} is invalid: expected module names")
+
+
+# Every LoRA-able layer of an SD UNet: attention, feed-forward, the transformer's projections and the
+# ResNet convolutions.
+ALL_UNET_TARGETS = "to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2,proj_in,proj_out,conv1,conv2,conv_shortcut"
+# Models up to this side (the shipped 64 px shapes model) are small enough for the small-model recipe.
+SMALL_MODEL_MAX_RESOLUTION = 128
+# Measured on the shipped shapes model (docs/lora.md, "Choosing the recipe").
+SMALL_MODEL_RECIPE = Recipe(
+    name="small-model recipe",
+    rank=16,
+    lora_alpha=None,
+    lora_targets=ALL_UNET_TARGETS,
+    train_text_encoder=False,
+    learning_rate=1e-3,
+    max_train_steps=500,
+    train_batch_size=4,
+    random_flip=True,
+)
+# diffusers' DreamBooth-LoRA defaults for Stable Diffusion 1.x/2.x (512-768 px).
+STANDARD_RECIPE = Recipe(
+    name="Stable Diffusion recipe",
+    rank=4,
+    lora_alpha=None,
+    lora_targets=DEFAULT_UNET_TARGETS,
+    train_text_encoder=False,
+    learning_rate=1e-4,
+    max_train_steps=400,
+    train_batch_size=1,
+    random_flip=False,
+)
 
 
 @dataclass(frozen=True)
@@ -90,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="training side in pixels; default: the model's own (UNet sample_size x VAE scale factor)",
     )
     g.add_argument("--random_crop", action="store_true", help="random instead of centre crop")
-    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=None, help=_MODEL_DEFAULT)
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
     g = p.add_argument_group("prior preservation")
@@ -103,20 +172,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--class_inference_steps", type=int, default=25)
 
     g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", type=int, default=4)
-    g.add_argument("--lora_alpha", type=float, default=None, help="default: equal to --rank (scale 1)")
+    g.add_argument("--rank", type=int, default=None, help=_MODEL_DEFAULT)
+    g.add_argument("--lora_alpha", type=float, default=None, help=_MODEL_DEFAULT)
     g.add_argument("--lora_dropout", type=float, default=0.0)
-    g.add_argument("--lora_targets", default=DEFAULT_UNET_TARGETS, help="comma-separated UNet module names")
     g.add_argument(
-        "--train_text_encoder", action="store_true", help=f"also LoRA {','.join(TEXT_ENCODER_TARGETS)}"
+        "--lora_targets", default=None, help="comma-separated UNet module names; " + _MODEL_DEFAULT.lower()
+    )
+    g.add_argument(
+        "--train_text_encoder",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"also LoRA {','.join(TEXT_ENCODER_TARGETS)}; " + _MODEL_DEFAULT.lower(),
     )
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--max_train_steps", type=int, default=400)
-    g.add_argument("--train_batch_size", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int, default=None, help=_MODEL_DEFAULT)
+    g.add_argument("--train_batch_size", type=int, default=None, help=_MODEL_DEFAULT)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--learning_rate", type=float, default=None, help=_MODEL_DEFAULT)
     g.add_argument("--lr_scheduler", default="constant", help="a diffusers.optimization scheduler name")
     g.add_argument("--lr_warmup_steps", type=int, default=0)
     g.add_argument("--adam_weight_decay", type=float, default=1e-2)
@@ -178,7 +252,7 @@ def _check_model_folder(pretrained_model: str) -> None:
 
 def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     """Check everything that needs no model, raising a ``ValueError`` naming the flag, its value and what
-    was expected. Fills ``args.lora_alpha`` (default: rank) and ``args.lora_target_list``.
+    was expected. Flags left unset that depend on the model stay ``None`` until `resolve_model_defaults`.
     """
 
     def check(cond: bool, flag: str, value: object, expected: str) -> None:
@@ -193,7 +267,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         "checkpointing_steps",
     ):
         value = getattr(args, flag)
-        check(value >= 1, f"--{flag}", value, "an integer >= 1")
+        if value is not None:  # None: the model's default, filled in by `resolve_model_defaults`
+            check(value >= 1, f"--{flag}", value, "an integer >= 1")
     check(args.validation_steps >= 1, "--validation_steps", args.validation_steps, "an integer >= 1")
     if args.resolution is not None:
         check(
@@ -202,7 +277,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             args.resolution,
             "a multiple of 8 (or unset: the model's own size)",
         )
-    check(args.learning_rate > 0, "--learning_rate", args.learning_rate, "a number > 0")
+    if args.learning_rate is not None:
+        check(args.learning_rate > 0, "--learning_rate", args.learning_rate, "a number > 0")
     check(
         args.attention_reg_weight >= 0, "--attention_reg_weight", args.attention_reg_weight, "a weight >= 0"
     )
@@ -220,10 +296,15 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             args.checkpoints_total_limit,
             ">= 1",
         )
-    args.lora_alpha = float(args.rank if args.lora_alpha is None else args.lora_alpha)
-    check(args.lora_alpha > 0, "--lora_alpha", args.lora_alpha, "a number > 0")
-    args.lora_target_list = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-    check(bool(args.lora_target_list), "--lora_targets", args.lora_targets, "comma-separated module names")
+    if args.lora_alpha is not None:
+        check(args.lora_alpha > 0, "--lora_alpha", args.lora_alpha, "a number > 0")
+    if args.lora_targets is not None:
+        check(
+            bool(_target_list(args.lora_targets)),
+            "--lora_targets",
+            args.lora_targets,
+            "comma-separated module names",
+        )
 
     _check_model_folder(args.pretrained_model)
     list_images(args.instance_data_dir, "--instance_data_dir")
@@ -274,8 +355,17 @@ def model_resolution(unet_config, vae_config) -> int:
     return int(unet_config.sample_size) * 2 ** (len(vae_config.block_out_channels) - 1)
 
 
+def default_recipe(resolution: int) -> Recipe:
+    """The recipe for a model trained at ``resolution`` px: ``SMALL_MODEL_RECIPE`` up to
+    ``SMALL_MODEL_MAX_RESOLUTION``, else ``STANDARD_RECIPE``."""
+    return SMALL_MODEL_RECIPE if resolution <= SMALL_MODEL_MAX_RESOLUTION else STANDARD_RECIPE
+
+
 def resolve_model_defaults(args: argparse.Namespace, unet_config, vae_config) -> argparse.Namespace:
-    """Fill the size-dependent flags left unset from the model being trained (logged): ``resolution``."""
+    """Fill the flags left unset from the model being trained, and log what was chosen: ``resolution``
+    (the model's own size) and the recipe flags of `default_recipe` for that size. Also sets
+    ``args.lora_alpha`` (default: rank) and ``args.lora_target_list``.
+    """
     if args.resolution is None:
         args.resolution = model_resolution(unet_config, vae_config)
         logger.info(
@@ -285,6 +375,21 @@ def resolve_model_defaults(args: argparse.Namespace, unet_config, vae_config) ->
             unet_config.sample_size,
             args.resolution // unet_config.sample_size,
         )
+    recipe = default_recipe(args.resolution)
+    chosen = {}
+    for field in dataclasses.fields(recipe)[1:]:  # all but the name
+        if getattr(args, field.name) is None:
+            chosen[field.name] = getattr(recipe, field.name)
+            setattr(args, field.name, chosen[field.name])
+    if chosen:
+        logger.info(
+            "defaults for a %d px model (%s): %s",
+            args.resolution,
+            recipe.name,
+            ", ".join(f"--{k} {v}" for k, v in chosen.items()),
+        )
+    args.lora_alpha = float(args.rank if args.lora_alpha is None else args.lora_alpha)
+    args.lora_target_list = _target_list(args.lora_targets)
     return args
 
 
@@ -386,7 +491,9 @@ def lora_layers_and_metadata(unet, text_encoder=None) -> dict:
     from peft.utils import get_peft_model_state_dict
 
     kwargs = {
-        "unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        # peft's key format as is: diffusers' conversion renames only the attention layers' keys, and a
+        # file mixing both formats loads without them (conv and feed-forward targets).
+        "unet_lora_layers": get_peft_model_state_dict(unet),
         "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
     }
     if text_encoder is not None and getattr(text_encoder, "peft_config", None):
