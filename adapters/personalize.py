@@ -291,7 +291,9 @@ def load_loras(
         raise ValueError("paths=[] is invalid: expected at least one LoRA")
     for label, values in (("adapter_names", adapter_names), ("scales", scales)):
         if values is not None and len(values) != len(paths):
-            raise ValueError(f"{label}={list(values)!r} is invalid: expected one per LoRA path ({len(paths)})")
+            raise ValueError(
+                f"{label}={list(values)!r} is invalid: expected one per LoRA path ({len(paths)})"
+            )
     names: list[str] = []
     try:
         for i, path in enumerate(paths):

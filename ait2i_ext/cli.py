@@ -104,7 +104,7 @@ def load_pipeline(args: argparse.Namespace):
 
 def _subjects(args: argparse.Namespace, prompt: str):
     """Subjects from ``--subjects``, ``--box`` and ``--identifier`` (``None`` = infer)."""
-    from .tokens import infer_subjects, with_identifier
+    from .tokens import infer_subjects
 
     subjects: list = list(args.subjects) if args.subjects else None
     if args.box:

@@ -60,13 +60,19 @@ def render_concept(shape: str, colour: str, rng: random.Random, size: int = IMAG
     return render_scene(Scene((ShapeObject(colour, shape, box),), ""), size)
 
 
-def cases(others: list[str]) -> list[dict]:
-    """Every prompt of the study: its LoRAs, identifiers, requested objects and methods."""
+def cases(others: list[str], base_prompts: list[str], base_loras: list[list[str]]) -> list[dict]:
+    """Every prompt of the study: its LoRAs, identifiers, requested objects and methods. ``ait2i`` without
+    the identifier in a group runs on the concept + other subject prompts (where isolation matters)."""
     star = {"identifiers": ["sks"], "loras": ["star"]}
     rows = [{"group": "concept alone", "prompt": "a sks star", "nouns": ["star"], **star}]
     for other in others:
         rows.append(
-            {"group": "concept + other", "prompt": f"a sks star and a {other}", "nouns": ["star", other], **star}
+            {
+                "group": "concept + other",
+                "prompt": f"a sks star and a {other}",
+                "nouns": ["star", other],
+                **star,
+            }
         )
     rows.append(
         {
@@ -77,11 +83,15 @@ def cases(others: list[str]) -> list[dict]:
             "loras": ["star", "heart"],
         }
     )
-    for prompt in BASE_PROMPTS:
-        for loras in ([], ["star"], ["star", "heart"]):
-            rows.append({"group": "base prompt", "prompt": prompt, "nouns": None, "identifiers": [], "loras": loras})
+    for prompt in base_prompts:
+        for loras in ([], *base_loras):
+            rows.append(
+                {"group": "base prompt", "prompt": prompt, "nouns": None, "identifiers": [], "loras": loras}
+            )
     for row in rows:
-        row["methods"] = list(METHODS) if row["identifiers"] else ["plain"]
+        row["methods"] = {"concept + other": list(METHODS), "base prompt": ["plain"]}.get(
+            row["group"], ["plain", "ait2i+id"]
+        )
     return rows
 
 
@@ -114,7 +124,7 @@ def _pipeline(model: str, loras: tuple[str, ...]):
         pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, safety_checker=None)
         pipe.set_progress_bar_config(disable=True)
         if loras:
-            load_loras(pipe, list(loras))
+            pipe.fuse_lora(adapter_names=load_loras(pipe, list(loras)))  # same images, no LoRA overhead
         _STATE.update(pipe=pipe, loras=loras)
     return _STATE["pipe"]
 
@@ -144,7 +154,12 @@ def run_job(job: dict) -> dict:
     objects = requested_objects(case)
     present = [evaluate(image, objects).all_present for image in images]
     keep = {s: image for s, image in zip(seeds, images, strict=True) if s in job["example_seeds"]}
-    return {"job": {k: job[k] for k in ("case_id", "method")}, "present": present, "seconds": seconds, "examples": keep}
+    return {
+        "job": {k: job[k] for k in ("case_id", "method")},
+        "present": present,
+        "seconds": seconds,
+        "examples": keep,
+    }
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -173,7 +188,9 @@ def format_table(rows: list[dict]) -> str:
         cells = "".join(
             f"{100 * r['present'][m]:>9.1f}%" if m in r["present"] else f"{'':>10}" for m in METHODS
         )
-        lines.append(f"{r['group']:<16}{r['prompt']:<40}{'+'.join(r['loras']) or 'none':<12}{cells}{r['n']:>5}")
+        lines.append(
+            f"{r['group']:<16}{r['prompt']:<40}{'+'.join(r['loras']) or 'none':<12}{cells}{r['n']:>5}"
+        )
     return "\n".join(lines)
 
 
@@ -184,7 +201,9 @@ def examples_grid(examples: dict, seeds: list[int]) -> Image.Image:
     strips = []
     for prompt in ("a sks star", "a sks star and a blue square", "a sks star and a xyz heart"):
         for seed in seeds:
-            tiles = {m: examples[(prompt, m, seed)] for m in ("plain", "ait2i+id") if (prompt, m, seed) in examples}
+            tiles = {
+                m: examples[(prompt, m, seed)] for m in ("plain", "ait2i+id") if (prompt, m, seed) in examples
+            }
             if tiles:
                 strips.append(side_by_side(tiles, title=f"{prompt} (seed {seed})", cell=128))
     grid = Image.new("RGB", (max(s.width for s in strips) * 2, sum(s.height for s in strips[::2])), "white")
@@ -200,8 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=10, help="instance images per concept")
     parser.add_argument("--lora-star", help="a trained 'a sks star' LoRA (default: train one)")
     parser.add_argument("--lora-heart", help="a trained 'a xyz heart' LoRA (default: train one)")
-    parser.add_argument("--others", default=",".join(SECOND_SUBJECTS), help="second subjects, comma-separated")
-    parser.add_argument("--seeds", type=int, default=64, help="seeds --first-seed.. for every prompt and method")
+    parser.add_argument(
+        "--others", default=",".join(SECOND_SUBJECTS), help="second subjects, comma-separated"
+    )
+    parser.add_argument("--base-prompts", default=",".join(BASE_PROMPTS), help="prompts without identifier")
+    parser.add_argument(
+        "--base-loras", default="star,star+heart", help="LoRA sets the base prompts run with (besides none)"
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=64, help="seeds --first-seed.. for every prompt and method"
+    )
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
@@ -226,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"--others: {other!r} is invalid: expected 'colour shape' with a colour of {list(COLOURS)} "
                 f"other than the star's yellow and a shape of {SHAPES}"
             )
+    base_prompts = [p.strip() for p in args.base_prompts.split(",") if p.strip()]
+    base_loras = [b.split("+") for b in args.base_loras.split(",") if b]
+    if any(name not in LORA_OF.values() for names in base_loras for name in names):
+        raise SystemExit(f"--base-loras={args.base_loras!r} is invalid: expected sets like 'star,star+heart'")
     for flag, path in (("--lora-star", args.lora_star), ("--lora-heart", args.lora_heart)):
         if path is not None and not Path(path).exists():
             raise SystemExit(f"{flag}={path!r} does not exist: expected a LoRA folder or .safetensors file")
@@ -236,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
 
         model = str(default_model_path())
     if not (Path(model) / "model_index.json").is_file():
-        raise SystemExit(f"--model {model!r} has no model_index.json: expected a shapes-world pipeline folder")
+        raise SystemExit(
+            f"--model {model!r} has no model_index.json: expected a shapes-world pipeline folder"
+        )
 
     out = Path(args.out)
     lora_paths, train_seconds = {"star": args.lora_star, "heart": args.lora_heart}, {}
@@ -254,21 +287,27 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     chunks = [seeds[i : i + 16] for i in range(0, len(seeds), 16)]
     example_seeds = seeds[:2]
-    all_cases = cases(others)
+    all_cases = cases(others, base_prompts, base_loras)
     jobs = [
         {"case_id": i, "case": case, "method": method, "seeds": chunk, "model": model, "radii": radii,
          "lora_paths": [lora_paths[name] for name in case["loras"]], "steps": args.steps,
          "guidance_scale": args.guidance_scale, "example_seeds": example_seeds}
         for i, case in enumerate(all_cases) for method in case["methods"] for chunk in chunks
     ]  # fmt: skip
-    jobs.sort(key=lambda j: tuple(j["lora_paths"]))  # fewer pipeline reloads per worker
+    # Case by case (the concept alone first), so that a partial run still holds whole prompts.
+    jobs.sort(key=lambda j: j["case_id"])
     from tqdm.auto import tqdm
 
     results = []
+    out.mkdir(parents=True, exist_ok=True)
+    partial = (out / "partial.jsonl").open("w")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         for result in tqdm(pool.map(run_job, jobs), total=len(jobs), desc="image batches"):
             results.append(result)
+            partial.write(json.dumps({k: v for k, v in result.items() if k != "examples"}) + "\n")
+            partial.flush()
+    partial.close()
 
     rows, examples = [], {}
     for i, case in enumerate(all_cases):
@@ -295,8 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     examples_grid(examples, example_seeds).save(out / "examples.png")
     (out / "table.json").write_text(
         json.dumps(
-            {"args": vars(args), "model": model, "loras": lora_paths, "train_cpu_seconds": train_seconds,
-             "seeds": seeds, "rows": rows}, indent=2,
+            {
+                "args": vars(args),
+                "model": model,
+                "loras": lora_paths,
+                "train_cpu_seconds": train_seconds,
+                "seeds": seeds,
+                "rows": rows,
+            },
+            indent=2,
         )  # fmt: skip
     )
     print(f"wrote {out / 'table.json'} and {out / 'examples.png'}")

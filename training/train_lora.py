@@ -1,8 +1,7 @@
 """DreamBooth-style LoRA fine-tuning of a Stable Diffusion 1.x/2.x model on a custom concept.
 
-A small, readable version of diffusers' ``train_dreambooth_lora.py`` (diffusers + peft + accelerate),
-plus an optional attention regulariser that pulls the identifier's cross-attention map onto its
-class noun's peak (``shared/METHOD.md``, Personalisation). See ``docs/lora.md``.
+A small, readable version of diffusers' ``train_dreambooth_lora.py`` (diffusers + peft + accelerate)
+whose defaults follow the model being trained (`resolve_model_defaults`). See ``docs/lora.md``.
 
     accelerate launch -m ait2i_ext.training.train_lora \\
         --pretrained_model path/or/hub-id --instance_data_dir dog/ \\
@@ -15,7 +14,6 @@ class images, LoRA adapters, data, resume, loss, loop, save.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -30,8 +28,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-
-from ait2i_ext.config import LossConfig
 
 from .lora_data import (
     DreamBoothDataset,
@@ -209,25 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_validation_images", type=int, default=2)
     g.add_argument("--validation_inference_steps", type=int, default=25)
 
-    g = p.add_argument_group("attention regulariser (off by default)")
-    g.add_argument("--attention_reg_weight", type=float, default=0.0)
-    g.add_argument("--identifier", default=None, help='the concept\'s identifier word, e.g. "sks"')
-    g.add_argument("--class_noun", default=None, help='the class noun it belongs to, e.g. "dog"')
-    g.add_argument(
-        "--attention_resolution", type=int, default=16, help="side of the maps the regulariser reads"
-    )
     return p
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def _contains_words(prompt: str, phrase: str) -> bool:
-    words, target = _words(prompt), _words(phrase)
-    return bool(target) and any(
-        words[i : i + len(target)] == target for i in range(len(words) - len(target) + 1)
-    )
 
 
 def _check_model_folder(pretrained_model: str) -> None:
@@ -279,16 +257,6 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         )
     if args.learning_rate is not None:
         check(args.learning_rate > 0, "--learning_rate", args.learning_rate, "a number > 0")
-    check(
-        args.attention_reg_weight >= 0, "--attention_reg_weight", args.attention_reg_weight, "a weight >= 0"
-    )
-    if args.attention_resolution is not None:
-        check(
-            args.attention_resolution >= 1,
-            "--attention_resolution",
-            args.attention_resolution,
-            ">= 1 or unset",
-        )
     if args.checkpoints_total_limit is not None:
         check(
             args.checkpoints_total_limit >= 1,
@@ -309,17 +277,6 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     _check_model_folder(args.pretrained_model)
     list_images(args.instance_data_dir, "--instance_data_dir")
 
-    for flag in ("identifier", "class_noun"):
-        word = getattr(args, flag)
-        if word is not None and not _contains_words(args.instance_prompt, word):
-            raise ValueError(
-                f"--{flag}={word!r} is not in --instance_prompt={args.instance_prompt!r}: expected a word of the prompt"
-            )
-    if args.attention_reg_weight > 0 and (args.identifier is None or args.class_noun is None):
-        raise ValueError(
-            f"--attention_reg_weight={args.attention_reg_weight!r} needs --identifier and --class_noun: "
-            f"got identifier={args.identifier!r}, class_noun={args.class_noun!r}"
-        )
     if args.with_prior_preservation:
         check(
             args.class_data_dir is not None,
@@ -541,51 +498,6 @@ def save_lora(output_dir: Path, unet, text_encoder=None) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# Attention regulariser
-# --------------------------------------------------------------------------------------------------
-
-
-def attention_regulariser(
-    attn: torch.Tensor, identifier_idx: Sequence[int], noun_idx: int, cfg: LossConfig | None = None
-) -> torch.Tensor:
-    """Alignment loss of the identifier's cross-attention maps onto its class noun's peak, per image
-    (``shared/METHOD.md``, group-member alignment with the identifier as the member).
-
-    Args:
-        attn (`torch.Tensor`): `(N, H, W, T)` cross-attention probabilities of the instance prompt.
-        identifier_idx (`Sequence[int]`): token indices aligned onto the noun: the identifier's pieces
-            (and any other piece of the class noun's group).
-        noun_idx (`int`): token index of the class noun's main piece (the group's anchor map).
-        cfg (`LossConfig`, *optional*): ``top_k`` and ``alignment_radius`` (in cells of a
-            ``reference_resolution`` map, scaled to ``H``); defaults to ``LossConfig()``.
-
-    Returns:
-        `torch.Tensor`: `(N,)` alignment loss averaged over ``identifier_idx``.
-    """
-    from ait2i_ext.losses import alignment_loss, scaled_radius
-
-    cfg = cfg if cfg is not None else LossConfig()
-    if len(identifier_idx) == 0:
-        raise ValueError("identifier_idx=() is invalid: expected at least one token index")
-    radius = scaled_radius(cfg.alignment_radius, attn.shape[1], cfg.reference_resolution)
-    anchor = attn[..., noun_idx]
-    losses = [alignment_loss(attn[..., i], anchor, k=cfg.top_k, radius=radius) for i in identifier_idx]
-    return torch.stack(losses).mean(dim=0)
-
-
-def regulariser_tokens(
-    tokenizer, prompt: str, identifier: str, class_noun: str
-) -> tuple[tuple[int, ...], int]:
-    """``(identifier_idx, noun_idx)`` for `attention_regulariser`: the identifier joins its class
-    noun's group (``ait2i_ext.tokens``); every member of that group is aligned onto the noun's main token.
-    """
-    from ait2i_ext.tokens import Subject, resolve_subject
-
-    group = resolve_subject(tokenizer, prompt, Subject(noun=class_noun, identifier=identifier))
-    return group.members, group.main
-
-
-# --------------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------------
 
@@ -754,16 +666,6 @@ def train(args: argparse.Namespace) -> TrainingResult:
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
-    # The regulariser's tokens and map resolution, checked before any step.
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    latent_hw = (args.resolution // vae_scale, args.resolution // vae_scale)
-    reg_tokens, reg_cfg = None, LossConfig()
-    if args.attention_reg_weight > 0:
-        from ait2i_ext.capture import capture_attention, select_factor
-
-        reg_tokens = regulariser_tokens(tokenizer, args.instance_prompt, args.identifier, args.class_noun)
-        select_factor(unet, latent_hw, args.attention_resolution)
-
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
 
@@ -821,16 +723,8 @@ def train(args: argparse.Namespace) -> TrainingResult:
     first_epoch = global_step // updates_per_epoch
     skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
 
-    # 6. The loss of one batch: diffusion (+ prior) (+ attention regulariser on the instance half).
-    def attention_capture():
-        # Kept open through backward: gradient checkpointing re-runs the forward with these processors.
-        if reg_tokens is None:
-            return contextlib.nullcontext()
-        return capture_attention(
-            accelerator.unwrap_model(unet), latent_hw=latent_hw, resolution=args.attention_resolution
-        )
-
-    def compute_loss(batch, store) -> tuple[torch.Tensor, dict[str, float]]:
+    # 6. The loss of one batch: diffusion (+ prior on the class half).
+    def compute_loss(batch) -> tuple[torch.Tensor, dict[str, float]]:
         pixels = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)
         latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
         noise = torch.randn_like(latents)
@@ -853,10 +747,6 @@ def train(args: argparse.Namespace) -> TrainingResult:
             prior = F.mse_loss(pred[n:].float(), target[n:].float())
             loss = loss + args.prior_loss_weight * prior
             logs["prior"] = prior.item()
-        if reg_tokens is not None:
-            reg = attention_regulariser(store.maps()[:n], *reg_tokens, reg_cfg).mean()
-            loss = loss + args.attention_reg_weight * reg
-            logs["attn_reg"] = reg.item()
         return loss, logs
 
     # 7. The loop.
@@ -878,8 +768,8 @@ def train(args: argparse.Namespace) -> TrainingResult:
             loader = accelerator.skip_first_batches(dataloader, skip_batches)
             loader.set_epoch(epoch)
         for batch in loader:
-            with accelerator.accumulate(*trained), attention_capture() as store:
-                loss, logs = compute_loss(batch, store)
+            with accelerator.accumulate(*trained):
+                loss, logs = compute_loss(batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)

@@ -110,9 +110,7 @@ def caption_for(phrases: list[str], rng: random.Random | None = None) -> str:
     return ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def star_polygon(
-    x0: float, y0: float, x1: float, y1: float, inner: float = 0.5
-) -> list[tuple[float, float]]:
+def star_polygon(x0: float, y0: float, x1: float, y1: float, inner: float = 0.5) -> list[tuple[float, float]]:
     """An upright five-pointed star (inner radius ``inner`` x the outer) filling the box ``(x0, y0, x1, y1)``."""
     points = []
     for k in range(10):
