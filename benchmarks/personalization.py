@@ -99,7 +99,7 @@ def requested_objects(case: dict) -> list[tuple[str, str]]:
     from ait2i_ext.shapes.prompts import parse_prompt
 
     if not case["identifiers"]:
-        return [(o.colour, o.shape) for o in parse_prompt(case["prompt"]).objects]
+        return [(o.colour, o.shape) for o in parse_prompt(case["prompt"])]
     objects = []
     for noun in case["nouns"]:
         words = noun.split()
