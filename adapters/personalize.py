@@ -2,7 +2,7 @@
 
 A learned concept is used as "a sks dog": the identifier ``sks`` joins the group of the class noun it
 precedes, so aggregation pulls the identifier's map onto the noun's peak and isolation keeps the
-concept apart from the other subjects (``shared/METHOD.md``, Personalisation). Nothing else changes:
+concept apart from the other subjects (``docs/method.md``, Personalisation). Nothing else changes:
 the LoRA-loaded pipeline is still a stock Stable Diffusion pipeline, and :func:`ait2i_ext.generate`
 runs on it through the plain SD adapter.
 
