@@ -13,6 +13,12 @@ runs on it through the plain SD adapter.
     prompt = "a sks dog and a cat"
     out = generate(pipe, prompt, personalized_subjects(prompt, "sks"))
 
+Two concepts at once: both LoRAs active together (peft multi-adapter), each identifier in its own group:
+
+    load_loras(pipe, ["runs/sks-star", "runs/xyz-heart"])
+    prompt = "a sks star and a xyz heart"
+    out = generate(pipe, prompt, personalized_subjects(prompt, ["sks", "xyz"]))
+
 Only safetensors is loaded. A LoRA whose layers do not fit the pipeline's models is refused before
 anything is injected, and a load that fails or injects less than the file holds is undone, so the
 pipeline is left as it was.
@@ -258,25 +264,83 @@ def load_lora(pipe, path: str | Path, adapter_name: str | None = None, scale: fl
     return adapter_name
 
 
-def personalized_subjects(
-    prompt: str, identifier: str, subjects: Sequence[SubjectSpec] | None = None
-) -> list[Subject]:
-    """The prompt's subjects with ``identifier`` in the group of the noun it precedes.
+def load_loras(
+    pipe,
+    paths: Sequence[str | Path],
+    adapter_names: Sequence[str] | None = None,
+    scales: Sequence[float] | None = None,
+) -> list[str]:
+    """Load several LoRAs (one per concept) into ``pipe``, all active at once (diffusers' peft
+    multi-adapter: ``load_lora_weights(..., adapter_name=...)`` then ``set_adapters``).
 
-    "a sks dog and a cat" -> ``[Subject("dog", identifier="sks"), Subject("cat")]``; ``subjects=None``
-    infers them from the prompt (:func:`ait2i_ext.tokens.infer_subjects`). Subjects with layout boxes
-    keep their boxes.
+    Args:
+        pipe: a diffusers pipeline with LoRA support.
+        paths: one ``.safetensors`` file or run folder per LoRA (see :func:`load_lora`).
+        adapter_names: their adapter names; default ``default_<i>``.
+        scales: their weights; default 1.0 each.
+
+    Returns:
+        The adapter names, in the order of ``paths``.
 
     Raises:
-        ValueError: the identifier is not a word of the prompt, or precedes none of the subjects.
+        ValueError: as :func:`load_lora`, or ``adapter_names``/``scales`` of another length than
+            ``paths``; on any error every LoRA this call loaded is unloaded again.
     """
-    return with_identifier(subjects if subjects is not None else infer_subjects(prompt), identifier, prompt)
+    paths = list(paths)
+    if not paths:
+        raise ValueError("paths=[] is invalid: expected at least one LoRA")
+    for label, values in (("adapter_names", adapter_names), ("scales", scales)):
+        if values is not None and len(values) != len(paths):
+            raise ValueError(
+                f"{label}={list(values)!r} is invalid: expected one per LoRA path ({len(paths)})"
+            )
+    names: list[str] = []
+    try:
+        for i, path in enumerate(paths):
+            names.append(load_lora(pipe, path, adapter_names[i] if adapter_names else None))
+        pipe.set_adapters(names, adapter_weights=list(scales) if scales else [1.0] * len(names))
+    except Exception:
+        for name in names:
+            unload_lora(pipe, name)
+        raise
+    return names
+
+
+def personalized_subjects(
+    prompt: str, identifier: str | Sequence[str], subjects: Sequence[SubjectSpec] | None = None
+) -> list[Subject]:
+    """The prompt's subjects with each identifier in the group of the noun it precedes.
+
+    "a sks dog and a cat" -> ``[Subject("dog", identifier="sks"), Subject("cat")]``; with two concepts,
+    "a sks star and a xyz heart" and ``["sks", "xyz"]`` -> ``[Subject("star", identifier="sks"),
+    Subject("heart", identifier="xyz")]``. ``subjects=None`` infers them from the prompt
+    (:func:`ait2i_ext.tokens.infer_subjects`). Subjects with layout boxes keep their boxes.
+
+    Raises:
+        ValueError: an identifier is not a word of the prompt or precedes none of the subjects, or two
+            identifiers precede the same subject.
+    """
+    identifiers = [identifier] if isinstance(identifier, str) else list(identifier)
+    if not identifiers:
+        raise ValueError("identifier=[] is invalid: expected at least one identifier")
+    result = list(subjects) if subjects is not None else infer_subjects(prompt)
+    for ident in identifiers:
+        before = [getattr(s, "identifier", None) for s in result]
+        result = with_identifier(result, ident, prompt)
+        taken = [i for i, s in enumerate(result) if before[i] is not None and s.identifier != before[i]]
+        if taken:
+            raise ValueError(
+                f"identifiers {before[taken[0]]!r} and {ident!r} both precede the subject "
+                f"{result[taken[0]].noun!r} in prompt {prompt!r}: expected one identifier per subject"
+            )
+    return result
 
 
 __all__ = [
     "LORA_WEIGHT_NAME",
     "check_lora_fits",
     "load_lora",
+    "load_loras",
     "lora_file",
     "personalized_subjects",
     "unload_lora",

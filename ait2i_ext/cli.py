@@ -134,9 +134,9 @@ def load_pipeline(args: argparse.Namespace):
         )
         pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **kwargs)
     if args.lora:
-        from .adapters.personalize import load_lora
+        from .adapters.personalize import load_loras
 
-        load_lora(pipe, args.lora)
+        load_loras(pipe, args.lora)
     if device == "cpu":
         # The shipped and tiny models are small: on a CPU one thread is fastest and never
         # oversubscribes a busy machine; large checkpoints get torch's default or --threads.
@@ -158,7 +158,7 @@ def _shipped_gligen() -> str:
 
 def _subjects(args: argparse.Namespace, prompt: str):
     """Subjects from ``--subjects``, ``--box`` and ``--identifier`` (``None`` = infer)."""
-    from .tokens import infer_subjects, with_identifier
+    from .tokens import infer_subjects
 
     subjects: list = list(args.subjects) if args.subjects else None
     if args.box:
@@ -169,9 +169,9 @@ def _subjects(args: argparse.Namespace, prompt: str):
             subjects if subjects is not None else infer_subjects(prompt), boxes, prompt
         )
     if args.identifier:
-        subjects = with_identifier(
-            subjects if subjects is not None else infer_subjects(prompt), args.identifier, prompt
-        )
+        from .adapters.personalize import personalized_subjects
+
+        subjects = personalized_subjects(prompt, args.identifier, subjects)
     return subjects
 
 
@@ -512,7 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--identifier",
-            help="personalisation token (e.g. sks) joining the group of the noun it precedes (default: none)",
+            action="append",
+            help="personalisation token (e.g. sks) joining the group of the noun it precedes (repeatable; default: none)",
         )
 
     g = sub.add_parser("generate", help="generate images with (or without) AI-T2I guidance")
@@ -620,7 +621,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="control image for --controlnet: canny:photo.png, lineart:photo.png or image:edges.png",
     )
     g.add_argument(
-        "--lora", metavar="PATH", help="a LoRA (.safetensors file or folder) to load (default: none)"
+        "--lora",
+        metavar="PATH",
+        action="append",
+        help="a LoRA (.safetensors file or folder) to load (repeatable: all are active together; default: none)",
     )
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
     g.add_argument(

@@ -1,227 +1,239 @@
-"""Personalisation end to end on the shapes model: teach it a star, then draw the star beside a known shape.
+"""Personalisation end to end on the shapes model: teach it shapes it never saw, then draw them.
 
-    python benchmarks/personalization.py                         # shipped shapes model, CPU, a few minutes
-    python benchmarks/personalization.py --seeds 32 --train-steps 400 --out out/personalization
+    python benchmarks/personalization.py --out out/personalization             # trains, then 64 seeds
+    python benchmarks/personalization.py --lora-star runs/sks-star --lora-heart runs/xyz-heart
 
-1. Render ``--images`` instance images of a concept the shapes world never shows: an upright
-   five-pointed yellow star (``render_star``), one per image, on the shapes world's background.
-2. Fine-tune two LoRAs with ``training/train_lora.py`` on "a sks star": ``plain`` and ``reg`` (the
-   attention regulariser, ``--attention_reg_weight``, pulling "sks" onto "star").
-3. For each LoRA, on the same seeds, generate "a sks star and a {colour} {shape}" three ways:
-   ``stock`` (the pipeline untouched), ``ait2i`` with "sks" in no group (subjects "star" and the
-   other), ``ait2i+sks`` with "sks" in the star's group (:func:`personalized_subjects`).
-   The base model without a LoRA (``stock``) is the reference row.
-4. Score each image: ``concept`` = a star-shaped blob of the concept colour (:func:`is_star`),
-   ``colour`` = any blob of the concept colour (the weaker sign that the concept was drawn at all),
-   ``other`` = the other subject present in its colour and shape (``ait2i_ext.shapes.evaluator``),
-   ``both`` = both at once.
+1. Render ``--images`` instance images of two concepts the shapes world never shows: a yellow star
+   ("a sks star") and a red heart ("a xyz heart"), one object per image (``ait2i_ext.shapes.data``).
+2. Train one LoRA per concept with ``training/train_lora.py`` and its defaults for this model (only the
+   required flags are given), or reuse ``--lora-star`` / ``--lora-heart``.
+3. On the same seeds for every method, generate
+   - the concept alone ("a sks star") and next to a second subject ("a sks star and a blue square",
+     ...), with the star LoRA;
+   - two concepts at once ("a sks star and a xyz heart"), both LoRAs active (peft multi-adapter);
+   - base prompts without an identifier ("a red circle", ...), with no LoRA, the star LoRA and both;
+   three ways: ``plain`` (the pipeline untouched), ``ait2i`` with the identifiers in no group (subjects
+   are the nouns and the other subjects' words) and ``ait2i+id`` with each identifier in the group of
+   the noun it precedes (:func:`personalized_subjects`).
+4. Score each image with ``ait2i_ext.shapes.evaluator``: every requested object (the concept in its
+   colour and shape, the other subject) present.
 
-Prints one table and writes ``--out``/table.json, the LoRAs, the instance images and a PNG grid.
+Prints one table and writes ``--out``/table.json and ``--out``/examples.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import random
 import time
-from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
-from ait2i_ext.adapters.personalize import load_lora, personalized_subjects
-from PIL import Image, ImageDraw
+from ait2i_ext.adapters.personalize import load_loras, personalized_subjects
+from PIL import Image
 
 from ait2i_ext import AIT2IConfig, LossConfig, generate
 from ait2i_ext.config import model_loss
-from ait2i_ext.shapes.data import BACKGROUND, COLOURS, IMAGE_SIZE
+from ait2i_ext.shapes.data import IMAGE_SIZE, Scene, ShapeObject, render_scene
 from ait2i_ext.shapes.model import default_model_path
 
-IDENTIFIER, CLASS_NOUN = "sks", "star"
-CONCEPT_COLOUR = "yellow"
-INSTANCE_PROMPT = f"a {IDENTIFIER} {CLASS_NOUN}"
-OTHERS = ("red circle", "blue square", "green triangle", "purple circle")
-METHODS = ("stock", "ait2i", "ait2i+sks")
-MIN_AREA = 30  # the shapes evaluator's smallest object, in pixels at 64 px
-MIN_STAR_IOU = 0.5
+# identifier -> (shape, colour): the concepts, drawn in one colour each.
+CONCEPTS = {"sks": ("star", "yellow"), "xyz": ("heart", "red")}
+LORA_OF = {"sks": "star", "xyz": "heart"}
+SECOND_SUBJECTS = ("blue square", "red circle", "green triangle", "purple circle")
+BASE_PROMPTS = (
+    "a red circle",
+    "a blue square",
+    "a red circle and a blue square",
+    "a green triangle and a purple circle",
+)
+METHODS = ("plain", "ait2i", "ait2i+id")
 
 
-# --- the new concept ---------------------------------------------------------------------------
-
-
-def star_polygon(x0: float, y0: float, x1: float, y1: float, inner: float = 0.5) -> list[tuple[float, float]]:
-    """An upright five-pointed star filling the box ``(x0, y0, x1, y1)`` (pixels)."""
-    points = []
-    for k in range(10):
-        radius = 1.0 if k % 2 == 0 else inner
-        angle = math.pi / 2 + k * math.pi / 5
-        points.append((radius * math.cos(angle), -radius * math.sin(angle)))
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    sx, sy = (x1 - x0) / (max(xs) - min(xs)), (y1 - y0) / (max(ys) - min(ys))
-    return [(x0 + (x - min(xs)) * sx, y0 + (y - min(ys)) * sy) for x, y in points]
-
-
-def render_star(rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
-    """One instance image: a yellow star of side 22-34 px at a random place."""
-    image = Image.new("RGB", (size, size), BACKGROUND)
+def render_concept(shape: str, colour: str, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
+    """One instance image: the concept alone, side 22-34 px (at 64 px) at a random place."""
     side = rng.randint(22, 34)
-    x0, y0 = rng.randint(3, size - 3 - side), rng.randint(3, size - 3 - side)
-    ImageDraw.Draw(image).polygon(
-        star_polygon(x0, y0, x0 + side - 1, y0 + side - 1), fill=COLOURS[CONCEPT_COLOUR]
-    )
-    return image
+    x0, y0 = rng.randint(3, IMAGE_SIZE - 3 - side), rng.randint(3, IMAGE_SIZE - 3 - side)
+    box = (x0 / IMAGE_SIZE, y0 / IMAGE_SIZE, (x0 + side) / IMAGE_SIZE, (y0 + side) / IMAGE_SIZE)
+    return render_scene(Scene((ShapeObject(colour, shape, box),), ""), size)
 
 
-def _templates(height: int, width: int) -> dict[str, np.ndarray]:
-    """Star, circle, square and apex-up triangle masks filling a ``height x width`` box."""
-    canvas = Image.new("L", (width, height), 0)
-    ImageDraw.Draw(canvas).polygon(star_polygon(0, 0, width - 1, height - 1), fill=1)
-    yy, xx = np.mgrid[0:height, 0:width] + 0.5
-    cy, cx = height / 2, width / 2
-    return {
-        "star": np.asarray(canvas, dtype=bool),
-        "circle": ((yy - cy) / cy) ** 2 + ((xx - cx) / cx) ** 2 <= 1.0,
-        "square": np.ones((height, width), bool),
-        "triangle": np.abs(xx - cx) <= (yy / height) * width / 2,
-    }
-
-
-def _components(mask: np.ndarray) -> list[np.ndarray]:
-    """4-connected components of a boolean mask, as ``(n, 2)`` arrays of ``(row, col)``."""
-    seen = np.zeros_like(mask)
-    comps = []
-    for start in zip(*np.nonzero(mask), strict=True):
-        if seen[start]:
-            continue
-        seen[start] = True
-        queue, comp = deque([start]), []
-        while queue:
-            r, c = queue.popleft()
-            comp.append((r, c))
-            for nr, nc in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
-                if 0 <= nr < mask.shape[0] and 0 <= nc < mask.shape[1] and mask[nr, nc] and not seen[nr, nc]:
-                    seen[nr, nc] = True
-                    queue.append((nr, nc))
-        comps.append(np.array(comp))
-    return comps
-
-
-def star_scores(image: Image.Image, colour: str = CONCEPT_COLOUR, max_distance: float = 90.0) -> list[dict]:
-    """Per blob of ``colour`` (nearest palette colour, as the shapes evaluator assigns pixels): its
-    area and IoU with a star, circle, square and triangle fitted to its box."""
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    palette = np.array([BACKGROUND, *COLOURS.values()], dtype=np.float32)
-    dist = np.linalg.norm(pixels[:, :, None, :] - palette[None, None], axis=-1)
-    index = 1 + list(COLOURS).index(colour)
-    mask = (dist.argmin(-1) == index) & (dist.min(-1) <= max_distance)
-    blobs = []
-    for comp in _components(mask):
-        if len(comp) < MIN_AREA:
-            continue
-        (r0, c0), (r1, c1) = comp.min(0), comp.max(0) + 1
-        blob = np.zeros((r1 - r0, c1 - c0), bool)
-        blob[comp[:, 0] - r0, comp[:, 1] - c0] = True
-        ious = {
-            k: float((blob & t).sum() / (blob | t).sum()) for k, t in _templates(r1 - r0, c1 - c0).items()
+def cases(others: list[str], base_prompts: list[str], base_loras: list[list[str]]) -> list[dict]:
+    """Every prompt of the study: its LoRAs, identifiers, requested objects and methods. ``ait2i`` without
+    the identifier in a group runs on the concept + other subject prompts (where isolation matters)."""
+    star = {"identifiers": ["sks"], "loras": ["star"]}
+    rows = [{"group": "concept alone", "prompt": "a sks star", "nouns": ["star"], **star}]
+    for other in others:
+        rows.append(
+            {
+                "group": "concept + other",
+                "prompt": f"a sks star and a {other}",
+                "nouns": ["star", other],
+                **star,
+            }
+        )
+    rows.append(
+        {
+            "group": "two concepts",
+            "prompt": "a sks star and a xyz heart",
+            "nouns": ["star", "heart"],
+            "identifiers": ["sks", "xyz"],
+            "loras": ["star", "heart"],
         }
-        blobs.append({"area": len(comp), **ious})
-    return blobs
-
-
-def is_star(blob: dict) -> bool:
-    """A blob (of :func:`star_scores`) that overlaps a star best, at IoU >= ``MIN_STAR_IOU``."""
-    return blob["star"] >= MIN_STAR_IOU and blob["star"] > max(
-        blob["circle"], blob["square"], blob["triangle"]
     )
+    for prompt in base_prompts:
+        for loras in ([], *base_loras):
+            rows.append(
+                {"group": "base prompt", "prompt": prompt, "nouns": None, "identifiers": [], "loras": loras}
+            )
+    for row in rows:
+        row["methods"] = {"concept + other": list(METHODS), "base prompt": ["plain"]}.get(
+            row["group"], ["plain", "ait2i+id"]
+        )
+    return rows
+
+
+def requested_objects(case: dict) -> list[tuple[str, str]]:
+    from ait2i_ext.shapes.prompts import parse_prompt
+
+    if not case["identifiers"]:
+        return [(o.colour, o.shape) for o in parse_prompt(case["prompt"])]
+    objects = []
+    for noun in case["nouns"]:
+        words = noun.split()
+        if len(words) == 2:
+            objects.append((words[0], words[1]))
+        else:
+            ident = next(i for i in case["identifiers"] if CONCEPTS[i][0] == noun)
+            objects.append((CONCEPTS[ident][1], noun))
+    return objects
+
+
+# --- workers: one pipeline per process, reloaded when the set of LoRAs changes -------------------
+
+_STATE: dict = {}
+
+
+def _pipeline(model: str, loras: tuple[str, ...]):
+    from diffusers import StableDiffusionPipeline
+
+    if _STATE.get("loras") != loras:
+        torch.set_num_threads(1)
+        pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, safety_checker=None)
+        pipe.set_progress_bar_config(disable=True)
+        if loras:
+            pipe.fuse_lora(adapter_names=load_loras(pipe, list(loras)))  # same images, no LoRA overhead
+        _STATE.update(pipe=pipe, loras=loras)
+    return _STATE["pipe"]
+
+
+def run_job(job: dict) -> dict:
+    """Generate and score one (case, method, seed chunk)."""
+    from ait2i_ext.shapes.evaluator import evaluate
+
+    case, method, seeds = job["case"], job["method"], job["seeds"]
+    pipe = _pipeline(job["model"], tuple(job["lora_paths"]))
+    call = dict(
+        num_inference_steps=job["steps"],
+        guidance_scale=job["guidance_scale"],
+        num_images_per_prompt=len(seeds),
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+    )
+    start = time.process_time()
+    if method == "plain":
+        images = pipe(case["prompt"], **call).images
+    else:
+        subjects = case["nouns"]
+        if method == "ait2i+id":
+            subjects = personalized_subjects(case["prompt"], case["identifiers"], subjects)
+        config = AIT2IConfig(loss=LossConfig(**job["radii"]))
+        images = generate(pipe, case["prompt"], subjects, config=config, **call).images
+    seconds = (time.process_time() - start) / len(seeds)
+    objects = requested_objects(case)
+    present = [evaluate(image, objects).all_present for image in images]
+    keep = {s: image for s, image in zip(seeds, images, strict=True) if s in job["example_seeds"]}
+    return {
+        "job": {k: job[k] for k in ("case_id", "method")},
+        "present": present,
+        "seconds": seconds,
+        "examples": keep,
+    }
 
 
 # --- the run ------------------------------------------------------------------------------------
 
 
-def train(model: str, images: Path, out: Path, args, regularised: bool) -> Path:
+def train_concept(model: str, ident: str, images: Path, out: Path) -> tuple[Path, float]:
+    """Train the concept's LoRA with train_lora.py's defaults; returns its folder and CPU seconds."""
     try:
         from ait2i_ext.training import train_lora
     except ImportError:
         from training import train_lora
 
-    argv = [
-        "--pretrained_model", model, "--instance_data_dir", str(images), "--instance_prompt", INSTANCE_PROMPT,
-        "--output_dir", str(out), "--resolution", str(IMAGE_SIZE), "--max_train_steps", str(args.train_steps),
-        "--train_batch_size", str(args.train_batch), "--learning_rate", str(args.lr), "--rank", str(args.rank),
-        "--checkpointing_steps", str(10 * args.train_steps), "--random_flip", "--seed", "0",
-    ]  # fmt: skip
-    if args.train_text_encoder:
-        argv.append("--train_text_encoder")
-    if regularised:
-        argv += [
-            "--attention_reg_weight",
-            str(args.reg_weight),
-            "--identifier",
-            IDENTIFIER,
-            "--class_noun",
-            CLASS_NOUN,
-        ]
-    return train_lora.main(argv).weights_path
-
-
-def subjects_for(method: str, prompt: str, other: str):
-    if method == "ait2i":
-        return [CLASS_NOUN, other]
-    return personalized_subjects(prompt, IDENTIFIER, [CLASS_NOUN, other])
-
-
-def sample(pipe, method: str, other: str, seeds: list[int], args) -> list[Image.Image]:
-    prompt = f"{INSTANCE_PROMPT} and a {other}"
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    call = dict(
-        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, num_images_per_prompt=len(seeds)
-    )
-    if method == "stock":
-        return pipe(prompt, generator=generators, **call).images
-    config = AIT2IConfig(loss=LossConfig(**args.radii), mode=args.mode)
-    return generate(
-        pipe, prompt, subjects_for(method, prompt, other), config=config, generator=generators, **call
-    ).images
+    shape = CONCEPTS[ident][0]
+    start = time.process_time()
+    train_lora.main(
+        ["--pretrained_model", model, "--instance_data_dir", str(images),
+         "--instance_prompt", f"a {ident} {shape}", "--output_dir", str(out)]
+    )  # fmt: skip
+    return out, time.process_time() - start
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"{'lora':<8}{'method':<12}{'concept':>10}{'colour':>10}{'other':>10}{'both':>10}{'s/image':>10}{'n':>6}"
+    header = f"{'group':<16}{'prompt':<40}{'LoRAs':<12}" + "".join(f"{m:>10}" for m in METHODS) + f"{'n':>5}"
     lines = [header, "-" * len(header)]
     for r in rows:
+        cells = "".join(
+            f"{100 * r['present'][m]:>9.1f}%" if m in r["present"] else f"{'':>10}" for m in METHODS
+        )
         lines.append(
-            f"{r['lora']:<8}{r['method']:<12}{100 * r['concept']:>9.1f}%{100 * r['colour']:>9.1f}%{100 * r['other']:>9.1f}%"
-            f"{100 * r['both']:>9.1f}%{r['seconds']:>10.3f}{r['n']:>6}"
+            f"{r['group']:<16}{r['prompt']:<40}{'+'.join(r['loras']) or 'none':<12}{cells}{r['n']:>5}"
         )
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from diffusers import StableDiffusionPipeline
-    from tqdm.auto import tqdm
-
-    from ait2i_ext.shapes.evaluator import evaluate
+def examples_grid(examples: dict, seeds: list[int]) -> Image.Image:
+    """The figure of the docs: concept alone, next to a square, two concepts; plain vs ait2i."""
     from ait2i_ext.viz import side_by_side
 
+    strips = []
+    for prompt in ("a sks star", "a sks star and a blue square", "a sks star and a xyz heart"):
+        for seed in seeds:
+            tiles = {
+                m: examples[(prompt, m, seed)] for m in ("plain", "ait2i+id") if (prompt, m, seed) in examples
+            }
+            if tiles:
+                strips.append(side_by_side(tiles, title=f"{prompt} (seed {seed})", cell=128))
+    grid = Image.new("RGB", (max(s.width for s in strips) * 2, sum(s.height for s in strips[::2])), "white")
+    for i, strip in enumerate(strips):
+        grid.paste(strip, ((i % 2) * strip.width, sum(s.height for s in strips[: i - i % 2 : 2])))
+    return grid
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="shapes-world pipeline folder (default: the shipped shapes model)")
     parser.add_argument("--out", default="out/personalization")
-    parser.add_argument("--images", type=int, default=10, help="instance images of the star")
-    parser.add_argument("--train-steps", type=int, default=300)
-    parser.add_argument("--train-batch", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--train-text-encoder", action="store_true")
+    parser.add_argument("--images", type=int, default=10, help="instance images per concept")
+    parser.add_argument("--lora-star", help="a trained 'a sks star' LoRA (default: train one)")
+    parser.add_argument("--lora-heart", help="a trained 'a xyz heart' LoRA (default: train one)")
     parser.add_argument(
-        "--reg-weight", type=float, default=1.0, help="--attention_reg_weight of the reg LoRA"
+        "--others", default=",".join(SECOND_SUBJECTS), help="second subjects, comma-separated"
     )
-    parser.add_argument("--reuse", action="store_true", help="reuse LoRAs already trained in --out")
-    parser.add_argument("--others", default=",".join(OTHERS), help="the second subjects, comma-separated")
-    parser.add_argument("--seeds", type=int, default=16, help="seeds 0..N-1 for every prompt and method")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--base-prompts", default=",".join(BASE_PROMPTS), help="prompts without identifier")
+    parser.add_argument(
+        "--base-loras", default="star,star+heart", help="LoRA sets the base prompts run with (besides none)"
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=64, help="seeds --first-seed.. for every prompt and method"
+    )
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--mode", default="truncated", choices=["full", "truncated"])
+    parser.add_argument("--workers", type=int, default=2, help="processes, one CPU thread each")
     parser.add_argument(
         "--aggregation-radius",
         type=float,
@@ -233,114 +245,116 @@ def main(argv: list[str] | None = None) -> int:
         help="default: the model's ait2i.json (3 on the shipped model), else 6",
     )
     args = parser.parse_args(argv)
-    try:  # the model's ait2i.json radii; bad radii fail here, not after the LoRAs are trained
-        args.radii = model_loss(
+    try:  # the model's ait2i.json radii; bad radii fail here, before any training
+        radii = model_loss(
             args.model or default_model_path(),
             aggregation_radius=args.aggregation_radius,
             alignment_radius=args.alignment_radius,
         )
     except ValueError as e:
         raise SystemExit(f"--aggregation-radius / --alignment-radius: {e}") from None
+    for flag in ("seeds", "images", "steps", "workers"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag}={getattr(args, flag)} is invalid: expected an integer >= 1")
+    others = [o.strip() for o in args.others.split(",") if o.strip()]
+    from ait2i_ext.shapes.data import COLOURS, SHAPES
 
+    for other in others:
+        words = other.split()
+        if len(words) != 2 or words[0] not in COLOURS or words[1] not in SHAPES or words[0] == "yellow":
+            raise SystemExit(
+                f"--others: {other!r} is invalid: expected 'colour shape' with a colour of {list(COLOURS)} "
+                f"other than the star's yellow and a shape of {SHAPES}"
+            )
+    base_prompts = [p.strip() for p in args.base_prompts.split(",") if p.strip()]
+    base_loras = [b.split("+") for b in args.base_loras.split(",") if b]
+    if any(name not in LORA_OF.values() for names in base_loras for name in names):
+        raise SystemExit(f"--base-loras={args.base_loras!r} is invalid: expected sets like 'star,star+heart'")
+    for flag, path in (("--lora-star", args.lora_star), ("--lora-heart", args.lora_heart)):
+        if path is not None and not Path(path).exists():
+            raise SystemExit(f"{flag}={path!r} does not exist: expected a LoRA folder or .safetensors file")
     if args.model:
         model = args.model
     else:
         model = default_model_path()
     if not (Path(model) / "model_index.json").is_file():
         raise SystemExit(
-            f"--model {model!r} has no model_index.json: train the shapes model first (training/train_shapes.py)"
+            f"--model {model!r} has no model_index.json: expected a shapes-world pipeline folder"
         )
-    others = [o.strip() for o in args.others.split(",") if o.strip()]
-    for other in others:
-        colour, shape = other.split()
-        if colour == CONCEPT_COLOUR:
-            raise SystemExit(f"--others: {other!r} has the concept's colour {CONCEPT_COLOUR!r}: pick another")
+
     out = Path(args.out)
-    # The shipped model is saved in fp16; train and sample on an fp32 copy (CPU has no fp16 matmuls
-    # worth using, and train_lora.py keeps a checkpoint's dtype when --mixed_precision is "no").
-    base = out / "base-fp32"
-    if not (base / "model_index.json").is_file():
-        StableDiffusionPipeline.from_pretrained(
-            model, torch_dtype=torch.float32, safety_checker=None
-        ).save_pretrained(base)
-    images_dir = out / "instance"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(0)
-    for i in range(args.images):
-        render_star(rng).save(images_dir / f"star-{i:02d}.png")
-
-    # 1. Two LoRAs, with and without the attention regulariser.
-    loras, train_seconds = {}, {}
-    for name, regularised in (("plain", False), ("reg", True)):
-        folder = out / f"lora-{name}"
-        if args.reuse and (folder / "pytorch_lora_weights.safetensors").is_file():
-            loras[name] = folder / "pytorch_lora_weights.safetensors"
+    lora_paths, train_seconds = {"star": args.lora_star, "heart": args.lora_heart}, {}
+    for ident, (shape, colour) in CONCEPTS.items():
+        if lora_paths[shape] is not None:
             continue
-        start = time.perf_counter()
-        loras[name] = train(str(base), images_dir, folder, args, regularised)
-        train_seconds[name] = time.perf_counter() - start
+        images = out / f"instance-{shape}"
+        images.mkdir(parents=True, exist_ok=True)
+        rng = random.Random(0)
+        for i in range(args.images):
+            render_concept(shape, colour, rng).save(images / f"{shape}-{i:02d}.png")
+        folder, train_seconds[shape] = train_concept(model, ident, images, out / f"lora-{shape}")
+        lora_paths[shape] = str(folder)
 
-    # 2. The same seeds for every LoRA, prompt and method.
-    seeds = list(range(args.seeds))
-    runs = [("none", "stock")] + [(lora, m) for lora in loras for m in METHODS]
-    records, examples = [], {}
-    bar = tqdm(total=len(runs) * len(others), desc="prompts")
-    pipes = {}
-    for lora, method in runs:
-        if lora not in pipes:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                model, torch_dtype=torch.float32, safety_checker=None
-            )
-            if lora != "none":
-                load_lora(pipe, loras[lora])
-            pipe.set_progress_bar_config(disable=True)
-            pipes = {lora: pipe}
-        for other in others:
-            start = time.perf_counter()
-            images = sample(pipes[lora], method, other, seeds, args)
-            seconds = (time.perf_counter() - start) / len(seeds)
-            colour, shape = other.split()
-            for seed, image in zip(seeds, images, strict=True):
-                blobs = star_scores(image)
-                concept = any(is_star(b) for b in blobs)
-                present = evaluate(image, [(colour, shape)]).objects[0].present
-                records.append({"lora": lora, "method": method, "other": other, "seed": seed, "seconds": seconds,
-                                "concept": float(concept), "colour": float(bool(blobs)), "other_present": float(present),
-                                "both": float(concept and present)})  # fmt: skip
-                if seed == 0:
-                    examples[(other, f"{lora}/{method}")] = image
-            bar.update(1)
-    bar.close()
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    chunks = [seeds[i : i + 16] for i in range(0, len(seeds), 16)]
+    example_seeds = seeds[:2]
+    all_cases = cases(others, base_prompts, base_loras)
+    jobs = [
+        {"case_id": i, "case": case, "method": method, "seeds": chunk, "model": model, "radii": radii,
+         "lora_paths": [lora_paths[name] for name in case["loras"]], "steps": args.steps,
+         "guidance_scale": args.guidance_scale, "example_seeds": example_seeds}
+        for i, case in enumerate(all_cases) for method in case["methods"] for chunk in chunks
+    ]  # fmt: skip
+    # Case by case (the concept alone first), so that a partial run still holds whole prompts.
+    jobs.sort(key=lambda j: j["case_id"])
+    from tqdm.auto import tqdm
 
-    rows = []
-    for lora, method in runs:
-        rs = [r for r in records if r["lora"] == lora and r["method"] == method]
-        rows.append({
-            "lora": lora, "method": method, "n": len(rs), "seconds": sum(r["seconds"] for r in rs) / len(rs),
-            "concept": sum(r["concept"] for r in rs) / len(rs),
-            "colour": sum(r["colour"] for r in rs) / len(rs),
-            "other": sum(r["other_present"] for r in rs) / len(rs),
-            "both": sum(r["both"] for r in rs) / len(rs),
-        })  # fmt: skip
+    results = []
+    out.mkdir(parents=True, exist_ok=True)
+    partial = (out / "partial.jsonl").open("w")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        for result in tqdm(pool.map(run_job, jobs), total=len(jobs), desc="image batches"):
+            results.append(result)
+            partial.write(json.dumps({k: v for k, v in result.items() if k != "examples"}) + "\n")
+            partial.flush()
+    partial.close()
+
+    rows, examples = [], {}
+    for i, case in enumerate(all_cases):
+        row = {k: case[k] for k in ("group", "prompt", "loras")}
+        row["present"], row["seconds"] = {}, {}
+        for method in case["methods"]:
+            mine = [r for r in results if r["job"] == {"case_id": i, "method": method}]
+            flags = [p for r in mine for p in r["present"]]
+            row["present"][method] = sum(flags) / len(flags)
+            row["seconds"][method] = sum(r["seconds"] for r in mine) / len(mine)
+            row["n"] = len(flags)
+            for r in mine:
+                for seed, image in r["examples"].items():
+                    examples[(case["prompt"], method, seed)] = image
+        rows.append(row)
+
     print(
-        f"model: {model}; concept '{INSTANCE_PROMPT}' from {args.images} images, {args.train_steps} LoRA steps "
-        f"(train s: {', '.join(f'{k} {v:.0f}' for k, v in train_seconds.items()) or 'reused'}); "
-        f"{len(others)} prompts x {args.seeds} seeds; {args.steps} steps; guidance scale {args.guidance_scale}"
+        f"model: {model}; LoRAs: {lora_paths} (trained in CPU s: "
+        f"{', '.join(f'{k} {v:.0f}' for k, v in train_seconds.items()) or 'reused'}); seeds "
+        f"{seeds[0]}..{seeds[-1]}; {args.steps} steps; guidance scale {args.guidance_scale}; radii {radii}"
     )
     print(format_table(rows))
-    labels = [f"{lora}/{method}" for lora, method in runs]
-    strips = [
-        side_by_side({k: examples[(o, k)] for k in labels}, title=f"{INSTANCE_PROMPT} and a {o}")
-        for o in others
-    ]
-    grid = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), (255, 255, 255))
-    for i, strip in enumerate(strips):
-        grid.paste(strip, (0, sum(s.height for s in strips[:i])))
-    grid.save(out / "examples.png")
+    out.mkdir(parents=True, exist_ok=True)
+    examples_grid(examples, example_seeds).save(out / "examples.png")
     (out / "table.json").write_text(
         json.dumps(
-            {"args": vars(args), "train_seconds": train_seconds, "rows": rows, "records": records}, indent=2
-        )
+            {
+                "args": vars(args),
+                "model": model,
+                "loras": lora_paths,
+                "train_cpu_seconds": train_seconds,
+                "seeds": seeds,
+                "rows": rows,
+            },
+            indent=2,
+        )  # fmt: skip
     )
     print(f"wrote {out / 'table.json'} and {out / 'examples.png'}")
     return 0

@@ -15,9 +15,7 @@ from diffusers import DiffusionPipeline
 
 from ait2i_ext import Subject, generate
 from ait2i_ext.cli import default_model
-from ait2i_ext.config import AIT2IConfig
 from ait2i_ext.shapes.gligen import load_gligen_pipeline
-from ait2i_ext.shapes.model import SHAPES_LOSS
 from ait2i_ext.viz import boxed_comparison
 
 parser = argparse.ArgumentParser()
@@ -40,8 +38,6 @@ else:
     pipe = DiffusionPipeline.from_pretrained(args.model or default_model(), safety_checker=None)
     labels = ("plain", "boxes (ait2i)")
 pipe.set_progress_bar_config(disable=True)
-# the shipped models' objects are small: their loss radii (docs/shapes.md); a user's model: the defaults
-config = AIT2IConfig(loss=SHAPES_LOSS) if args.model is None else AIT2IConfig()
 rows = []
 for seed in range(args.seeds):
     row = {}
@@ -50,7 +46,6 @@ for seed in range(args.seeds):
             pipe,
             prompt,
             subjects,
-            config=config,
             guidance=guided,
             num_inference_steps=args.steps,
             generator=torch.Generator().manual_seed(seed),

@@ -11,7 +11,13 @@ import pytest
 import torch
 from ait2i_ext.adapters import personalize
 from ait2i_ext.adapters.layout import subjects_with_boxes
-from ait2i_ext.adapters.personalize import load_lora, lora_file, personalized_subjects, unload_lora
+from ait2i_ext.adapters.personalize import (
+    load_lora,
+    load_loras,
+    lora_file,
+    personalized_subjects,
+    unload_lora,
+)
 
 from ait2i_ext import AIT2IConfig, ScheduleConfig, Subject, cli, generate, resolve_groups
 from ait2i_ext.testing import tiny_sd_pipeline, tiny_unet_config
@@ -167,6 +173,64 @@ def test_cli_generate_with_lora_and_identifier(model_dir, trained, tmp_path):
     assert SKS in groups["dog"]["members"] and SKS not in [groups["cat"]["main"], *groups["cat"]["members"]]
     assert record["images"][0]["loss_per_step"]
     assert (out / record["images"][0]["file"]).is_file()
+
+
+# --- two concepts at once ---------------------------------------------------------------------------
+
+TWO = "a sks dog and a xyz cat"
+
+
+def test_two_loras_are_active_together_like_diffusers_multi_adapter(trained, tmp_path):
+    other = _save_random_lora(tmp_path / "other")
+    pipe = tiny_sd_pipeline()
+    names = load_loras(pipe, [trained, other], adapter_names=["dog", "cat"])
+    assert names == ["dog", "cat"] and set(pipe.get_active_adapters()) == {"dog", "cat"}
+
+    reference = tiny_sd_pipeline()
+    reference.load_lora_weights(str(trained), adapter_name="dog")
+    reference.load_lora_weights(str(other.parent), adapter_name="cat")
+    reference.set_adapters(["dog", "cat"], adapter_weights=[1.0, 1.0])
+    both = _images(pipe)
+    np.testing.assert_allclose(both, _images(reference), atol=1e-5)
+    reference.set_adapters("dog")
+    assert np.abs(both - _images(reference)).max() > 1e-4, "the second LoRA had no effect"
+
+
+def test_load_loras_undoes_every_load_when_one_fails(trained, tmp_path):
+    pipe = tiny_sd_pipeline()
+    before = _images(pipe)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_loras(pipe, [trained, tmp_path / "missing"])
+    assert _lora_layers(pipe) == 0 or not personalize._adapter_names(pipe)
+    np.testing.assert_allclose(_images(pipe), before, atol=1e-6)
+    with pytest.raises(ValueError, match="scales=.*one per LoRA path"):
+        load_loras(pipe, [trained], scales=[1.0, 0.5])
+    with pytest.raises(ValueError, match="at least one LoRA"):
+        load_loras(pipe, [])
+
+
+def test_each_identifier_joins_its_own_group(tokenizer):
+    subjects = personalized_subjects(TWO, ["sks", "xyz"])
+    assert subjects == [Subject("dog", identifier="sks"), Subject("cat", identifier="xyz")]
+    dog, cat = resolve_groups(tokenizer, TWO, subjects)
+    # <bos> a sks dog and a xy z cat: "xyz" is two CLIP pieces, both in the cat's group
+    assert dog.members == (SKS,) and cat.members == (6, 7) and cat.main == 8
+    with pytest.raises(ValueError, match="both precede the subject 'dog'"):
+        personalized_subjects("a sks xyz dog and a cat", ["sks", "xyz"])
+
+
+def test_cli_generate_with_two_loras_and_two_identifiers(model_dir, trained, tmp_path):
+    other = _save_random_lora(tmp_path / "other")
+    out = tmp_path / "out"
+    argv = ["generate", "--model", str(model_dir), "--lora", str(trained), "--lora", str(other),
+            "--identifier", "sks", "--identifier", "xyz", "--prompt", TWO, "--steps", "2",
+            "--out", str(out), "--device", "cpu", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0
+    record = json.loads((out / "run.json").read_text())
+    groups = {g["name"]: g for g in record["images"][0]["groups"]}
+    assert groups["dog"]["members"] == [SKS]
+    assert groups["cat"]["members"] and SKS not in groups["cat"]["members"]
+    assert record["lora"] == [str(trained), str(other)] and record["identifier"] == ["sks", "xyz"]
 
 
 # --- bad input -----------------------------------------------------------------------------------

@@ -117,3 +117,19 @@ def test_subjects_for_gives_noun_and_attribute_words():
     assert (a.noun, a.attributes) == ("circle", ("red",))
     assert (b.noun, b.attributes) == ("square", ("cyan",))
     assert subjects_for(prompt_set("two")[0].objects)[0].box == prompt_set("two")[0].objects[0].box
+
+
+def test_new_shapes_only_when_asked_for():
+    from ait2i_ext.shapes.data import ALL_SHAPES, NEW_SHAPES
+
+    default = {o.shape for seed in range(300) for o in sample_scene(seed).objects}
+    assert default == set(SHAPES)  # the training world is unchanged
+    assert sample_scene(7) == sample_scene(7, shapes=None)
+    new = {o.shape for seed in range(100) for o in sample_scene(seed, shapes=NEW_SHAPES).objects}
+    assert new == set(NEW_SHAPES)
+    for shape in NEW_SHAPES:
+        image = np.asarray(render_scene(sample_scene(1, num_objects=1, shapes=(shape,))))
+        assert (image != 255).any()
+    with pytest.raises(ValueError, match="shapes=.*invalid"):
+        sample_scene(0, shapes=("hexagon",))
+    assert set(ALL_SHAPES) == set(SHAPES) | set(NEW_SHAPES)

@@ -85,3 +85,39 @@ def test_results_are_frozen_and_box_iou():
         score.extra = 3
     assert box_iou((0, 0, 1, 1), (0, 0, 0.5, 1)) == pytest.approx(0.5)
     assert box_iou((0, 0, 0.2, 0.2), (0.5, 0.5, 1, 1)) == 0.0
+
+
+# --- new shapes (personalisation concepts) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("blur", [0.0, 0.7])
+def test_new_shapes_are_read_right_on_rendered_scenes(blur):
+    from ait2i_ext.shapes.data import ALL_SHAPES, NEW_SHAPES
+
+    scenes = [sample_scene(seed, allow_held_out=True, shapes=ALL_SHAPES) for seed in range(300)]
+    scenes += [sample_scene(seed, shapes=NEW_SHAPES) for seed in range(300, 400)]
+    assert sum(any(o.shape in NEW_SHAPES for o in s.objects) for s in scenes) >= 150
+
+    def image(scene):
+        rendered = render_scene(scene)
+        return rendered.filter(ImageFilter.GaussianBlur(blur)) if blur else rendered
+
+    accuracy = np.mean([_correct(s, image(s)) for s in scenes])
+    assert accuracy >= 0.98
+
+
+def test_new_shapes_join_the_templates_only_when_asked_for():
+    from ait2i_ext.shapes.data import ALL_SHAPES
+
+    star = render_scene(Scene((ShapeObject("yellow", "star", (0.2, 0.2, 0.7, 0.7)),), ""))
+    (default,) = detect(star)
+    assert default.shape != "star"  # the training world's reading of old shapes is unchanged
+    (known,) = detect(star, EvaluatorConfig(shapes=ALL_SHAPES))
+    assert known.shape == "star" and known.colour == "yellow"
+    score = evaluate(star, [("yellow", "star")])  # a requested star is looked for
+    assert score.correct and score.objects[0].present
+    heart = render_scene(Scene((ShapeObject("red", "heart", (0.3, 0.1, 0.8, 0.6)),), ""))
+    assert not evaluate(heart, [("red", "star")]).objects[0].present
+    assert evaluate(heart, [("red", "heart")]).objects[0].present
+    with pytest.raises(ValueError, match="shapes=.*invalid"):
+        EvaluatorConfig(shapes=("star",))

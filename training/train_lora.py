@@ -1,8 +1,7 @@
 """DreamBooth-style LoRA fine-tuning of a Stable Diffusion 1.x/2.x model on a custom concept.
 
-A small, readable version of diffusers' ``train_dreambooth_lora.py`` (diffusers + peft + accelerate),
-plus an optional attention regulariser that pulls the identifier's cross-attention map onto its
-class noun's peak (``docs/method.md``, Personalisation). See ``docs/lora.md``.
+A small, readable version of diffusers' ``train_dreambooth_lora.py`` (diffusers + peft + accelerate)
+whose defaults follow the model being trained (`resolve_model_defaults`). See ``docs/lora.md``.
 
     accelerate launch -m ait2i_ext.training.train_lora \\
         --pretrained_model path/or/hub-id --instance_data_dir dog/ \\
@@ -15,7 +14,8 @@ class images, LoRA adapters, data, resume, loss, loop, save.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -29,8 +29,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ait2i_ext.config import LossConfig
-
 from .lora_data import (
     DreamBoothDataset,
     EpochShuffleSampler,
@@ -43,9 +41,78 @@ from .lora_data import (
 logger = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+RUN_CONFIG_NAME = "train_config.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 DEFAULT_UNET_TARGETS = "to_q,to_k,to_v,to_out.0"
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+_MODEL_DEFAULT = "Default: from the model's size (see `default_recipe`)"
+
+
+def _target_list(targets: str) -> list[str]:
+    return [t.strip() for t in targets.split(",") if t.strip()]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Defaults of the flags that depend on the model being trained (a flag given on the command line wins).
+
+    Args:
+        name: how the log names it.
+        rank, lora_alpha, lora_targets, train_text_encoder, learning_rate, max_train_steps,
+            train_batch_size, random_flip: the flags' defaults (``lora_alpha=None``: equal to the rank).
+    """
+
+    name: str
+    rank: int
+    lora_alpha: float | None
+    lora_targets: str
+    train_text_encoder: bool
+    learning_rate: float
+    max_train_steps: int
+    train_batch_size: int
+    random_flip: bool
+
+    def __post_init__(self) -> None:
+        for field in ("rank", "max_train_steps", "train_batch_size"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field}={getattr(self, field)} is invalid: expected an integer >= 1")
+        if self.learning_rate <= 0 or (self.lora_alpha is not None and self.lora_alpha <= 0):
+            raise ValueError(
+                f"learning_rate={self.learning_rate}, lora_alpha={self.lora_alpha} are invalid: expected > 0"
+            )
+        if not _target_list(self.lora_targets):
+            raise ValueError(f"lora_targets={self.lora_targets!r} is invalid: expected module names")
+
+
+# Every LoRA-able layer of an SD UNet: attention, feed-forward, the transformer's projections and the
+# ResNet convolutions.
+ALL_UNET_TARGETS = "to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2,proj_in,proj_out,conv1,conv2,conv_shortcut"
+# Models up to this side (the shipped 64 px shapes model) are small enough for the small-model recipe.
+SMALL_MODEL_MAX_RESOLUTION = 128
+# Measured on the shipped shapes model (docs/lora.md, "Choosing the recipe").
+SMALL_MODEL_RECIPE = Recipe(
+    name="small-model recipe",
+    rank=16,
+    lora_alpha=None,
+    lora_targets=ALL_UNET_TARGETS,
+    train_text_encoder=False,
+    learning_rate=1e-3,
+    max_train_steps=500,
+    train_batch_size=4,
+    random_flip=True,
+)
+# diffusers' DreamBooth-LoRA defaults for Stable Diffusion 1.x/2.x (512-768 px).
+STANDARD_RECIPE = Recipe(
+    name="Stable Diffusion recipe",
+    rank=4,
+    lora_alpha=None,
+    lora_targets=DEFAULT_UNET_TARGETS,
+    train_text_encoder=False,
+    learning_rate=1e-4,
+    max_train_steps=400,
+    train_batch_size=1,
+    random_flip=False,
+)
 
 
 @dataclass(frozen=True)
@@ -81,9 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--instance_data_dir", required=True, help="folder of images of the concept")
     g.add_argument("--instance_prompt", required=True, help='e.g. "a photo of sks dog"')
     g.add_argument("--output_dir", default="lora-out")
-    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="training side in pixels; default: the model's own (UNet sample_size x VAE scale factor)",
+    )
     g.add_argument("--random_crop", action="store_true", help="random instead of centre crop")
-    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=None, help=_MODEL_DEFAULT)
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
     g = p.add_argument_group("prior preservation")
@@ -96,20 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--class_inference_steps", type=int, default=25)
 
     g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", type=int, default=4)
-    g.add_argument("--lora_alpha", type=float, default=None, help="default: equal to --rank (scale 1)")
+    g.add_argument("--rank", type=int, default=None, help=_MODEL_DEFAULT)
+    g.add_argument("--lora_alpha", type=float, default=None, help=_MODEL_DEFAULT)
     g.add_argument("--lora_dropout", type=float, default=0.0)
-    g.add_argument("--lora_targets", default=DEFAULT_UNET_TARGETS, help="comma-separated UNet module names")
     g.add_argument(
-        "--train_text_encoder", action="store_true", help=f"also LoRA {','.join(TEXT_ENCODER_TARGETS)}"
+        "--lora_targets", default=None, help="comma-separated UNet module names; " + _MODEL_DEFAULT.lower()
+    )
+    g.add_argument(
+        "--train_text_encoder",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"also LoRA {','.join(TEXT_ENCODER_TARGETS)}; " + _MODEL_DEFAULT.lower(),
     )
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--max_train_steps", type=int, default=400)
-    g.add_argument("--train_batch_size", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int, default=None, help=_MODEL_DEFAULT)
+    g.add_argument("--train_batch_size", type=int, default=None, help=_MODEL_DEFAULT)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--learning_rate", type=float, default=None, help=_MODEL_DEFAULT)
     g.add_argument("--lr_scheduler", default="constant", help="a diffusers.optimization scheduler name")
     g.add_argument("--lr_warmup_steps", type=int, default=0)
     g.add_argument("--adam_weight_decay", type=float, default=1e-2)
@@ -128,25 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_validation_images", type=int, default=2)
     g.add_argument("--validation_inference_steps", type=int, default=25)
 
-    g = p.add_argument_group("attention regulariser (off by default)")
-    g.add_argument("--attention_reg_weight", type=float, default=0.0)
-    g.add_argument("--identifier", default=None, help='the concept\'s identifier word, e.g. "sks"')
-    g.add_argument("--class_noun", default=None, help='the class noun it belongs to, e.g. "dog"')
-    g.add_argument(
-        "--attention_resolution", type=int, default=16, help="side of the maps the regulariser reads"
-    )
     return p
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def _contains_words(prompt: str, phrase: str) -> bool:
-    words, target = _words(prompt), _words(phrase)
-    return bool(target) and any(
-        words[i : i + len(target)] == target for i in range(len(words) - len(target) + 1)
-    )
 
 
 def _check_model_folder(pretrained_model: str) -> None:
@@ -171,7 +230,7 @@ def _check_model_folder(pretrained_model: str) -> None:
 
 def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     """Check everything that needs no model, raising a ``ValueError`` naming the flag, its value and what
-    was expected. Fills ``args.lora_alpha`` (default: rank) and ``args.lora_target_list``.
+    was expected. Flags left unset that depend on the model stay ``None`` until `resolve_model_defaults`.
     """
 
     def check(cond: bool, flag: str, value: object, expected: str) -> None:
@@ -186,22 +245,18 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         "checkpointing_steps",
     ):
         value = getattr(args, flag)
-        check(value >= 1, f"--{flag}", value, "an integer >= 1")
+        if value is not None:  # None: the model's default, filled in by `resolve_model_defaults`
+            check(value >= 1, f"--{flag}", value, "an integer >= 1")
     check(args.validation_steps >= 1, "--validation_steps", args.validation_steps, "an integer >= 1")
-    check(
-        args.resolution >= 8 and args.resolution % 8 == 0, "--resolution", args.resolution, "a multiple of 8"
-    )
-    check(args.learning_rate > 0, "--learning_rate", args.learning_rate, "a number > 0")
-    check(
-        args.attention_reg_weight >= 0, "--attention_reg_weight", args.attention_reg_weight, "a weight >= 0"
-    )
-    if args.attention_resolution is not None:
+    if args.resolution is not None:
         check(
-            args.attention_resolution >= 1,
-            "--attention_resolution",
-            args.attention_resolution,
-            ">= 1 or unset",
+            args.resolution >= 8 and args.resolution % 8 == 0,
+            "--resolution",
+            args.resolution,
+            "a multiple of 8 (or unset: the model's own size)",
         )
+    if args.learning_rate is not None:
+        check(args.learning_rate > 0, "--learning_rate", args.learning_rate, "a number > 0")
     if args.checkpoints_total_limit is not None:
         check(
             args.checkpoints_total_limit >= 1,
@@ -209,25 +264,19 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             args.checkpoints_total_limit,
             ">= 1",
         )
-    args.lora_alpha = float(args.rank if args.lora_alpha is None else args.lora_alpha)
-    check(args.lora_alpha > 0, "--lora_alpha", args.lora_alpha, "a number > 0")
-    args.lora_target_list = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-    check(bool(args.lora_target_list), "--lora_targets", args.lora_targets, "comma-separated module names")
+    if args.lora_alpha is not None:
+        check(args.lora_alpha > 0, "--lora_alpha", args.lora_alpha, "a number > 0")
+    if args.lora_targets is not None:
+        check(
+            bool(_target_list(args.lora_targets)),
+            "--lora_targets",
+            args.lora_targets,
+            "comma-separated module names",
+        )
 
     _check_model_folder(args.pretrained_model)
     list_images(args.instance_data_dir, "--instance_data_dir")
 
-    for flag in ("identifier", "class_noun"):
-        word = getattr(args, flag)
-        if word is not None and not _contains_words(args.instance_prompt, word):
-            raise ValueError(
-                f"--{flag}={word!r} is not in --instance_prompt={args.instance_prompt!r}: expected a word of the prompt"
-            )
-    if args.attention_reg_weight > 0 and (args.identifier is None or args.class_noun is None):
-        raise ValueError(
-            f"--attention_reg_weight={args.attention_reg_weight!r} needs --identifier and --class_noun: "
-            f"got identifier={args.identifier!r}, class_noun={args.class_noun!r}"
-        )
     if args.with_prior_preservation:
         check(
             args.class_data_dir is not None,
@@ -255,6 +304,58 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check the command line (see `validate_args`)."""
     return validate_args(build_parser().parse_args(argv))
+
+
+def model_resolution(unet_config, vae_config) -> int:
+    """The image side a model was made for: the UNet's ``sample_size`` (latent side) x the VAE's scale
+    factor (``2 ** (len(block_out_channels) - 1)``, as diffusers' pipelines compute it)."""
+    return int(unet_config.sample_size) * 2 ** (len(vae_config.block_out_channels) - 1)
+
+
+def default_recipe(resolution: int) -> Recipe:
+    """The recipe for a model trained at ``resolution`` px: ``SMALL_MODEL_RECIPE`` up to
+    ``SMALL_MODEL_MAX_RESOLUTION``, else ``STANDARD_RECIPE``."""
+    return SMALL_MODEL_RECIPE if resolution <= SMALL_MODEL_MAX_RESOLUTION else STANDARD_RECIPE
+
+
+def resolve_model_defaults(args: argparse.Namespace, unet_config, vae_config) -> argparse.Namespace:
+    """Fill the flags left unset from the model being trained, and log what was chosen: ``resolution``
+    (the model's own size) and the recipe flags of `default_recipe` for that size. Also sets
+    ``args.lora_alpha`` (default: rank) and ``args.lora_target_list``.
+    """
+    if args.resolution is None:
+        args.resolution = model_resolution(unet_config, vae_config)
+        logger.info(
+            "--resolution not given: training at %d px, the model's own size (UNet sample_size %d x VAE "
+            "scale factor %d)",
+            args.resolution,
+            unet_config.sample_size,
+            args.resolution // unet_config.sample_size,
+        )
+    recipe = default_recipe(args.resolution)
+    chosen = {}
+    for field in dataclasses.fields(recipe)[1:]:  # all but the name
+        if getattr(args, field.name) is None:
+            chosen[field.name] = getattr(recipe, field.name)
+            setattr(args, field.name, chosen[field.name])
+    if chosen:
+        logger.info(
+            "defaults for a %d px model (%s): %s",
+            args.resolution,
+            recipe.name,
+            ", ".join(f"--{k} {v}" for k, v in chosen.items()),
+        )
+    args.lora_alpha = float(args.rank if args.lora_alpha is None else args.lora_alpha)
+    args.lora_target_list = _target_list(args.lora_targets)
+    return args
+
+
+def save_run_config(args: argparse.Namespace, output_dir: Path) -> Path:
+    """Write the run's resolved flags (model-derived defaults filled in) to ``output_dir/train_config.json``."""
+    path = output_dir / RUN_CONFIG_NAME
+    config = {k: v for k, v in vars(args).items() if k != "lora_target_list"}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,7 +448,9 @@ def lora_layers_and_metadata(unet, text_encoder=None) -> dict:
     from peft.utils import get_peft_model_state_dict
 
     kwargs = {
-        "unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        # peft's key format as is: diffusers' conversion renames only the attention layers' keys, and a
+        # file mixing both formats loads without them (conv and feed-forward targets).
+        "unet_lora_layers": get_peft_model_state_dict(unet),
         "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
     }
     if text_encoder is not None and getattr(text_encoder, "peft_config", None):
@@ -392,51 +495,6 @@ def save_lora(output_dir: Path, unet, text_encoder=None) -> Path:
     os.replace(tmp / LORA_WEIGHT_NAME, final)
     shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-# --------------------------------------------------------------------------------------------------
-# Attention regulariser
-# --------------------------------------------------------------------------------------------------
-
-
-def attention_regulariser(
-    attn: torch.Tensor, identifier_idx: Sequence[int], noun_idx: int, cfg: LossConfig | None = None
-) -> torch.Tensor:
-    """Alignment loss of the identifier's cross-attention maps onto its class noun's peak, per image
-    (``docs/method.md``, group-member alignment with the identifier as the member).
-
-    Args:
-        attn (`torch.Tensor`): `(N, H, W, T)` cross-attention probabilities of the instance prompt.
-        identifier_idx (`Sequence[int]`): token indices aligned onto the noun: the identifier's pieces
-            (and any other piece of the class noun's group).
-        noun_idx (`int`): token index of the class noun's main piece (the group's anchor map).
-        cfg (`LossConfig`, *optional*): ``top_k`` and ``alignment_radius`` (in cells of a
-            ``reference_resolution`` map, scaled to ``H``); defaults to ``LossConfig()``.
-
-    Returns:
-        `torch.Tensor`: `(N,)` alignment loss averaged over ``identifier_idx``.
-    """
-    from ait2i_ext.losses import alignment_loss, scaled_radius
-
-    cfg = cfg if cfg is not None else LossConfig()
-    if len(identifier_idx) == 0:
-        raise ValueError("identifier_idx=() is invalid: expected at least one token index")
-    radius = scaled_radius(cfg.alignment_radius, attn.shape[1], cfg.reference_resolution)
-    anchor = attn[..., noun_idx]
-    losses = [alignment_loss(attn[..., i], anchor, k=cfg.top_k, radius=radius) for i in identifier_idx]
-    return torch.stack(losses).mean(dim=0)
-
-
-def regulariser_tokens(
-    tokenizer, prompt: str, identifier: str, class_noun: str
-) -> tuple[tuple[int, ...], int]:
-    """``(identifier_idx, noun_idx)`` for `attention_regulariser`: the identifier joins its class
-    noun's group (``ait2i_ext.tokens``); every member of that group is aligned onto the noun's main token.
-    """
-    from ait2i_ext.tokens import Subject, resolve_subject
-
-    group = resolve_subject(tokenizer, prompt, Subject(noun=class_noun, identifier=identifier))
-    return group.members, group.main
 
 
 # --------------------------------------------------------------------------------------------------
@@ -522,6 +580,9 @@ def train(args: argparse.Namespace) -> TrainingResult:
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    resolve_model_defaults(args, unet.config, vae.config)
+    if accelerator.is_main_process:
+        save_run_config(args, output_dir)
     check_lora_targets(unet, args.lora_target_list)
     if args.train_text_encoder:
         check_lora_targets(text_encoder, TEXT_ENCODER_TARGETS, "text encoder LoRA targets")
@@ -605,16 +666,6 @@ def train(args: argparse.Namespace) -> TrainingResult:
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
-    # The regulariser's tokens and map resolution, checked before any step.
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    latent_hw = (args.resolution // vae_scale, args.resolution // vae_scale)
-    reg_tokens, reg_cfg = None, LossConfig()
-    if args.attention_reg_weight > 0:
-        from ait2i_ext.capture import capture_attention, select_factor
-
-        reg_tokens = regulariser_tokens(tokenizer, args.instance_prompt, args.identifier, args.class_noun)
-        select_factor(unet, latent_hw, args.attention_resolution)
-
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
 
@@ -672,16 +723,8 @@ def train(args: argparse.Namespace) -> TrainingResult:
     first_epoch = global_step // updates_per_epoch
     skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
 
-    # 6. The loss of one batch: diffusion (+ prior) (+ attention regulariser on the instance half).
-    def attention_capture():
-        # Kept open through backward: gradient checkpointing re-runs the forward with these processors.
-        if reg_tokens is None:
-            return contextlib.nullcontext()
-        return capture_attention(
-            accelerator.unwrap_model(unet), latent_hw=latent_hw, resolution=args.attention_resolution
-        )
-
-    def compute_loss(batch, store) -> tuple[torch.Tensor, dict[str, float]]:
+    # 6. The loss of one batch: diffusion (+ prior on the class half).
+    def compute_loss(batch) -> tuple[torch.Tensor, dict[str, float]]:
         pixels = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)
         latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
         noise = torch.randn_like(latents)
@@ -704,10 +747,6 @@ def train(args: argparse.Namespace) -> TrainingResult:
             prior = F.mse_loss(pred[n:].float(), target[n:].float())
             loss = loss + args.prior_loss_weight * prior
             logs["prior"] = prior.item()
-        if reg_tokens is not None:
-            reg = attention_regulariser(store.maps()[:n], *reg_tokens, reg_cfg).mean()
-            loss = loss + args.attention_reg_weight * reg
-            logs["attn_reg"] = reg.item()
         return loss, logs
 
     # 7. The loop.
@@ -729,8 +768,8 @@ def train(args: argparse.Namespace) -> TrainingResult:
             loader = accelerator.skip_first_batches(dataloader, skip_batches)
             loader.set_epoch(epoch)
         for batch in loader:
-            with accelerator.accumulate(*trained), attention_capture() as store:
-                loss, logs = compute_loss(batch, store)
+            with accelerator.accumulate(*trained):
+                loss, logs = compute_loss(batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)

@@ -8,6 +8,7 @@ naming them test whether the model composes colour and shape words it has only s
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -32,6 +33,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "pink": (250, 110, 190),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+# Shapes no training scene of the shipped model shows: new concepts for personalisation (a LoRA teaches
+# them). Drawn and read back like the others, but only where asked for (``sample_scene(shapes=...)``).
+NEW_SHAPES: tuple[str, ...] = ("star", "heart")
+ALL_SHAPES: tuple[str, ...] = SHAPES + NEW_SHAPES
 CLOSE_COLOURS: tuple[tuple[str, str], ...] = (
     ("red", "orange"),
     ("pink", "purple"),
@@ -105,6 +110,35 @@ def caption_for(phrases: list[str], rng: random.Random | None = None) -> str:
     return ", ".join(words[:-1]) + " and " + words[-1]
 
 
+def star_polygon(x0: float, y0: float, x1: float, y1: float, inner: float = 0.5) -> list[tuple[float, float]]:
+    """An upright five-pointed star (inner radius ``inner`` x the outer) filling the box ``(x0, y0, x1, y1)``."""
+    points = []
+    for k in range(10):
+        radius = 1.0 if k % 2 == 0 else inner
+        angle = math.pi / 2 + k * math.pi / 5
+        points.append((radius * math.cos(angle), -radius * math.sin(angle)))
+    return _fit_to_box(points, x0, y0, x1, y1)
+
+
+def heart_polygon(x0: float, y0: float, x1: float, y1: float, n: int = 48) -> list[tuple[float, float]]:
+    """An upright heart (two lobes on top, the point at the bottom) filling the box ``(x0, y0, x1, y1)``."""
+    points = []
+    for k in range(n):
+        t = 2 * math.pi * k / n
+        x = 16 * math.sin(t) ** 3
+        y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+        points.append((x, -y))
+    return _fit_to_box(points, x0, y0, x1, y1)
+
+
+def _fit_to_box(
+    points: list[tuple[float, float]], x0: float, y0: float, x1: float, y1: float
+) -> list[tuple[float, float]]:
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    sx, sy = (x1 - x0) / (max(xs) - min(xs)), (y1 - y0) / (max(ys) - min(ys))
+    return [(x0 + (x - min(xs)) * sx, y0 + (y - min(ys)) * sy) for x, y in points]
+
+
 def _place(rng: random.Random, sizes: list[int]) -> list[tuple[int, int, int, int]] | None:
     boxes: list[tuple[int, int, int, int]] = []
     for size in sizes:
@@ -134,6 +168,7 @@ def sample_scene(
     num_objects: int | None = None,
     allow_held_out: bool = False,
     object_weights: tuple[float, float, float] = DEFAULT_OBJECT_WEIGHTS,
+    shapes: tuple[str, ...] | None = None,
 ) -> Scene:
     """The scene of ``seed``: 1 to 3 objects with distinct colour-shape pairs, placed without overlap.
 
@@ -142,7 +177,11 @@ def sample_scene(
         num_objects: force the number of objects (1-3); by default 1, 2 or 3 drawn with ``object_weights``.
         allow_held_out: also draw ``HELD_OUT_PAIRS`` (never for training).
         object_weights: relative frequencies of scenes with 1, 2 and 3 objects.
+        shapes: the shapes to draw from (any of ``ALL_SHAPES``); default ``SHAPES``, the training world.
+            Every colour pairs with a shape not in ``SHAPES`` (``HELD_OUT_PAIRS`` name only old shapes).
     """
+    if shapes is not None and (not shapes or any(s not in ALL_SHAPES for s in shapes)):
+        raise ValueError(f"shapes={shapes!r} is invalid: expected a non-empty tuple of {ALL_SHAPES}")
     if len(object_weights) != 3 or min(object_weights) < 0 or sum(object_weights) <= 0:
         raise ValueError(
             f"object_weights={object_weights!r} is invalid: expected 3 weights >= 0 (for 1, 2, 3 objects), not all 0"
@@ -152,6 +191,8 @@ def sample_scene(
     if not 1 <= n <= 3:
         raise ValueError(f"num_objects={n} is invalid: expected 1, 2 or 3")
     pairs = [(c, s) for c in COLOURS for s in SHAPES] if allow_held_out else training_pairs()
+    if shapes is not None:
+        pairs = [(c, s) for c in COLOURS for s in shapes if allow_held_out or (c, s) not in HELD_OUT_PAIRS]
     while True:
         chosen = rng.sample(pairs, n)
         sizes = [rng.randint(MIN_SIZE, MAX_SIZE if n < 3 else MAX_SIZE - 4) for _ in chosen]
@@ -180,8 +221,12 @@ def render_scene(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
             draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=colour)
         elif obj.shape == "triangle":
             draw.polygon(((x0 + x1 - 1) / 2, y0, x1 - 1, y1 - 1, x0, y1 - 1), fill=colour)
+        elif obj.shape == "star":
+            draw.polygon(star_polygon(x0, y0, x1 - 1, y1 - 1), fill=colour)
+        elif obj.shape == "heart":
+            draw.polygon(heart_polygon(x0, y0, x1 - 1, y1 - 1), fill=colour)
         else:
-            raise ValueError(f"shape={obj.shape!r} is invalid: expected one of {SHAPES}")
+            raise ValueError(f"shape={obj.shape!r} is invalid: expected one of {ALL_SHAPES}")
     return image
 
 

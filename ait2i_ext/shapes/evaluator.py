@@ -4,7 +4,9 @@ From the image alone: every pixel is given the nearest palette colour (or backgr
 when no colour is close), thin fringes are removed by a 3x3 morphological opening (corners regrown), each colour's
 4-connected blobs above a minimum area become detections, and each detection's shape is a square
 when the blob fills the corners of its box, else the template (circle or apex-up triangle drawn in the blob's
-box) that overlaps it best.
+box) that overlaps it best. The new shapes (``NEW_SHAPES``: star, heart) join the templates only when
+asked for, so scores of the training world's shapes do not change: ``EvaluatorConfig(shapes=ALL_SHAPES)``,
+or ``evaluate`` with a requested star or heart.
 
 ``evaluate(image, objects)`` then scores the requested objects:
 
@@ -18,13 +20,14 @@ box) that overlaps it best.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from .data import BACKGROUND, COLOURS, IMAGE_SIZE, SHAPES
+from .data import ALL_SHAPES, BACKGROUND, COLOURS, IMAGE_SIZE, SHAPES, heart_polygon, star_polygon
 
 Box = tuple[float, float, float, float]
 
@@ -41,12 +44,15 @@ class EvaluatorConfig:
         square_corner_fill: a blob filling at least this fraction of each of the four corner cells (a
             quarter of its box's side each) is a square; a circle fills at most ~0.3 of each, a
             triangle nothing of its top ones.
+        shapes: the shapes a blob may be read as (a subset of ``ALL_SHAPES`` holding ``SHAPES``);
+            ``evaluate`` adds the requested ones.
     """
 
     max_colour_distance: float = 90.0
     min_area: int = 30
     min_shape_iou: float = 0.6
     square_corner_fill: float = 0.45
+    shapes: tuple[str, ...] = SHAPES
 
     def __post_init__(self) -> None:
         if self.max_colour_distance <= 0:
@@ -55,6 +61,10 @@ class EvaluatorConfig:
             raise ValueError(f"min_area={self.min_area} is invalid: expected >= 1")
         if not 0.0 <= self.min_shape_iou <= 1.0:
             raise ValueError(f"min_shape_iou={self.min_shape_iou} is invalid: expected in [0, 1]")
+        if not set(SHAPES) <= set(self.shapes) <= set(ALL_SHAPES):
+            raise ValueError(
+                f"shapes={self.shapes!r} is invalid: expected all of {SHAPES} and any of {ALL_SHAPES}"
+            )
 
 
 @dataclass(frozen=True)
@@ -178,14 +188,26 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return found
 
 
-def _templates(height: int, width: int) -> dict[str, np.ndarray]:
-    """Circle, square and apex-up triangle masks filling a ``height`` x ``width`` box."""
+def _polygon_mask(points: list[tuple[float, float]], height: int, width: int) -> np.ndarray:
+    canvas = Image.new("1", (width, height), 0)
+    ImageDraw.Draw(canvas).polygon(points, fill=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def _templates(height: int, width: int, shapes: tuple[str, ...] = SHAPES) -> dict[str, np.ndarray]:
+    """Masks of ``shapes`` (circle, square, apex-up triangle, star, heart) filling a ``height`` x ``width`` box."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     cy, cx = (height - 1) / 2, (width - 1) / 2
     circle = ((yy - cy) / (height / 2)) ** 2 + ((xx - cx) / (width / 2)) ** 2 <= 1.0
     frac = (yy + 0.5) / height  # 0 at the apex row, 1 at the base
     triangle = np.abs(xx - cx) <= frac * width / 2
-    return {"circle": circle, "square": np.ones((height, width), bool), "triangle": triangle}
+    templates = {"circle": circle, "square": np.ones((height, width), bool), "triangle": triangle}
+    box = (0, 0, width - 1, height - 1)
+    if "star" in shapes:
+        templates["star"] = _polygon_mask(star_polygon(*box), height, width)
+    if "heart" in shapes:
+        templates["heart"] = _polygon_mask(heart_polygon(*box), height, width)
+    return templates
 
 
 def detect(image: Image.Image | np.ndarray, config: EvaluatorConfig | None = None) -> tuple[Detection, ...]:
@@ -208,7 +230,7 @@ def detect(image: Image.Image | np.ndarray, config: EvaluatorConfig | None = Non
             blob[comp[:, 0] - r0, comp[:, 1] - c0] = True
             ious = {
                 shape: float((blob & template).sum() / (blob | template).sum())
-                for shape, template in _templates(r1 - r0, c1 - c0).items()
+                for shape, template in _templates(r1 - r0, c1 - c0, config.shapes).items()
             }
             # A blurred square loses its corner pixels and can overlap the circle template better than
             # the square one, but the quarter-size cells at its box corners stay mostly filled.
@@ -217,7 +239,7 @@ def detect(image: Image.Image | np.ndarray, config: EvaluatorConfig | None = Non
             if min(float(c.mean()) for c in corners) >= config.square_corner_fill:
                 best = "square"
             else:
-                best = max(("circle", "triangle"), key=ious.__getitem__)
+                best = max((s for s in ious if s != "square"), key=ious.__getitem__)
             best_iou = ious[best]
             if best_iou < config.min_shape_iou:
                 best = "unknown"
@@ -241,9 +263,9 @@ def _as_request(obj) -> tuple[str, str, Box | None]:
         box = rest[0] if rest else None
     else:
         colour, shape, box = obj.colour, obj.shape, getattr(obj, "box", None)
-    if colour not in COLOURS or shape not in SHAPES:
+    if colour not in COLOURS or shape not in ALL_SHAPES:
         raise ValueError(
-            f"object ({colour!r}, {shape!r}) is invalid: colours {list(COLOURS)}, shapes {SHAPES}"
+            f"object ({colour!r}, {shape!r}) is invalid: colours {list(COLOURS)}, shapes {ALL_SHAPES}"
         )
     return colour, shape, (tuple(box) if box is not None else None)
 
@@ -257,11 +279,16 @@ def evaluate(
         image: an RGB image (PIL or ``(H, W, 3)`` uint8 array), ideally 64 px.
         objects: the prompt's objects: ``ShapeObject``/``PromptObject`` (anything with ``colour``,
             ``shape`` and optionally ``box``) or ``(colour, shape[, box])`` tuples.
-        config: thresholds; ``EvaluatorConfig()`` by default.
+        config: thresholds; ``EvaluatorConfig()`` by default. A requested new shape (star, heart) is
+            added to ``config.shapes``.
     """
     requests = [_as_request(o) for o in objects]
     if not requests:
         raise ValueError("evaluate needs at least one object")
+    config = config or EvaluatorConfig()
+    wanted = tuple(s for s in ALL_SHAPES if s in config.shapes or any(r[1] == s for r in requests))
+    if wanted != tuple(config.shapes):
+        config = dataclasses.replace(config, shapes=wanted)
     detections = detect(image, config)
     requested = {(c, s) for c, s, _ in requests}
     scores = []
