@@ -69,7 +69,11 @@ def load_pipeline(args: argparse.Namespace):
     elif args.controlnet:
         from .adapters.controlnet import load_controlnet_pipeline
 
-        pipe = load_controlnet_pipeline(model, args.controlnet, dtype)
+        from .shapes.model import default_controlnet_path
+
+        # "shapes": the shipped Canny ControlNet of the shipped shapes model
+        nets = [default_controlnet_path() if c == "shapes" else c for c in args.controlnet]
+        pipe = load_controlnet_pipeline(model, nets, dtype)
     elif model == "tiny":
         from .testing import tiny_sd_pipeline
 
@@ -328,7 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--gligen", metavar="MODEL", help="a StableDiffusionGLIGENPipeline folder or hub id (boxes via --box)"
     )
     g.add_argument(
-        "--controlnet", metavar="MODEL", action="append", help="a ControlNet folder or hub id (repeatable)"
+        "--controlnet",
+        metavar="MODEL",
+        action="append",
+        help="a ControlNet folder or hub id (repeatable); 'shapes' for the shipped shapes model's Canny ControlNet",
     )
     g.add_argument(
         "--control",

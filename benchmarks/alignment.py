@@ -10,7 +10,9 @@ Methods: ``plain`` (the stock pipeline), ``attend-excite`` (diffusers'
 (defaults; on the shipped shapes model its radii, ``SHAPES_LOSS``), ``ait2i-reference`` (the
 reference radii 5 / 6 whatever the model), ``ait2i-no-agg`` (aggregation and alignment weights 0), ``ait2i-no-iso`` (isolation
 weight 0), ``ait2i-boxes`` (each subject also gets its layout box: the box terms of
-docs/layout.md), ``ait2i-lagged`` (the approximate ``"lagged"`` mode); ``--methods`` picks. The
+docs/layout.md), ``ait2i-lagged`` (the approximate ``"lagged"`` mode), ``controlnet`` / ``controlnet-ait2i`` (the shipped
+Canny ControlNet, plain / with ``ait2i``; the control image is the edges of the prompt's objects
+drawn at their layout boxes, ``ait2i_ext.shapes.scene_edges``); ``--methods`` picks. The
 ``in_box`` column is the share of objects drawn in their layout box (IoU >= 0.5). On the shapes model every image is scored by
 ``ait2i_ext.shapes.evaluator``: all subjects present (colour and shape), colours bound, fully
 correct; plus seconds per image. With ``--model`` (a Stable Diffusion checkpoint) the prompts are
@@ -40,6 +42,8 @@ METHODS = (
     "ait2i-no-iso",
     "ait2i-boxes",
     "ait2i-lagged",
+    "controlnet",
+    "controlnet-ait2i",
 )
 ANIMALS = (
     "cat",
@@ -72,6 +76,7 @@ def method_config(
         "ait2i-reference": LossConfig(),
         "ait2i-boxes": LossConfig(**radii),
         "ait2i-lagged": LossConfig(**radii),
+        "controlnet-ait2i": LossConfig(**radii),
         "ait2i-no-agg": LossConfig(w_aggregation=0.0, w_alignment=0.0, **radii),
         "ait2i-no-iso": LossConfig(w_isolation=0.0, **radii),
     }.get(method)
@@ -106,14 +111,20 @@ def animal_cases(per_set: int) -> list[Case]:
     return [Case("animals", f"a {a} and a {b}", (a, b), (a, b)) for a, b in pairs]
 
 
-def run_method(pipe, ae_pipe, method: str, case: Case, seeds: list[int], args) -> tuple[list, float]:
-    """Images for ``seeds`` (one batch) and seconds per image."""
+def run_method(
+    pipe, ae_pipe, method: str, case: Case, seeds: list[int], args, cn_pipe=None
+) -> tuple[list, float]:
+    """Images for ``seeds`` (one batch) and seconds per image (``cn_pipe``: the ControlNet pipeline)."""
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     call = dict(
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, num_images_per_prompt=len(seeds)
     )
+    if method.startswith("controlnet"):
+        from ait2i_ext.shapes.model import scene_edges
+
+        pipe, call["image"] = cn_pipe, scene_edges(case.objects)
     start = time.perf_counter()
-    if method == "plain":
+    if method in ("plain", "controlnet"):
         images = pipe(case.text, generator=generators, **call).images
     elif method == "attend-excite":
         groups = resolve_groups(pipe.tokenizer, case.text, list(case.subjects))
@@ -240,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"--methods: {m!r} is invalid: expected some of {list(METHODS)}")
+        if m.startswith("controlnet") and args.model:
+            raise SystemExit(f"--methods: {m!r} runs on the shipped shapes model only (without --model)")
     from ait2i_ext.shapes.model import loss_radii
 
     try:  # the shipped shapes model gets radii sized to its objects; bad radii fail before any sampling
@@ -264,6 +277,18 @@ def main(argv: list[str] | None = None) -> int:
         cases = shapes_cases([s.strip() for s in args.sets.split(",")], args.prompts_per_set)
     pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None).to(device)
     pipe.set_progress_bar_config(disable=True)
+    cn_pipe = None
+    if any(m.startswith("controlnet") for m in methods):
+        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+        from ait2i_ext.shapes.model import default_controlnet_path
+
+        keys = StableDiffusionControlNetPipeline._get_signature_keys(StableDiffusionControlNetPipeline)[0]
+        cn_pipe = StableDiffusionControlNetPipeline(
+            **{k: v for k, v in pipe.components.items() if k in keys},
+            controlnet=ControlNetModel.from_pretrained(default_controlnet_path(), torch_dtype=dtype).to(device),
+        )
+        cn_pipe.set_progress_bar_config(disable=True)
     ae_pipe = None
     if "attend-excite" in methods:
         ae_pipe = StableDiffusionAttendAndExcitePipeline(
@@ -284,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             for method in methods:
                 for seeds in batches:
-                    images, seconds = run_method(pipe, ae_pipe, method, case, seeds, args)
+                    images, seconds = run_method(pipe, ae_pipe, method, case, seeds, args, cn_pipe=cn_pipe)
                     for seed, image in zip(seeds, images):
                         scores = (
                             score_shapes(image, case)

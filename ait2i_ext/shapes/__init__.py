@@ -16,7 +16,13 @@ from .data import (
     sample_scene,
 )
 from .evaluator import Detection, EvaluatorConfig, ObjectScore, PromptScore, detect, evaluate
-from .model import build_shapes_pipeline, default_model_path
+from .model import (
+    build_shapes_pipeline,
+    default_controlnet_path,
+    default_model_path,
+    load_controlnet_pipeline,
+    scene_edges,
+)
 from .prompts import (
     PROMPT_SETS,
     BenchmarkPrompt,
@@ -43,12 +49,15 @@ __all__ = [
     "ShapeObject",
     "SubjectWords",
     "build_shapes_pipeline",
+    "default_controlnet_path",
     "default_model_path",
     "detect",
     "evaluate",
+    "load_controlnet_pipeline",
     "parse_prompt",
     "prompt_set",
     "render_scene",
     "sample_scene",
+    "scene_edges",
     "subjects_for",
 ]
