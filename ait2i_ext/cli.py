@@ -68,7 +68,6 @@ def load_pipeline(args: argparse.Namespace):
         pipe = load_gligen_pipeline(args.gligen, dtype)
     elif args.controlnet:
         from .adapters.controlnet import load_controlnet_pipeline
-
         from .shapes.model import default_controlnet_path
 
         # "shapes": the shipped Canny ControlNet of the shipped shapes model

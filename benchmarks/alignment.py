@@ -286,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         keys = StableDiffusionControlNetPipeline._get_signature_keys(StableDiffusionControlNetPipeline)[0]
         cn_pipe = StableDiffusionControlNetPipeline(
             **{k: v for k, v in pipe.components.items() if k in keys},
-            controlnet=ControlNetModel.from_pretrained(default_controlnet_path(), torch_dtype=dtype).to(device),
+            controlnet=ControlNetModel.from_pretrained(default_controlnet_path(), torch_dtype=dtype).to(
+                device
+            ),
         )
         cn_pipe.set_progress_bar_config(disable=True)
     ae_pipe = None

@@ -19,6 +19,7 @@ from ait2i_ext.viz import side_by_side
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+parser.add_argument("--steps", type=int, default=25)
 parser.add_argument("--out", default="controlnet_shapes.png")
 args = parser.parse_args()
 torch.set_num_threads(1)
@@ -39,7 +40,13 @@ for seed in args.seeds:
     tiles = {"control (canny)": control}
     for label, guided in [("ControlNet", False), ("ControlNet + ait2i", True)]:
         image = generate(
-            pipe, prompt, subjects, guidance=guided, image=control, generator=torch.Generator().manual_seed(seed)
+            pipe,
+            prompt,
+            subjects,
+            guidance=guided,
+            image=control,
+            num_inference_steps=args.steps,
+            generator=torch.Generator().manual_seed(seed),
         ).images[0]
         mark = "right" if evaluate(image, objects).correct else "wrong"
         tiles[f"{label}: {mark}"] = image

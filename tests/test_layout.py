@@ -434,7 +434,9 @@ def test_controlnet_per_prompt_images_with_several_images_per_prompt(nets):
     prompts = [PROMPT, "a dog and a cat"]
     call = dict(image=images, num_images_per_prompt=2, num_inference_steps=2, output_type="latent")
     stock = pipe(prompt=prompts, generator=seed(), **call).images
-    ours = generate(pipe, prompts, [["cat", "dog"], ["dog", "cat"]], config=guided(0.0), generator=seed(), **call)
+    ours = generate(
+        pipe, prompts, [["cat", "dog"], ["dog", "cat"]], config=guided(0.0), generator=seed(), **call
+    )
     assert ours.images.shape == stock.shape == (4, 4, 32, 32)
     torch.testing.assert_close(ours.images, stock, atol=1e-5, rtol=1e-4)
 

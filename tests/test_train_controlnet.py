@@ -3,13 +3,13 @@
 
 import pytest
 import torch
+from ait2i_ext.adapters.controlnet import check_downsampling
+from ait2i_ext.training.train_controlnet import conditioning_channels, control_rate, main
 from diffusers import ControlNetModel
 from safetensors.torch import load_file
 
-from ait2i_ext.adapters.controlnet import check_downsampling
-from ait2i_ext.testing import tiny_sd_pipeline
-from ait2i_ext.training.train_controlnet import conditioning_channels, control_rate, main
 from ait2i_ext.shapes import render_scene, sample_scene
+from ait2i_ext.testing import tiny_sd_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,11 @@ def test_control_rate_reads_shape_and_place():
 
 @pytest.mark.parametrize(
     "argv, match",
-    [(["--steps", "0"], "--steps 0"), (["--lr", "-1"], "--lr -1"), (["--base", "/nonexistent"], "does not exist")],
+    [
+        (["--steps", "0"], "--steps 0"),
+        (["--lr", "-1"], "--lr -1"),
+        (["--base", "/nonexistent"], "does not exist"),
+    ],
 )
 def test_bad_arguments_fail_before_training(argv, match, tmp_path, capsys):
     with pytest.raises(SystemExit):

@@ -30,13 +30,13 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from ait2i_ext.adapters.controlnet import canny_edges
+from ait2i_ext.training.train_shapes import Progress, _checkpoints, lr_factor
 from tqdm.auto import tqdm
 
-from ait2i_ext.adapters.controlnet import canny_edges
 from ait2i_ext.shapes.data import image_to_tensor, render_scene, sample_scene
 from ait2i_ext.shapes.evaluator import box_iou, detect
 from ait2i_ext.shapes.model import default_model_path
-from ait2i_ext.training.train_shapes import Progress, _checkpoints, lr_factor
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default=None, help="base pipeline folder (default: the shipped shapes model)")
     p.add_argument("--output-dir", default="runs/controlnet", help="checkpoints and the latest export")
-    p.add_argument("--export-dir", default=None, help="final ControlNet folder (default: OUTPUT_DIR/controlnet)")
+    p.add_argument(
+        "--export-dir", default=None, help="final ControlNet folder (default: OUTPUT_DIR/controlnet)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32, help="per process")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=8, help="per process")
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=1e-3, help="high on purpose: control appears sooner")
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--decay-fraction", type=float, default=0.3, help="cosine decay over the last part")
@@ -63,9 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("cubic", "uniform"),
         help="cubic favours noisy steps, where the layout is decided (T2I-Adapter's sampling)",
     )
-    p.add_argument("--eval-every", type=int, default=250, help="steps between control measurements (0: never)")
-    p.add_argument("--eval-scenes", type=int, default=16)
-    p.add_argument("--eval-steps", type=int, default=20, help="DDIM steps of the evaluation samples")
+    p.add_argument(
+        "--eval-every", type=int, default=100, help="steps between control measurements (0: never)"
+    )
+    p.add_argument("--eval-scenes", type=int, default=12)
+    p.add_argument("--eval-steps", type=int, default=12, help="DDIM steps of the evaluation samples")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this")
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
     p.add_argument("--keep-checkpoints", type=int, default=2)
@@ -152,7 +156,9 @@ def main(argv: list[str] | None = None) -> Path:
         torch.set_num_threads(args.cpu_threads)
     set_seed(args.seed)
 
-    base = StableDiffusionPipeline.from_pretrained(args.base or default_model_path(), torch_dtype=torch.float32)
+    base = StableDiffusionPipeline.from_pretrained(
+        args.base or default_model_path(), torch_dtype=torch.float32
+    )
     vae, unet, text_encoder, tokenizer, scheduler = (
         base.vae,
         base.unet,
@@ -230,7 +236,10 @@ def main(argv: list[str] | None = None) -> Path:
     )
     while progress.unet_step < args.steps:
         step = progress.unet_step
-        first = TRAIN_SEED_OFFSET + (step * accelerator.num_processes + accelerator.process_index) * args.batch_size
+        first = (
+            TRAIN_SEED_OFFSET
+            + (step * accelerator.num_processes + accelerator.process_index) * args.batch_size
+        )
         items = [training_example(first + i, args.caption_dropout) for i in range(args.batch_size)]
         pixels = torch.stack([it["pixel_values"] for it in items]).to(accelerator.device)
         control = torch.stack([it["control"] for it in items]).to(accelerator.device)
@@ -247,7 +256,9 @@ def main(argv: list[str] | None = None) -> Path:
             ).input_ids.to(accelerator.device)
             text = text_encoder(ids)[0]
         noise = torch.randn_like(latents)
-        t = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, args.timesteps, latents.device)
+        t = sample_timesteps(
+            latents.shape[0], scheduler.config.num_train_timesteps, args.timesteps, latents.device
+        )
         noisy = scheduler.add_noise(latents, noise, t)
         down, mid = controlnet(noisy, t, text, controlnet_cond=control, return_dict=False)
         pred = unet(
@@ -256,7 +267,9 @@ def main(argv: list[str] | None = None) -> Path:
         target = scheduler.get_velocity(latents, noise, t)
         snr = snr_all[t]
         weight = torch.clamp(snr, max=args.min_snr_gamma) / (snr + 1.0)  # min-SNR-gamma for v
-        loss = (weight * F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))).mean()
+        loss = (
+            weight * F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        ).mean()
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(controlnet.parameters(), 1.0)
         opt.step()
