@@ -27,11 +27,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from ait2i_ext.adapters.controlnet import canny_edges
-from ait2i_ext.training.train_shapes import Progress, _checkpoints, lr_factor
+from ait2i_ext.training.train_shapes import (
+    Progress,
+    _checkpoints,
+    lr_factor,
+    resume,
+    token_ids,
+    v_loss,
+)
 from tqdm.auto import tqdm
 
 from ait2i_ext.shapes.data import image_to_tensor, render_scene, sample_scene
@@ -173,14 +179,8 @@ def main(argv: list[str] | None = None) -> Path:
     controlnet, opt = accelerator.prepare(controlnet, opt)
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
-    if args.resume:
-        ckpts = _checkpoints(output_dir)
-        path = (ckpts[-1] if ckpts else None) if args.resume == "latest" else Path(args.resume)
-        if path is None:
-            logger.info("no checkpoint in %s: starting from scratch", output_dir)
-        else:
-            accelerator.load_state(str(path))
-            logger.info("resumed from %s (step %d)", path, progress.unet_step)
+    if args.resume and resume(accelerator, output_dir, args.resume):
+        logger.info("resumed at step %d", progress.unet_step)
 
     sampler = StableDiffusionControlNetPipeline(
         vae=vae,
@@ -247,14 +247,9 @@ def main(argv: list[str] | None = None) -> Path:
             group["lr"] = args.lr * lr_factor(step, args.steps, args.warmup_steps, args.decay_fraction)
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.mean * scaling
-            ids = tokenizer(
-                [it["caption"] for it in items],
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(accelerator.device)
-            text = text_encoder(ids)[0]
+            text = text_encoder(token_ids(tokenizer, [it["caption"] for it in items]).to(accelerator.device))[
+                0
+            ]
         noise = torch.randn_like(latents)
         t = sample_timesteps(
             latents.shape[0], scheduler.config.num_train_timesteps, args.timesteps, latents.device
@@ -265,11 +260,7 @@ def main(argv: list[str] | None = None) -> Path:
             noisy, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid
         ).sample
         target = scheduler.get_velocity(latents, noise, t)
-        snr = snr_all[t]
-        weight = torch.clamp(snr, max=args.min_snr_gamma) / (snr + 1.0)  # min-SNR-gamma for v
-        loss = (
-            weight * F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        ).mean()
+        loss = v_loss(pred, target, snr_all[t], args.min_snr_gamma)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(controlnet.parameters(), 1.0)
         opt.step()

@@ -150,6 +150,41 @@ def _checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    """``(B, 77)`` token ids of ``captions``, padded to the tokenizer's length."""
+    return tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def v_loss(pred: torch.Tensor, target: torch.Tensor, snr: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Mean squared error of a ``v`` prediction under min-SNR-gamma weighting (``min(snr, gamma) / (snr + 1)``).
+
+    Args:
+        pred, target: ``(B, C, H, W)``.
+        snr: ``(B,)`` signal-to-noise ratios of the samples' timesteps.
+    """
+    weight = torch.clamp(snr, max=gamma) / (snr + 1.0)
+    return (weight * F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))).mean()
+
+
+def resume(accelerator, output_dir: Path, which: str) -> Path | None:
+    """Load the accelerate state of checkpoint ``which`` (``"latest"``: the newest under
+    ``output_dir``, if any); returns the folder loaded, or ``None`` when there was none."""
+    checkpoints = _checkpoints(output_dir)
+    path = (checkpoints[-1] if checkpoints else None) if which == "latest" else Path(which)
+    if path is None:
+        logger.info("no checkpoint in %s: starting from scratch", output_dir)
+        return None
+    accelerator.load_state(str(path))
+    logger.info("resumed from %s", path)
+    return path
+
+
 def export_pipeline(
     pipe, ema: EMA, params: list[torch.nn.Parameter], scaling_factor: float, path: Path
 ) -> None:
@@ -214,16 +249,8 @@ def main(argv: list[str] | None = None) -> Path:
     progress = Progress()
     accelerator.register_for_checkpointing(ema, progress)
 
-    if args.resume:
-        ckpts = _checkpoints(output_dir)
-        path = (ckpts[-1] if ckpts else None) if args.resume == "latest" else Path(args.resume)
-        if path is None:
-            logger.info("no checkpoint in %s: starting from scratch", output_dir)
-        else:
-            accelerator.load_state(str(path))
-            logger.info(
-                "resumed from %s (vae step %d, unet step %d)", path, progress.vae_step, progress.unet_step
-            )
+    if args.resume and resume(accelerator, output_dir, args.resume):
+        logger.info("resumed at vae step %d, unet step %d", progress.vae_step, progress.unet_step)
 
     start = last_ckpt = time.monotonic()
 
@@ -345,13 +372,7 @@ def main(argv: list[str] | None = None) -> Path:
                 )
             with torch.no_grad():
                 latents = vae.encode(pixels).latent_dist.mean * progress.scaling_factor
-            ids = tokenizer(
-                captions,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(accelerator.device)
+            ids = token_ids(tokenizer, captions).to(accelerator.device)
             noise = torch.randn_like(latents)
             t = torch.randint(
                 0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
@@ -360,11 +381,7 @@ def main(argv: list[str] | None = None) -> Path:
             target = scheduler.get_velocity(latents, noise, t)
             with accelerator.autocast():
                 pred = unet(noisy, t, text_encoder(ids)[0]).sample
-            snr = snr_all[t]
-            weight = torch.clamp(snr, max=args.min_snr_gamma) / (snr + 1.0)  # min-SNR-gamma for v
-            loss = (
-                weight * F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-            ).mean()
+            loss = v_loss(pred, target, snr_all[t], args.min_snr_gamma)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(diffusion_params, 1.0)
             opt.step()
