@@ -11,7 +11,8 @@ Methods: ``plain`` (the stock pipeline), ``attend-excite`` (diffusers'
 reference radii 5 / 6 whatever the model), ``ait2i-no-agg`` (aggregation and alignment weights 0), ``ait2i-no-iso`` (isolation
 weight 0), ``ait2i-boxes`` (each subject also gets its layout box: the box terms of
 docs/layout.md), ``ait2i-lagged`` (the approximate ``"lagged"`` mode), ``controlnet`` / ``controlnet-ait2i`` (the shipped
-Canny ControlNet, plain / with ``ait2i``; the control image is the edges of the prompt's objects
+Canny ControlNet, plain / with ``ait2i``; ``controlnet-ait2i-boxes`` also gives each subject its
+layout box, where its edges are; the control image is the edges of the prompt's objects
 drawn at their layout boxes, ``ait2i_ext.shapes.scene_edges``); ``--methods`` picks. The
 ``in_box`` column is the share of objects drawn in their layout box (IoU >= 0.5). On the shapes model every image is scored by
 ``ait2i_ext.shapes.evaluator``: all subjects present (colour and shape), colours bound, fully
@@ -44,6 +45,7 @@ METHODS = (
     "ait2i-lagged",
     "controlnet",
     "controlnet-ait2i",
+    "controlnet-ait2i-boxes",
 )
 ANIMALS = (
     "cat",
@@ -77,6 +79,7 @@ def method_config(
         "ait2i-boxes": LossConfig(**radii),
         "ait2i-lagged": LossConfig(**radii),
         "controlnet-ait2i": LossConfig(**radii),
+        "controlnet-ait2i-boxes": LossConfig(**radii),
         "ait2i-no-agg": LossConfig(w_aggregation=0.0, w_alignment=0.0, **radii),
         "ait2i-no-iso": LossConfig(w_isolation=0.0, **radii),
     }.get(method)
@@ -135,7 +138,7 @@ def run_method(
         out = generate(
             pipe,
             case.text,
-            list(case.boxed if method == "ait2i-boxes" else case.subjects),
+            list(case.boxed if method.endswith("ait2i-boxes") else case.subjects),
             config=method_config(method, args.mode, args.step_scale, args.radii),
             generator=generators,
             **call,
