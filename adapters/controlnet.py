@@ -73,6 +73,32 @@ def check_conditioning_channels(
             )
 
 
+def controlnet_downsampling(controlnet) -> int:
+    """How much a ``ControlNetModel``'s conditioning embedding shrinks the control image: 2 per
+    stride-2 convolution, i.e. ``2 ** (len(conditioning_embedding_out_channels) - 1)``."""
+    return 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)
+
+
+def check_downsampling(controlnet, vae_scale_factor: int) -> None:
+    """Raise unless each ControlNet shrinks the control image to the latents' size (the VAE's factor).
+
+    Args:
+        controlnet: a ``ControlNetModel`` or ``MultiControlNetModel``.
+        vae_scale_factor: the base pipeline's ``vae_scale_factor`` (8 for Stable Diffusion).
+    """
+    nets = list(getattr(controlnet, "nets", [controlnet]))
+    for k, net in enumerate(nets):
+        factor = controlnet_downsampling(net)
+        if factor != vae_scale_factor:
+            which = f"ControlNet {k}" if len(nets) > 1 else "the ControlNet"
+            channels = tuple(net.config.conditioning_embedding_out_channels)
+            raise ValueError(
+                f"{which} downsamples the control image by {factor} (conditioning_embedding_out_channels="
+                f"{channels}) but the base's latents are the image downsampled by {vae_scale_factor}: "
+                "use a ControlNet trained for this base"
+            )
+
+
 def control_scale(pipe, call_kwargs: dict, step: int, num_steps: int) -> float | list[float]:
     """``conditioning_scale`` the pipeline passes its ControlNet at ``step`` of ``num_steps``.
 
@@ -148,6 +174,31 @@ def prepare_control_images(
     return (prepared if multi else prepared[0]), guess_mode
 
 
+def repeat_per_image(image, num_images: int, multi: bool):
+    """``image`` with each prompt's control image repeated ``num_images`` times, in the order of
+    prompt embeddings repeated per image (``[p0, p0, p1, p1]``).
+
+    The pipeline repeats per-prompt control images itself only when it is told
+    ``num_images_per_prompt``; ``generate`` passes embeddings already repeated, so it repeats the
+    images too. A single image needs nothing: the pipeline repeats it to the whole batch.
+    """
+
+    def repeat(one):
+        if isinstance(one, (list, tuple)):
+            return [im for im in one for _ in range(num_images)]
+        if torch.is_tensor(one) and one.ndim == 4:
+            return one.repeat_interleave(num_images, dim=0)
+        if isinstance(one, np.ndarray) and one.ndim == 4:
+            return np.repeat(one, num_images, axis=0)
+        return one
+
+    if num_images == 1 or image is None:
+        return image
+    if multi and isinstance(image, (list, tuple)) and image and isinstance(image[0], list):
+        return repeat(image)  # nested: one list of per-net images per prompt
+    return [repeat(one) for one in image] if multi else repeat(image)
+
+
 class _ControlNetMixin:
     """Adds the pipeline's ControlNet residuals to the plain adapter's conditional UNet pass."""
 
@@ -157,7 +208,9 @@ class _ControlNetMixin:
 
     def prepare(self, call_kwargs: dict, subjects=None) -> dict:
         """The call's kwargs with ``height`` / ``width`` of the prepared control image (the pipeline
-        takes its size from it), after checking the image's channels against the ControlNet(s)."""
+        takes its size from it), after checking the image's channels and the ControlNet's
+        downsampling against the base."""
+        check_downsampling(_controlnets(self.pipe)[0], self.pipe.vae_scale_factor)
         images, _ = prepare_control_images(self.pipe, call_kwargs, 1)
         height, width = (images[0] if isinstance(images, list) else images).shape[-2:]
         return {**call_kwargs, "height": int(height), "width": int(width)}
@@ -165,7 +218,11 @@ class _ControlNetMixin:
     def encode(
         self, prompts: list[str], num_images: int, do_cfg: bool, call_kwargs: dict
     ) -> tuple[dict, Callable]:
+        from diffusers.models import MultiControlNetModel
+
         pipe = self.pipe
+        multi = isinstance(_controlnets(pipe)[0], MultiControlNetModel)
+        call_kwargs["image"] = repeat_per_image(call_kwargs.get("image"), num_images, multi)
         images, guess_mode = prepare_control_images(pipe, call_kwargs, len(prompts) * num_images)
         # The pipeline takes its size from the prepared control image; so do the latents and SDXL's size ids.
         height, width = (int(n) for n in (images[0] if isinstance(images, list) else images).shape[-2:])
@@ -200,7 +257,7 @@ class _ControlNetMixin:
             finally:
                 handle.remove()
 
-        return {**new, "height": height, "width": width}, forward
+        return {**new, "image": call_kwargs["image"], "height": height, "width": width}, forward
 
     def attach(self, call_kwargs: dict, on_step_end: Callable[[int, torch.Tensor, dict], dict]) -> dict:
         """The plain adapter's ``callback_on_step_end``, telling the conditional pass its step."""
@@ -227,8 +284,8 @@ def load_controlnet_pipeline(
     others a ``StableDiffusionControlNetPipeline``; several ControlNets become a ``MultiControlNetModel``.
 
     Raises:
-        ValueError: a path that cannot be loaded, or a ControlNet whose cross-attention width does
-            not match the base UNet's (e.g. an SD 1.5 ControlNet on an SDXL base).
+        ValueError: a path that cannot be loaded, or a ControlNet whose cross-attention width or
+            downsampling does not match the base's (e.g. an SD 1.5 ControlNet on an SDXL base).
     """
     from diffusers import (
         ControlNetModel,
@@ -259,6 +316,10 @@ def load_controlnet_pipeline(
                 f"ControlNet {path!r} has cross_attention_dim={net.config.cross_attention_dim} but the base "
                 f"{base!r} has {pipe.unet.config.cross_attention_dim}: use a ControlNet trained for this base"
             )
+        try:
+            check_downsampling(net, pipe.vae_scale_factor)
+        except ValueError as err:
+            raise ValueError(f"ControlNet {path!r}: {err}") from None
     return pipe
 
 
@@ -391,6 +452,7 @@ __all__ = [
     "ControlNetXLAdapter",
     "canny_edges",
     "check_conditioning_channels",
+    "check_downsampling",
     "control_image",
     "control_scale",
     "lineart_standard",

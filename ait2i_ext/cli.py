@@ -115,8 +115,11 @@ def load_pipeline(args: argparse.Namespace):
         pipe = load_gligen_pipeline(args.gligen, dtype)
     elif args.controlnet:
         from .adapters.controlnet import load_controlnet_pipeline
+        from .shapes.model import default_controlnet_path
 
-        pipe = load_controlnet_pipeline(model, args.controlnet, dtype)
+        # "shapes": the shipped Canny ControlNet of the shipped shapes model
+        nets = [default_controlnet_path() if c == "shapes" else c for c in args.controlnet]
+        pipe = load_controlnet_pipeline(model, nets, dtype)
     elif model == "tiny":
         from .testing import tiny_sd_pipeline
 
@@ -613,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--controlnet",
         metavar="MODEL",
         action="append",
-        help="a ControlNet folder or hub id, repeatable (default: none)",
+        help="a ControlNet folder or hub id (repeatable); 'shapes' for the shipped shapes model's Canny ControlNet",
     )
     g.add_argument(
         "--control",
@@ -646,10 +649,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("ui", help="a local web page: name subjects, draw boxes, compare plain and guided")
     u.add_argument("--model", help="diffusers pipeline folder or hub id (default: the shipped shapes model)")
-    u.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s, this machine only)")
+    u.add_argument(
+        "--host", default="127.0.0.1", help="address to serve on (default: %(default)s, this machine only)"
+    )
     u.add_argument("--port", type=int, default=7860, help="port to serve on (default: %(default)s)")
     u.add_argument(
-        "--share", type=_true_or_false, default=False, metavar="true|false", help="a public share link (default: false)"
+        "--share",
+        type=_true_or_false,
+        default=False,
+        metavar="true|false",
+        help="a public share link (default: false)",
     )
     u.set_defaults(func=cmd_ui)
     return parser

@@ -12,7 +12,11 @@ reference radii 5 / 6 whatever the model), ``ait2i-no-agg`` (aggregation and ali
 weight 0), ``ait2i-boxes`` (each subject also gets its layout box: the box terms of
 docs/layout.md), ``ait2i-lagged`` (the approximate ``"lagged"`` mode), ``gligen`` (the GLIGEN
 model of ``--gligen``, by default the shipped GLIGEN shapes model, grounded on the layout boxes)
-and ``gligen-ait2i`` (the same with ait2i guidance and the box term); ``--methods`` picks. The
+``gligen-ait2i`` (the same with ait2i guidance and the box term),
+``controlnet`` / ``controlnet-ait2i`` (the shipped
+Canny ControlNet, plain / with ``ait2i``; ``controlnet-ait2i-boxes`` also gives each subject its
+layout box, where its edges are; the control image is the edges of the prompt's objects
+drawn at their layout boxes, ``ait2i_ext.shapes.scene_edges``); ``--methods`` picks. The
 ``in_box`` column is the share of objects drawn in their layout box (IoU >= 0.5). On the shapes model every image is scored by
 ``ait2i_ext.shapes.evaluator``: all subjects present (colour and shape), colours bound, fully
 correct; plus seconds per image. With ``--model`` (a Stable Diffusion checkpoint) the prompts are
@@ -44,6 +48,9 @@ METHODS = (
     "ait2i-lagged",
     "gligen",
     "gligen-ait2i",
+    "controlnet",
+    "controlnet-ait2i",
+    "controlnet-ait2i-boxes",
 )
 GLIGEN_METHODS = ("gligen", "gligen-ait2i")
 ANIMALS = (
@@ -79,8 +86,10 @@ def method_config(
         "ait2i-boxes": LossConfig(**radii),
         "ait2i-lagged": LossConfig(**radii),
         "gligen-ait2i": LossConfig(**radii),
-        "ait2i-no-agg": LossConfig(**{**radii, "w_aggregation": 0.0, "w_alignment": 0.0}),
-        "ait2i-no-iso": LossConfig(**{**radii, "w_isolation": 0.0}),
+        "controlnet-ait2i": LossConfig(**radii),
+        "controlnet-ait2i-boxes": LossConfig(**radii),
+        "ait2i-no-agg": LossConfig(w_aggregation=0.0, w_alignment=0.0, **radii),
+        "ait2i-no-iso": LossConfig(w_isolation=0.0, **radii),
     }.get(method)
     if loss is None:
         return None
@@ -114,17 +123,21 @@ def animal_cases(per_set: int) -> list[Case]:
 
 
 def run_method(
-    pipe, ae_pipe, method: str, case: Case, seeds: list[int], args, gligen_pipe=None
+    pipe, ae_pipe, method: str, case: Case, seeds: list[int], args, gligen_pipe=None, cn_pipe=None
 ) -> tuple[list, float]:
-    """Images for ``seeds`` (one batch) and seconds per image (``gligen_pipe`` for the GLIGEN methods;
-    ``gligen`` is ``generate(..., guidance=False)``: the stock pipeline call, phrases and boxes filled
-    from the subjects' boxes)."""
+    """Images for ``seeds`` (one batch) and seconds per image (``gligen_pipe`` for the GLIGEN methods,
+    ``cn_pipe`` the ControlNet pipeline; ``gligen`` is ``generate(..., guidance=False)``: the stock
+    pipeline call, phrases and boxes filled from the subjects' boxes)."""
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     call = dict(
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, num_images_per_prompt=len(seeds)
     )
+    if method.startswith("controlnet"):
+        from ait2i_ext.shapes.model import scene_edges
+
+        pipe, call["image"] = cn_pipe, scene_edges(case.objects)
     start = time.perf_counter()
-    if method == "plain":
+    if method in ("plain", "controlnet"):
         images = pipe(case.text, generator=generators, **call).images
     elif method in GLIGEN_METHODS:
         out = generate(
@@ -146,7 +159,7 @@ def run_method(
         out = generate(
             pipe,
             case.text,
-            list(case.boxed if method == "ait2i-boxes" else case.subjects),
+            list(case.boxed if method.endswith("ait2i-boxes") else case.subjects),
             config=method_config(method, args.mode, args.step_scale, args.radii),
             generator=generators,
             **call,
@@ -268,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"--methods: {m!r} is invalid: expected some of {list(METHODS)}")
+        if m.startswith("controlnet") and args.model:
+            raise SystemExit(f"--methods: {m!r} runs on the shipped shapes model only (without --model)")
     from ait2i_ext.config import model_loss
     from ait2i_ext.shapes.model import default_model_path
 
@@ -297,6 +312,20 @@ def main(argv: list[str] | None = None) -> int:
         cases = shapes_cases([s.strip() for s in args.sets.split(",")], args.prompts_per_set)
     pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None).to(device)
     pipe.set_progress_bar_config(disable=True)
+    cn_pipe = None
+    if any(m.startswith("controlnet") for m in methods):
+        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+        from ait2i_ext.shapes.model import default_controlnet_path
+
+        keys = StableDiffusionControlNetPipeline._get_signature_keys(StableDiffusionControlNetPipeline)[0]
+        cn_pipe = StableDiffusionControlNetPipeline(
+            **{k: v for k, v in pipe.components.items() if k in keys},
+            controlnet=ControlNetModel.from_pretrained(default_controlnet_path(), torch_dtype=dtype).to(
+                device
+            ),
+        )
+        cn_pipe.set_progress_bar_config(disable=True)
     ae_pipe = None
     if "attend-excite" in methods:
         ae_pipe = StableDiffusionAttendAndExcitePipeline(
@@ -325,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             for method in methods:
                 for seeds in batches:
-                    images, seconds = run_method(pipe, ae_pipe, method, case, seeds, args, gligen_pipe)
+                    images, seconds = run_method(
+                        pipe, ae_pipe, method, case, seeds, args, gligen_pipe, cn_pipe
+                    )
                     for seed, image in zip(seeds, images):
                         scores = (
                             score_shapes(image, case)

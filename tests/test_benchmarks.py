@@ -130,3 +130,18 @@ def test_bad_radius_fails_before_any_sampling(tmp_path):
     with pytest.raises(SystemExit, match="alignment_radius=0.0 is invalid"):
         _load("personalization").main(["--alignment-radius", "0", "--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())  # nothing was trained or written
+
+
+def test_alignment_benchmark_controlnet_methods_on_the_shipped_model(random_shapes_model, tmp_path):
+    alignment = _load("alignment")
+    methods = "controlnet,controlnet-ait2i,controlnet-ait2i-boxes"
+    argv = ["--sets", "two", "--prompts-per-set", "1", "--seeds", "2", "--steps", "2", "--methods", methods]
+    assert alignment.main([*argv, "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "table.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == set(methods.split(","))
+    assert all(r["n"] == 2 and 0.0 <= r["in_box"] <= 1.0 for r in rows)
+    with pytest.raises(SystemExit, match="shipped shapes model only"):
+        alignment.main(
+            ["--model", str(random_shapes_model), "--methods", "controlnet", "--out", str(tmp_path)]
+        )
+    assert alignment.method_config("controlnet", "truncated") is None

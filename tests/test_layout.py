@@ -467,6 +467,37 @@ def test_controlnet_channel_mismatch_is_refused_before_running():
     assert calls == []
 
 
+def test_controlnet_downsampling_mismatch_is_refused_before_running(tmp_path):
+    from diffusers import ControlNetModel
+
+    pipe = controlnet_pipeline("sd")  # the tiny VAE downsamples by 2
+    pipe.controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32, 64))
+    with UNetCalls(pipe.unet) as calls, pytest.raises(ValueError, match="downsamples .* by 4 .* by 2"):
+        generate(pipe, PROMPT, SUBJECTS, image=edge_picture(), num_inference_steps=2)
+    assert calls == []
+    tiny_sd_pipeline().save_pretrained(tmp_path / "base")
+    pipe.controlnet.save_pretrained(tmp_path / "cn4x")
+    with pytest.raises(ValueError, match="downsamples .* by 4 .* by 2"):
+        load_controlnet_pipeline(str(tmp_path / "base"), str(tmp_path / "cn4x"))
+
+
+@pytest.mark.parametrize("nets", [1, 2])
+def test_controlnet_per_prompt_images_with_several_images_per_prompt(nets):
+    """One control image per prompt, two images each: guided at step size 0 is the stock pipeline."""
+    pipe = controlnet_pipeline("sd", nets)
+    images = [edge_picture(), edge_picture().rotate(45)]
+    if nets == 2:  # per prompt, one image per net
+        images = [[image, image.rotate(90)] for image in images]
+    prompts = [PROMPT, "a dog and a cat"]
+    call = dict(image=images, num_images_per_prompt=2, num_inference_steps=2, output_type="latent")
+    stock = pipe(prompt=prompts, generator=seed(), **call).images
+    ours = generate(
+        pipe, prompts, [["cat", "dog"], ["dog", "cat"]], config=guided(0.0), generator=seed(), **call
+    )
+    assert ours.images.shape == stock.shape == (4, 4, 32, 32)
+    torch.testing.assert_close(ours.images, stock, atol=1e-5, rtol=1e-4)
+
+
 def test_controlnet_prepare_takes_the_size_of_the_control_image():
     pipe = controlnet_pipeline("sd")
     image = edge_picture(48)

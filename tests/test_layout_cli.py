@@ -98,3 +98,28 @@ def test_layout_argument_errors(tmp_path, capsys, extra, message):
     assert main(["generate", *SHAPES, *extra, "--out", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_controlnet_shapes_uses_the_shipped_controlnet(tmp_path, monkeypatch):
+    from ait2i_ext.adapters import controlnet as adapter
+
+    from ait2i_ext.shapes import default_controlnet_path, default_model_path, render_scene, sample_scene
+
+    loaded = []
+    load = adapter.load_controlnet_pipeline
+    monkeypatch.setattr(adapter, "load_controlnet_pipeline", lambda *a: loaded.append(a) or load(*a))
+    render_scene(sample_scene(0)).save(tmp_path / "scene.png")
+    argv = ["generate", "--prompt", "a red circle and a blue square", "--controlnet", "shapes"]
+    argv += [
+        "--control",
+        f"canny:{tmp_path / 'scene.png'}",
+        "--steps",
+        "2",
+        "--quiet",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main(argv) == 0
+    assert [a[:2] for a in loaded] == [(default_model_path(), [default_controlnet_path()])]
+    record = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert record["layout"]["controlnet"] == ["shapes"] and len(record["images"]) == 1

@@ -115,3 +115,39 @@ def test_training_refuses_a_bad_object_mix_before_training(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "--object-weights: object_weights=(0.0, 0.0, 0.0) is invalid" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_shipped_controlnet_loads_and_follows_the_edges():
+    """The shipped Canny ControlNet loads with the stock loader, matches the 4x VAE and puts the
+    shapes of a scene where its edges are (four scenes, 20 steps, no ait2i guidance)."""
+    import numpy as np
+    from ait2i_ext.adapters.controlnet import canny_edges
+    from ait2i_ext.training.train_controlnet import control_rate
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    from ait2i_ext.shapes import (
+        PromptObject,
+        default_controlnet_path,
+        load_controlnet_pipeline,
+        render_scene,
+        sample_scene,
+        scene_edges,
+    )
+
+    net = ControlNetModel.from_pretrained(default_controlnet_path())
+    assert net.config.conditioning_embedding_out_channels == [16, 32, 64]
+    pipe = load_controlnet_pipeline()
+    assert isinstance(pipe, StableDiffusionControlNetPipeline)
+    scenes = [sample_scene(seed, num_objects=1) for seed in range(50_000_000, 50_000_004)]
+    assert np.array_equal(
+        np.asarray(scene_edges(scenes[0])), np.asarray(canny_edges(render_scene(scenes[0])))
+    )
+    with pytest.raises(ValueError, match="needs a box"):
+        scene_edges([PromptObject("red", "circle")])
+    images = pipe(
+        [s.caption for s in scenes],
+        image=[scene_edges(s) for s in scenes],
+        num_inference_steps=20,
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert control_rate(images, scenes) >= 0.5  # near the start of training: 0.04-0.08

@@ -17,7 +17,13 @@ from .data import (
 )
 from .evaluator import Detection, EvaluatorConfig, ObjectScore, PromptScore, detect, evaluate
 from .gligen import default_gligen_path, load_gligen_pipeline
-from .model import build_shapes_pipeline, default_model_path
+from .model import (
+    build_shapes_pipeline,
+    default_controlnet_path,
+    default_model_path,
+    load_controlnet_pipeline,
+    scene_edges,
+)
 from .prompts import (
     PROMPT_SETS,
     BenchmarkPrompt,
@@ -44,14 +50,17 @@ __all__ = [
     "ShapeObject",
     "SubjectWords",
     "build_shapes_pipeline",
+    "default_controlnet_path",
     "default_gligen_path",
     "default_model_path",
     "detect",
     "evaluate",
+    "load_controlnet_pipeline",
     "load_gligen_pipeline",
     "parse_prompt",
     "prompt_set",
     "render_scene",
     "sample_scene",
+    "scene_edges",
     "subjects_for",
 ]

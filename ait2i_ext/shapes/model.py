@@ -33,6 +33,44 @@ def default_model_path() -> str:
     return str(resources.files("ait2i_ext") / "assets" / "shapes_model")
 
 
+def default_controlnet_path() -> str:
+    """Folder of the shipped Canny ControlNet for the shapes model (a ``ControlNetModel`` folder,
+    trained by ``training/train_controlnet.py``)."""
+    return str(resources.files("ait2i_ext") / "assets" / "shapes_controlnet")
+
+
+def load_controlnet_pipeline(dtype: torch.dtype | str | None = torch.float32):
+    """The shipped shapes model with its shipped Canny ControlNet: a ``StableDiffusionControlNetPipeline``.
+
+    Its control image is an edge map of a 64 px scene, e.g. :func:`scene_edges` of the objects to draw.
+    """
+    from ..adapters.controlnet import load_controlnet_pipeline as load
+
+    return load(default_model_path(), default_controlnet_path(), dtype)
+
+
+def scene_edges(objects, size: int = 64):
+    """The control image of a layout: the built-in Canny edges of ``objects`` drawn at their boxes.
+
+    Args:
+        objects: a ``Scene`` or its objects (anything with ``colour``, ``shape`` and ``box``, e.g.
+            the ``PromptObject`` s of a benchmark prompt).
+        size: side of the square image in pixels.
+
+    Returns:
+        An RGB PIL image, white edges on black, as ``--control canny:scene.png`` makes of the
+        rendered scene.
+    """
+    from ..adapters.controlnet import canny_edges
+    from .data import Scene, ShapeObject, render_scene
+
+    objects = getattr(objects, "objects", objects)
+    if any(getattr(o, "box", None) is None for o in objects):
+        raise ValueError("scene_edges needs a box for every object: expected (x0, y0, x1, y1) boxes")
+    scene = Scene(tuple(ShapeObject(o.colour, o.shape, tuple(o.box)) for o in objects), caption="")
+    return canny_edges(render_scene(scene, size))
+
+
 def text_encoder_config() -> CLIPTextConfig:
     """A 3-layer, 64-wide CLIP text encoder on the 49408-token CLIP vocabulary."""
     return CLIPTextConfig(
