@@ -69,6 +69,8 @@ def _offline(argv: list[str]) -> bool:
         return False
     if args.command == "describe":
         return args.model is None
+    if args.command == "ui":  # a server: tests/test_ui.py starts it and drives it
+        return False
     return args.model in (None, "tiny") and not (args.gligen or args.controlnet or args.lora or args.control)
 
 
