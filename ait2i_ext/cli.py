@@ -191,8 +191,12 @@ def _config(args: argparse.Namespace):
         raise ValueError(f"--aggregation-radius / --alignment-radius: {e}") from None
     return model_config(
         model,
-        loss={**radii, "isolation": args.isolation},
-        schedule={"step_scale": args.step_scale, "refinement": args.refinement},
+        loss={**radii, **({"isolation": args.isolation} if args.isolation else {})},
+        # only what the command line says: the rest of the schedule is the model's (its ait2i.json)
+        schedule={
+            **({"step_scale": args.step_scale} if args.step_scale is not None else {}),
+            **({"refinement": True} if args.refinement else {}),
+        },
         mode=args.mode,
     )
 
@@ -569,14 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--step-scale",
         type=float,
-        default=20.0,
-        help="step size alpha_i = step_scale * sqrt(s_i), >= 0 (default: %(default)s)",
+        help="step size alpha_i = step_scale * sqrt(s_i), >= 0 (default: the model's ait2i.json, else 20)",
     )
     g.add_argument(
         "--isolation",
         choices=["euclidean", "cosine"],
-        default="euclidean",
-        help="isolation loss between subjects (default: %(default)s)",
+        help="isolation loss between subjects (default: the model's ait2i.json, else euclidean)",
     )
     g.add_argument(
         "--aggregation-radius",

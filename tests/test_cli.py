@@ -284,3 +284,29 @@ def test_lora_run_is_quiet_without_quiet(tmp_path, capfd):
     assert main(argv) == 0
     out, err = capfd.readouterr()
     assert out.startswith("wrote 1 image(s)") and err == "", err
+
+
+def test_the_models_schedule_reaches_the_cli_and_flags_still_win(tmp_path):
+    """A model folder's ait2i.json schedule (not only its radii) applies through `ait2i generate`;
+    a flag given on the command line overrides it."""
+    import shutil
+
+    from ait2i_ext.config import read_model_settings, write_model_settings
+    from ait2i_ext.shapes.model import default_model_path
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_path(), model)
+    loss = read_model_settings(model)["loss"]
+    write_model_settings(model, loss={**loss, "isolation": "cosine"}, schedule={"step_scale": 7.0})
+    base = ["generate", "--model", str(model), "--prompt", "a red circle and a blue square"]
+    base += ["--steps", "2", "--quiet"]
+    for extra, step_scale, isolation in (
+        ([], 7.0, "cosine"),
+        (["--step-scale", "3", "--isolation", "euclidean"], 3.0, "euclidean"),
+    ):
+        out = tmp_path / f"out{step_scale}"
+        assert main([*base, *extra, "--out", str(out)]) == 0
+        config = json.loads((out / "run.json").read_text())["config"]
+        assert config["schedule"]["step_scale"] == step_scale
+        assert config["loss"]["isolation"] == isolation
+        assert config["loss"]["aggregation_radius"] == loss["aggregation_radius"]
