@@ -46,14 +46,18 @@ from PIL import Image, ImageDraw  # noqa: E402
 from . import viz  # noqa: E402
 from .cli import _config, build_parser, default_model, load_pipeline  # noqa: E402
 from .pipeline import GuidedOutput, generate  # noqa: E402
+from .shapes.gligen import default_gligen_path, gligen_installed  # noqa: E402
 from .tokens import Subject, describe, infer_subjects, resolve_groups, with_identifier  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 #: Layout routes the page offers: name -> ``ait2i generate`` options that load its pipeline.
-#: "boxes" is box guidance on the plain model. A GLIGEN shapes model joins as one entry,
-#: ``"gligen": {"gligen": <its folder>}``, once :mod:`ait2i_ext.shapes` ships one.
-LAYOUT_ROUTES: dict[str, dict] = {"boxes": {}}
+#: "boxes" is box guidance on the plain model; "gligen" the shipped GLIGEN shapes model (boxes
+#: grounded by GLIGEN, plus the box term), offered on the shipped model only.
+LAYOUT_ROUTES: dict[str, dict] = {
+    "boxes": {},
+    **({"gligen": {"gligen": default_gligen_path()}} if gligen_installed() else {}),
+}
 CANVAS = 512  # px, the side of the drawing canvas (boxes are sent normalised to [0, 1])
 MAX_IMAGES = 8
 SUBJECT_HEADERS = ["subject (words; last word = noun)", "identifier"]
@@ -308,6 +312,10 @@ class App:
         self.pipes = {} if pipe is None else {"boxes": pipe}
 
     def pipeline(self, layout: str):
+        if layout == "gligen" and self.model is not None:
+            raise ValueError(
+                f"layout 'gligen' is the shipped GLIGEN shapes model: it needs the shipped model, not {self.model!r}"
+            )
         if layout not in self.pipes:
             self.pipes[layout] = load_pipeline(generate_args(self.model, **LAYOUT_ROUTES[layout]))
             self.pipes[layout].set_progress_bar_config(disable=False, leave=False, desc="denoising")
@@ -448,7 +456,7 @@ def build_app(app: App) -> gr.Blocks:
                         list(LAYOUT_ROUTES),
                         value="boxes",
                         label="layout route",
-                        info="boxes: box guidance on the plain model",
+                        info="boxes: box guidance on the plain model; gligen: the shipped GLIGEN shapes model grounds the boxes",
                     )
                     with gr.Row():
                         lora = gr.Textbox(

@@ -84,7 +84,7 @@ def test_boxes_from_annotation_normalise_and_refuse_boxes_for_no_subject():
         (dict(seed=-1), r"seed=-1 is invalid"),
         (dict(steps=2.5), r"steps=2.5 is invalid"),
         (dict(guidance_scale=-1), r"guidance_scale=-1 is invalid"),
-        (dict(layout="controlnet"), r"layout='controlnet' is invalid: expected one of \['boxes'\]"),
+        (dict(layout="controlnet"), r"layout='controlnet' is invalid: expected one of \['boxes', 'gligen'\]"),
     ],
 )
 def test_settings_refuse_bad_values(kwargs, match):
@@ -342,3 +342,12 @@ def test_browser_draw_two_boxes_and_generate(server, tmp_path):
             page.get_by_text("it names no subject").first.wait_for(timeout=30_000)
         finally:
             browser.close()
+
+
+def test_gligen_route_loads_the_shipped_gligen_on_the_shipped_model_only():
+    from diffusers import StableDiffusionGLIGENPipeline
+
+    assert set(ui.LAYOUT_ROUTES) == {"boxes", "gligen"}
+    assert isinstance(ui.App().pipeline("gligen"), StableDiffusionGLIGENPipeline)
+    with pytest.raises(ValueError, match="needs the shipped model"):
+        ui.App(model="tiny").pipeline("gligen")
