@@ -2,11 +2,13 @@
 
     OMP_NUM_THREADS=1 python benchmarks/deviations.py --variants peak_source=remaining,peak_source=full
 
-Every variant is a ``LossConfig`` / ``ScheduleConfig`` field override (``field=value``) on top of
-the model's own settings (its ``ait2i.json``); all variants run the same prompts (the shapes
+Every variant is a ``LossConfig`` / ``ScheduleConfig`` field override (``field=value``, or
+``mode=...``) on top of the model's own settings (its ``ait2i.json``), or ``plain`` (the stock
+pipeline, guidance off); all variants run the same prompts (the shapes
 prompt sets of ``benchmarks/alignment.py``), the same seeds and the same scheduler, scored by the
 shapes evaluator. ``--scheduler PNDMScheduler`` swaps the model's scheduler (same config). Prints
-one table and writes ``--out``/table.json.
+one table (with paired counts on fully correct against the first variant: images right here and
+wrong there, and the reverse) and writes ``--out``/table.json (rows and every image's scores).
 """
 
 from __future__ import annotations
@@ -41,21 +43,51 @@ def parse_variant(text: str) -> dict[str, object]:
 
 
 def variant_config(base: AIT2IConfig, overrides: dict[str, object]) -> AIT2IConfig:
-    """``base`` with each field set on the config (``LossConfig`` or ``ScheduleConfig``) that has it."""
+    """``base`` with each field set on the config (``LossConfig``, ``ScheduleConfig`` or ``AIT2IConfig``'s
+    ``mode``) that has it."""
     loss_fields = {f.name for f in dataclasses.fields(LossConfig)}
     schedule_fields = {f.name for f in dataclasses.fields(ScheduleConfig)}
     loss = {k: v for k, v in overrides.items() if k in loss_fields}
     schedule = {k: v for k, v in overrides.items() if k in schedule_fields}
-    unknown = set(overrides) - loss_fields - schedule_fields
+    options = {k: v for k, v in overrides.items() if k == "mode"}
+    unknown = set(overrides) - loss_fields - schedule_fields - set(options)
     if unknown:
-        raise SystemExit(f"--variants: {sorted(unknown)} are not LossConfig or ScheduleConfig fields")
+        raise SystemExit(f"--variants: {sorted(unknown)} are not LossConfig or ScheduleConfig fields or mode")
     if "refinement_thresholds" in schedule:
         schedule["refinement_thresholds"] = tuple(tuple(p) for p in schedule["refinement_thresholds"])
     return dataclasses.replace(
         base,
         loss=dataclasses.replace(base.loss, **loss),
         schedule=dataclasses.replace(base.schedule, **schedule),
+        **options,
     )
+
+
+def paired(records: list[dict], first: str, name: str) -> dict[str, int]:
+    """Paired counts on fully correct: images (same prompt and seed) right with ``name`` and wrong with
+    ``first`` (``wins``), and the reverse (``losses``)."""
+    base = {(r["prompt"], r["seed"]): r["correct"] for r in records if r["variant"] == first}
+    mine = [(base[(r["prompt"], r["seed"])], r["correct"]) for r in records if r["variant"] == name]
+    return {"wins": sum(b < m for b, m in mine), "losses": sum(b > m for b, m in mine)}
+
+
+def select_cases(spec: str, per_set: int) -> list:
+    """The prompts of ``--sets``: ``"two:2-3,three:0-0"`` -> ``two``'s prompts 2 and 3 and ``three``'s first."""
+    cases = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, _, span = item.partition(":")
+        if not span:
+            cases += shapes_cases([name], per_set)
+            continue
+        try:
+            first, last = (int(x) for x in span.split("-"))
+        except ValueError:
+            raise SystemExit(f"--sets: {item!r} is invalid: expected NAME or NAME:FIRST-LAST") from None
+        chosen = shapes_cases([name], last + 1)[first:]
+        if first < 0 or len(chosen) != last - first + 1:
+            raise SystemExit(f"--sets: {item!r} is invalid: set {name!r} has no prompts {first}..{last}")
+        cases += chosen
+    return cases
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,18 +97,30 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", required=True, help="comma-separated; each 'field=value;field=value'")
-    parser.add_argument("--sets", default="two")
-    parser.add_argument("--prompts-per-set", type=int, default=2)
+    parser.add_argument(
+        "--sets",
+        default="two",
+        help="shapes prompt sets, comma-separated; 'name:FIRST-LAST' takes that set's prompts FIRST..LAST "
+        "(0-based, inclusive; e.g. 'two:2-3,three:0-0' for a split other than the first prompts)",
+    )
+    parser.add_argument("--prompts-per-set", type=int, default=2, help="for a set named without a range")
+
     parser.add_argument("--seeds", default="0-31", help="first-last, inclusive")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument(
+        "--batch", type=int, default=16, help="seeds per call (num_images_per_prompt): refinement's batch"
+    )
     parser.add_argument("--scheduler", help="a diffusers scheduler class name (default: the model's)")
     parser.add_argument("--out", default="out/deviations")
     args = parser.parse_args(argv)
 
+    cases = select_cases(args.sets, args.prompts_per_set)
     model = default_model_path()
     base = model_config(model)
-    variants = [(v, variant_config(base, parse_variant(v))) for v in args.variants.split(",")]
+    # "plain": the stock pipeline (guidance off), same seeds
+    variants = [
+        (v, None if v == "plain" else variant_config(base, parse_variant(v))) for v in args.variants.split(",")
+    ]
     first, last = (int(x) for x in args.seeds.split("-"))
     seeds = list(range(first, last + 1))
     pipe = DiffusionPipeline.from_pretrained(model)
@@ -85,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
         pipe.scheduler = getattr(diffusers, args.scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    cases = shapes_cases([s.strip() for s in args.sets.split(",")], args.prompts_per_set)
-    rows = []
+    rows, records = [], []
     for name, config in variants:
         scores, start = [], time.perf_counter()
         for case in cases:
@@ -97,23 +140,29 @@ def main(argv: list[str] | None = None) -> int:
                     case.text,
                     list(case.subjects),
                     config=config,
+                    guidance=config is not None,
                     generator=[torch.Generator().manual_seed(s) for s in chunk],
                     num_inference_steps=args.steps,
                     num_images_per_prompt=len(chunk),
                 )
-                scores += [score_shapes(image, case) for image in out.images]
+                for seed, image in zip(chunk, out.images):
+                    scores.append(score_shapes(image, case))
+                    records.append({"variant": name, "set": case.set_name, "prompt": case.text, "seed": seed})
+                    records[-1].update(scores[-1])
         row = {"variant": name, "n": len(scores), "seconds": time.perf_counter() - start}
         row.update({k: sum(s[k] for s in scores) / len(scores) for k in ("present", "bound", "correct")})
+        row.update(paired(records, variants[0][0], name))
         rows.append(row)
         print(
             f"{name:<40} present {100 * row['present']:5.1f}%  bound {100 * row['bound']:5.1f}%  "
-            f"correct {100 * row['correct']:5.1f}%  n={row['n']}  {row['seconds']:.0f}s",
+            f"correct {100 * row['correct']:5.1f}%  correct vs first +{row['wins']}/-{row['losses']}  "
+            f"n={row['n']}  {row['seconds']:.0f}s",
             flush=True,
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {k: v for k, v in vars(args).items()}
-    (out / "table.json").write_text(json.dumps({"args": meta, "rows": rows}, indent=2))
+    (out / "table.json").write_text(json.dumps({"args": meta, "rows": rows, "images": records}, indent=2))
     return 0
 
 
