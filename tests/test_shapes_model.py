@@ -64,7 +64,7 @@ def test_shipped_model_loads_and_samples():
     assert total < 30e6
 
 
-def test_training_smoke_run(tmp_path):
+def test_training_smoke_run(tmp_path, capfd):
     from diffusers import StableDiffusionPipeline
 
     from ait2i_ext.config import read_model_settings
@@ -86,6 +86,8 @@ def test_training_smoke_run(tmp_path):
     assert read_model_settings(export) == {"loss": {"aggregation_radius": 2.5, "alignment_radius": 3.0}}
     # Resuming a finished run changes nothing and exports again.
     assert main([*argv, "--resume", "latest"]) == export
+    # In-process training prints none of accelerate's launch notes (issue 12).
+    assert "num_processes" not in "".join(capfd.readouterr())
 
 
 @needs_shipped

@@ -9,7 +9,7 @@ output of each phrase). The fusers' gates (``alpha_attn``, ``alpha_dense``) star
 own learning rate (``--gate-lr``), so the grounding opens within a short CPU run.
 
 Runs unchanged on a CPU (``python -m ait2i_ext.training.train_gligen``) and on GPUs
-(``accelerate launch -m ait2i_ext.training.train_gligen``). A checkpoint is written every
+(``python -m ait2i_ext.training.launch -m ait2i_ext.training.train_gligen``). A checkpoint is written every
 ``--checkpoint-minutes`` and when ``--max-minutes`` runs out; ``--resume latest`` carries on from the
 newest one. The result is a ``StableDiffusionGLIGENPipeline`` folder in fp16 (EMA weights of the
 trained layers), loadable with the stock ``StableDiffusionGLIGENPipeline.from_pretrained``, with an

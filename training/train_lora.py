@@ -3,7 +3,7 @@
 A small, readable version of diffusers' ``train_dreambooth_lora.py`` (diffusers + peft + accelerate)
 whose defaults follow the model being trained (`resolve_model_defaults`). See ``docs/lora.md``.
 
-    accelerate launch -m ait2i_ext.training.train_lora \\
+    python -m ait2i_ext.training.launch -m ait2i_ext.training.train_lora \\
         --pretrained_model path/or/hub-id --instance_data_dir dog/ \\
         --instance_prompt "a photo of sks dog" --output_dir sks-dog
 

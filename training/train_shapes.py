@@ -1,7 +1,7 @@
 """Train the shapes-world text-to-image model: first the VAE, then the UNet and text encoder together.
 
 Runs unchanged on a CPU (``python -m ait2i_ext.training.train_shapes``) and on one or more GPUs
-(``accelerate launch -m ait2i_ext.training.train_shapes``). Seeds are fixed, so a run with the same arguments
+(``python -m ait2i_ext.training.launch -m ait2i_ext.training.train_shapes``). Seeds are fixed, so a run with the same arguments
 and the same number of processes reproduces the same weights. A checkpoint is written every
 ``--checkpoint-minutes`` and when ``--max-minutes`` runs out; ``--resume latest`` carries on from
 the newest one. The finished model is exported as a ``StableDiffusionPipeline`` folder in fp16
