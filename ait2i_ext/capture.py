@@ -66,15 +66,24 @@ def cross_attention_layers(unet) -> list[CrossAttentionLayer]:
     return sorted(layers, key=lambda layer: layer.order)
 
 
-def guided_layers(unet) -> list[CrossAttentionLayer]:
-    """The cross-attention layers the losses may read: those of the down and up blocks.
+def guided_layers(unet, blocks: str = "down_up") -> list[CrossAttentionLayer]:
+    """The cross-attention layers the losses may read: those of the down and up blocks
+    (``blocks="down"``: the down blocks only, so a pass that needs only the maps can stop before the
+    mid block; ``AIT2IConfig.map_blocks``).
 
     The mid block never joins. On SD 1.x/2.x it runs at 1/64 of the image side, below every map
     the method reads; on SDXL it shares the 1/32 resolution (10 of its 60 layers there), and
     leaving it out keeps one rule for every UNet: the method's maps average the down- and
     up-block layers of one resolution (``docs/method.md``).
     """
-    return [layer for layer in cross_attention_layers(unet) if not layer.in_mid_block]
+    if blocks not in ("down_up", "down"):
+        raise ValueError(f"blocks={blocks!r} is invalid: expected 'down_up' or 'down'")
+    prefix = "down_blocks." if blocks == "down" else ""
+    return [
+        layer
+        for layer in cross_attention_layers(unet)
+        if not layer.in_mid_block and layer.name.startswith(prefix)
+    ]
 
 
 def map_shape(latent_hw: tuple[int, int], factor: int) -> tuple[int, int]:
@@ -310,6 +319,7 @@ def capture_attention(
     stop_early: bool = False,
     after_last: Callable[[], None] | None = None,
     vae_scale_factor: int | None = None,
+    blocks: str = "down_up",
 ) -> Iterator[AttentionStore]:
     """Record cross-attention maps of ``unet`` at one resolution while the block runs.
 
@@ -325,6 +335,8 @@ def capture_attention(
             rest of the pass), before ``stop_early`` applies.
         vae_scale_factor: image pixels per latent cell (for ``resolution=None``; see
             :func:`select_factor`).
+        blocks: ``"down_up"`` records the down- and up-block layers of that resolution,
+            ``"down"`` the down-block ones only (:func:`guided_layers`).
 
     Raises:
         ValueError: a recorded layer has a processor :func:`check_processor` refuses (before any
@@ -336,7 +348,12 @@ def capture_attention(
     if isinstance(latent_hw, int):
         latent_hw = (latent_hw, latent_hw)
     factor = select_factor(unet, latent_hw, resolution, vae_scale_factor)
-    layers = [layer for layer in guided_layers(unet) if layer.factor == factor]
+    layers = [layer for layer in guided_layers(unet, blocks) if layer.factor == factor]
+    if not layers:
+        raise ValueError(
+            f"blocks={blocks!r}: the UNet has no cross-attention layers there at the map side "
+            f"{max(map_shape(latent_hw, factor))}"
+        )
     store = AttentionStore([layer.name for layer in layers], map_shape(latent_hw, factor), detach=detach)
     # Only the recorded layers change processor: the rest of the UNet is never touched.
     modules = [_module(unet, layer.name) for layer in layers]

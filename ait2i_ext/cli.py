@@ -198,6 +198,7 @@ def _config(args: argparse.Namespace):
             **({"refinement": True} if args.refinement else {}),
         },
         mode=args.mode,
+        preset=args.preset,
     )
 
 
@@ -597,6 +598,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="truncated",
         help="truncated (default) stops the guided UNet pass after the last layer it reads: same result as "
         "full, faster; lagged reuses the sampling pass (approximate, fastest)",
+    )
+    g.add_argument(
+        "--preset",
+        choices=["default", "fast"],
+        default="default",
+        help="fast: the guided pass reads the down-block maps only (docs/performance.md)",
     )
     g.add_argument(
         "--refinement",

@@ -18,6 +18,7 @@ GuidanceMode = Literal["full", "truncated", "lagged"]
 PeakSource = Literal["remaining", "full"]
 ExistenceTokens = Literal["words", "all"]
 RefinementScope = Literal["image", "batch"]
+MapBlocks = Literal["down_up", "down"]
 
 
 def _check(cond: bool, name: str, value: object, expected: str) -> None:
@@ -212,17 +213,22 @@ class AIT2IConfig:
             ``"full"`` runs the whole pass (the straightforward reference); ``"lagged"`` takes the
             gradient from the pipeline's own sampling pass and applies it one step late
             (approximate, no extra pass; see :mod:`ait2i_ext.fast`).
+        map_blocks: ``"down_up"`` (default): the losses read the down- and up-block layers of
+            that resolution; ``"down"``: the down-block ones only, so the guided pass stops before
+            the mid block (cheaper; the ``fast`` preset, ``docs/performance.md``).
     """
 
     loss: LossConfig = field(default_factory=LossConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     attention_resolution: int | None = None
     mode: GuidanceMode = "truncated"
+    map_blocks: MapBlocks = "down_up"
 
     def __post_init__(self) -> None:
         _check(
             self.mode in ("full", "truncated", "lagged"), "mode", self.mode, "'full', 'truncated' or 'lagged'"
         )
+        _check(self.map_blocks in ("down_up", "down"), "map_blocks", self.map_blocks, "'down_up' or 'down'")
         if self.attention_resolution is not None:
             _check(
                 self.attention_resolution >= 1,
@@ -293,24 +299,47 @@ def _from_json(values: dict) -> dict:
     return out
 
 
+#: Named trade-offs of speed for quality, applied on top of a model's settings
+#: (``model_config(pipe, preset="fast")``, ``ait2i generate --preset fast``): per preset, the
+#: :class:`ScheduleConfig` fields (``"schedule"``) and other :class:`AIT2IConfig` fields
+#: (``"options"``) it sets. Measured in ``docs/performance.md``.
+PRESETS: dict[str, dict[str, dict]] = {
+    "default": {},
+    # the guided pass reads the down-block maps only and stops there (before the mid block)
+    "fast": {"options": {"map_blocks": "down"}},
+}
+
+
 def model_config(
-    model=None, *, loss: dict | None = None, schedule: dict | None = None, **options
+    model=None,
+    *,
+    loss: dict | None = None,
+    schedule: dict | None = None,
+    preset: str = "default",
+    **options,
 ) -> AIT2IConfig:
-    """The :class:`AIT2IConfig` a model calls for: defaults, its ``ait2i.json``, then the given fields.
+    """The :class:`AIT2IConfig` a model calls for: defaults, its ``ait2i.json``, the ``preset``, then
+    the given fields.
 
     Args:
         model: a pipeline folder or a pipeline loaded from one (``None``: defaults only).
         loss: :class:`LossConfig` fields that win over the model's.
-        schedule: :class:`ScheduleConfig` fields that win over the model's.
-        **options: other :class:`AIT2IConfig` fields (``mode``, ``attention_resolution``).
+        schedule: :class:`ScheduleConfig` fields that win over the model's and the preset's.
+        preset: a name of :data:`PRESETS` (``"default"`` or ``"fast"``).
+        **options: other :class:`AIT2IConfig` fields (``mode``, ``attention_resolution``,
+            ``map_blocks``), winning over the preset's.
 
     Example: ``model_config(pipe, schedule={"step_scale": 10})`` keeps the model's loss radii.
     """
+    _check(preset in PRESETS, "preset", preset, f"one of {sorted(PRESETS)}")
     settings = read_model_settings(model) if model is not None else {}
+    chosen = PRESETS[preset]
     return AIT2IConfig(
         loss=LossConfig(**_from_json({**settings.get("loss", {}), **(loss or {})})),
-        schedule=ScheduleConfig(**_from_json({**settings.get("schedule", {}), **(schedule or {})})),
-        **options,
+        schedule=ScheduleConfig(
+            **_from_json({**settings.get("schedule", {}), **chosen.get("schedule", {}), **(schedule or {})})
+        ),
+        **{**chosen.get("options", {}), **options},
     )
 
 

@@ -33,25 +33,9 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from .capture import AttentionStore, capture_attention
-from .guidance import Guide, StepRecord, batch_losses
+from .guidance import Guide, StepRecord, batch_losses, frozen_parameters
 
 logger = logging.getLogger(__name__)
-
-
-@contextmanager
-def frozen_parameters(module: torch.nn.Module) -> Iterator[None]:
-    """Turn off ``requires_grad`` on ``module``'s parameters for the block, and restore it.
-
-    A pass differentiated only w.r.t. its input then saves no tensors for weight gradients.
-    """
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 def _grad_off() -> None:
@@ -155,7 +139,9 @@ class LaggedGuide(Guide):
         self._grad_mode = torch.is_grad_enabled()
         torch.set_grad_enabled(True)
         hw = tuple(sample.shape[-2:])
-        self._recorder = capture_attention(unet, hw, self.config.attention_resolution, after_last=_grad_off)
+        self._recorder = capture_attention(
+            unet, hw, self.config.attention_resolution, after_last=_grad_off, blocks=self.config.map_blocks
+        )
         self._store = self._recorder.__enter__()
         if args:
             return (self._input, *args[1:]), kwargs

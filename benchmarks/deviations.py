@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/deviations.py --variants peak_source=remaining,peak_source=full
 
 Every variant is a ``LossConfig`` / ``ScheduleConfig`` field override (``field=value``, or
-``mode=...``) on top of the model's own settings (its ``ait2i.json``), or ``plain`` (the stock
+``mode=`` / ``map_blocks=``, or ``preset=fast``: that preset's fields) on top of the model's own settings (its ``ait2i.json``), or ``plain`` (the stock
 pipeline, guidance off); all variants run the same prompts (the shapes
 prompt sets of ``benchmarks/alignment.py``), the same seeds and the same scheduler, scored by the
 shapes evaluator. ``--scheduler PNDMScheduler`` swaps the model's scheduler (same config). Prints
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alignment import score_shapes, shapes_cases  # noqa: E402
 
 from ait2i_ext import AIT2IConfig, LossConfig, ScheduleConfig, generate  # noqa: E402
-from ait2i_ext.config import model_config  # noqa: E402
+from ait2i_ext.config import PRESETS, model_config  # noqa: E402
 
 
 def parse_variant(text: str) -> dict[str, object]:
@@ -44,15 +44,18 @@ def parse_variant(text: str) -> dict[str, object]:
 
 def variant_config(base: AIT2IConfig, overrides: dict[str, object]) -> AIT2IConfig:
     """``base`` with each field set on the config (``LossConfig``, ``ScheduleConfig`` or ``AIT2IConfig``'s
-    ``mode``) that has it."""
+    ``mode`` / ``map_blocks``) that has it; ``preset`` sets that preset's fields first."""
     loss_fields = {f.name for f in dataclasses.fields(LossConfig)}
     schedule_fields = {f.name for f in dataclasses.fields(ScheduleConfig)}
     loss = {k: v for k, v in overrides.items() if k in loss_fields}
     schedule = {k: v for k, v in overrides.items() if k in schedule_fields}
-    options = {k: v for k, v in overrides.items() if k == "mode"}
+    if "preset" in overrides:  # a named preset's fields first, then the variant's own
+        preset = PRESETS[overrides.pop("preset")]
+        overrides = {**preset.get("schedule", {}), **preset.get("options", {}), **overrides}
+    options = {k: v for k, v in overrides.items() if k in ("mode", "map_blocks")}
     unknown = set(overrides) - loss_fields - schedule_fields - set(options)
     if unknown:
-        raise SystemExit(f"--variants: {sorted(unknown)} are not LossConfig or ScheduleConfig fields or mode")
+        raise SystemExit(f"--variants: {sorted(unknown)} are not LossConfig or ScheduleConfig fields or mode / map_blocks")
     if "refinement_thresholds" in schedule:
         schedule["refinement_thresholds"] = tuple(tuple(p) for p in schedule["refinement_thresholds"])
     return dataclasses.replace(

@@ -6,6 +6,7 @@ per image (full, and partial: the truncated passes that stop after the map layer
 the ratios to plain sampling, and how far the images are from the ``full`` mode's.
 
     python benchmarks/overhead.py                                   # tiny components, CPU, < 3 min
+    python benchmarks/overhead.py --arch shapes --methods plain truncated fast   # the shipped model, 25 steps
     python benchmarks/overhead.py --arch sd15 --device cuda --dtype fp16 --steps 50 --json sd15.json
 
 Methods:
@@ -20,6 +21,8 @@ Methods:
     truncated-frozen    ``truncated`` with the UNet's parameters not requiring grad during the call
                         (``ait2i_ext.fast.frozen_parameters``): what skipping weight-gradient
                         bookkeeping saves
+    fast                ``truncated`` with the ``fast`` preset (``model_config(pipe, preset="fast")``:
+                        the guided pass reads the down-block maps only and stops before the mid block)
     truncated+compiled, lagged+compiled
                         opt-in what-if rows: the losses through ``torch.compile`` (see
                         ``compiled_losses``); the compile happens in the untimed warm-up
@@ -50,8 +53,9 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 
-from ait2i_ext import AIT2IConfig, fast, generate, guidance, resolve_groups
+from ait2i_ext import fast, generate, guidance, resolve_groups
 from ait2i_ext.capture import map_shape, select_factor
+from ait2i_ext.config import model_config
 from ait2i_ext.fast import LaggedGuide, frozen_parameters
 from ait2i_ext.testing import build_pipeline
 
@@ -59,7 +63,20 @@ PROMPTS = {
     "a red circle and a blue square": ["red circle", "blue square"],
     "a cat and a dog": ["cat", "dog"],
 }
-METHODS = ("plain", "attend-and-excite", "full", "truncated", "lagged", "lagged-split", "truncated-frozen")
+SHAPES_PROMPTS = {  # --arch shapes: two prompts of the shapes `two` set (its prompts 2 and 3)
+    "a red circle and a pink triangle": ["red circle", "pink triangle"],
+    "a blue triangle and a pink square": ["blue triangle", "pink square"],
+}
+METHODS = (
+    "plain",
+    "attend-and-excite",
+    "full",
+    "truncated",
+    "lagged",
+    "lagged-split",
+    "truncated-frozen",
+    "fast",
+)
 COMPILED = ("truncated+compiled", "lagged+compiled")  # opt-in: compiling takes minutes on a small CPU
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 AE_STEPS = 50  # the step count Attend-and-Excite's defaults are written for
@@ -190,13 +207,13 @@ def compiled_losses():
         guidance.batch_losses, fast.batch_losses = originals
 
 
-def make_runner(method: str, pipe, ae, steps: int):
-    """``run(prompt, subjects, seed) -> images`` (numpy, one image) for ``method``."""
+def make_runner(method: str, pipe, ae, steps: int, batch: int = 1):
+    """``run(prompt, subjects, seed) -> images`` (numpy, ``batch`` images: seeds ``seed..``) for ``method``."""
 
-    def gen(seed: int) -> torch.Generator:
-        return torch.Generator().manual_seed(seed)
+    def gen(seed: int) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(seed + k) for k in range(batch)]
 
-    common = dict(num_inference_steps=steps, output_type="np")
+    common = dict(num_inference_steps=steps, output_type="np", num_images_per_prompt=batch)
     if method == "plain":
         return lambda prompt, subjects, seed: pipe(prompt, generator=gen(seed), **common).images
     if method == "attend-and-excite":
@@ -211,7 +228,8 @@ def make_runner(method: str, pipe, ae, steps: int):
                 pipe.unet.set_attn_processor(processors)
 
         return run_ae
-    mode = method.split("-")[0].removesuffix("+compiled")
+    preset = "fast" if method == "fast" else "default"
+    mode = "truncated" if method == "fast" else method.split("-")[0].removesuffix("+compiled")
     frozen, split, compiled = (
         method.endswith("-frozen"),
         method.endswith("-split"),
@@ -225,9 +243,8 @@ def make_runner(method: str, pipe, ae, steps: int):
                 frozen_parameters(pipe.unet) if frozen else contextlib.nullcontext(),
                 compiled_losses() if compiled else contextlib.nullcontext(),
             ):
-                out = generate(
-                    pipe, prompt, subjects, config=AIT2IConfig(mode=mode), generator=gen(seed), **common
-                )
+                config = model_config(pipe, mode=mode, preset=preset)  # the model's ait2i.json, if any
+                out = generate(pipe, prompt, subjects, config=config, generator=gen(seed), **common)
         finally:
             LaggedGuide.split_cfg = False
         return out.images
@@ -255,7 +272,14 @@ def benchmark(args) -> tuple[list[Row], dict]:
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     kwargs = {} if args.arch != "sd15" else {"dtype": DTYPES[args.dtype], "device": args.device}
-    pipe = build_pipeline(args.arch, **kwargs)
+    if args.arch == "shapes":
+        from diffusers import DiffusionPipeline
+
+        from ait2i_ext.shapes.model import default_model_path
+
+        pipe = DiffusionPipeline.from_pretrained(default_model_path(), safety_checker=None)
+    else:
+        pipe = build_pipeline(args.arch, **kwargs)
     if args.arch != "sd15" and (device.type != "cpu" or args.dtype != "fp32"):
         pipe = pipe.to(device=device, dtype=DTYPES[args.dtype])
     pipe.set_progress_bar_config(disable=True)
@@ -263,8 +287,9 @@ def benchmark(args) -> tuple[list[Row], dict]:
     if "plain" not in methods:
         methods.insert(0, "plain")
     ae = _ae_pipeline(pipe) if "attend-and-excite" in methods else None
-    runners = {m: make_runner(m, pipe, ae, args.steps) for m in methods}
-    prompts = {p: PROMPTS[p] for p in list(PROMPTS)[: args.num_prompts]}
+    runners = {m: make_runner(m, pipe, ae, args.steps, args.batch) for m in methods}
+    pool = SHAPES_PROMPTS if args.arch == "shapes" else PROMPTS
+    prompts = {p: pool[p] for p in list(pool)[: args.num_prompts]}
     cases = [(p, tuple(s), seed) for p, s in prompts.items() for seed in args.seeds]
 
     calls, memory = UNetCalls(pipe.unet), PeakMemory(device)
@@ -294,7 +319,7 @@ def benchmark(args) -> tuple[list[Row], dict]:
                 images.setdefault(case, {})[m] = out
                 progress.update()
         for m in methods:
-            per_round[m].append(seconds[m] / len(cases))
+            per_round[m].append(seconds[m] / (len(cases) * args.batch))
     for case in cases:  # memory, untimed (on CPU the measurement slows allocations down)
         for m in methods:
             with memory.measure():
@@ -304,7 +329,7 @@ def benchmark(args) -> tuple[list[Row], dict]:
     calls.take()
     progress.close()
 
-    runs = args.repeats * len(cases)
+    runs = args.repeats * len(cases)  # UNet calls are counted per pipeline call (a batch)
     plain_time = per_round["plain"]
     plain_peak = max(peaks["plain"])
     rows = []
@@ -333,6 +358,7 @@ def benchmark(args) -> tuple[list[Row], dict]:
         prompts=list(prompts),
         seeds=list(args.seeds),
         repeats=args.repeats,
+        batch=args.batch,
         threads=torch.get_num_threads(),
         memory="CUDA max_memory_allocated (absolute)"
         if device.type == "cuda"
@@ -344,7 +370,7 @@ def benchmark(args) -> tuple[list[Row], dict]:
 
 
 def format_table(rows: list[Row], setup: dict) -> str:
-    head = "| method | s/image | x plain | UNet calls/image (full + partial) | peak memory MiB | x plain | max abs diff vs full |"
+    head = "| method | s/image | x plain | UNet calls per call (full + partial) | peak memory MiB | x plain | max abs diff vs full |"
     lines = [head, "|" + "---|" * 7]
     for r in rows:
         diff = "-" if r.max_abs_diff_vs_full is None else f"{r.max_abs_diff_vs_full:.1e}"
@@ -359,17 +385,22 @@ def format_table(rows: list[Row], setup: dict) -> str:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", choices=("tiny", "sd15"), default="tiny")
+    parser.add_argument(
+        "--arch", choices=("tiny", "sd15", "shapes"), default="tiny", help="shapes: the shipped shapes model"
+    )
     parser.add_argument("--device", default=None, help="default: cuda for sd15, cpu for tiny")
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on cuda, fp32 on cpu"
     )
     parser.add_argument(
-        "--steps", type=int, default=None, help="denoising steps (default: 50 for sd15, 20 for tiny)"
+        "--steps", type=int, default=None, help="denoising steps (default: 50 for sd15, 25 for shapes, 20 for tiny)"
     )
     parser.add_argument("--num-prompts", type=int, default=2, choices=range(1, len(PROMPTS) + 1))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--batch", type=int, default=1, help="images per call (num_images_per_prompt; seeds SEED..SEED+N-1)"
+    )
     parser.add_argument("--methods", nargs="+", choices=METHODS + COMPILED, default=list(METHODS))
     parser.add_argument(
         "--threads",
@@ -381,7 +412,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.device = args.device or ("cuda" if args.arch == "sd15" else "cpu")
     args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
-    args.steps = args.steps or (50 if args.arch == "sd15" else 20)
+    args.steps = args.steps or {"sd15": 50, "shapes": 25}.get(args.arch, 20)
     return args
 
 

@@ -260,3 +260,23 @@ def test_custom_processor_is_refused_clearly_and_left_in_place(tiny_sd):
         with capture_attention(tiny_sd.unet, (32, 32)):
             pass
     assert all(tiny_sd.unet.attn_processors[k] is v for k, v in before.items())
+
+
+def test_down_blocks_only_record_the_down_layers_and_stop_before_the_mid_block(tiny_sd):
+    x, t, e = _inputs(tiny_sd)
+    with capture_attention(tiny_sd.unet, 32) as both:
+        tiny_sd.unet(x, t, encoder_hidden_states=e)
+    mid = []
+    hook = tiny_sd.unet.mid_block.register_forward_pre_hook(lambda *a: mid.append(1))
+    with capture_attention(tiny_sd.unet, 32, stop_early=True, blocks="down") as down:
+        with pytest.raises(StopForward):
+            tiny_sd.unet(x, t, encoder_hidden_states=e)
+    hook.remove()
+    assert mid == [] and len(down) >= 1
+    assert all(name.startswith("down_blocks.") for name in down.recorded)
+    assert set(down.recorded) == {n for n in both.recorded if n.startswith("down_blocks.")}
+    for name, probs in down.recorded.items():
+        assert torch.allclose(probs, both.recorded[name])
+    with pytest.raises(ValueError, match="blocks='middle' is invalid"):
+        with capture_attention(tiny_sd.unet, 32, blocks="middle"):
+            pass

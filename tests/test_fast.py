@@ -219,3 +219,29 @@ def test_lagged_on_layout_pipelines(family, split, monkeypatch):
         **extra,
     )
     assert np.isfinite(out.images).all() and [r.step for r in out.steps] == [0, 1]
+
+
+def test_down_map_blocks_truncated_equals_full_and_weights_stay_trainable(tiny_sd):
+    pipe = sharpen_attention(tiny_sd)
+    runs = []
+    for mode in ("full", "truncated"):
+        config = AIT2IConfig(mode=mode, schedule=STRONG, map_blocks="down")
+        runs.append(
+            generate(
+                pipe,
+                PROMPT,
+                SUBJECTS,
+                config=config,
+                generator=torch.Generator().manual_seed(0),
+                num_inference_steps=6,
+                output_type="np",
+            )
+        )
+    assert torch.allclose(torch.from_numpy(runs[0].images), torch.from_numpy(runs[1].images), atol=1e-5)
+    assert runs[0].loss_curve() == pytest.approx(runs[1].loss_curve(), abs=1e-5)
+    default = _run(pipe, "truncated")
+    assert runs[1].loss_curve() != pytest.approx(default.loss_curve(), abs=1e-6)  # other maps are read
+    # the guided pass freezes the weights only while it runs
+    assert all(p.requires_grad for p in pipe.unet.parameters())
+    with pytest.raises(ValueError, match="map_blocks='mid' is invalid"):
+        AIT2IConfig(map_blocks="mid")

@@ -4,13 +4,8 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-pytest.importorskip("accelerate")
-
-from accelerate.commands.launch import launch_command_parser  # noqa: E402
-
-from ait2i_ext.training.launch import fill_launch_args, launch_defaults  # noqa: E402
+from accelerate.commands.launch import launch_command_parser
+from ait2i_ext.training.launch import fill_launch_args, launch_defaults
 
 NOTE = "`--num_processes` was set"  # accelerate's note, followed by "to a value of `0`" on a CPU
 
