@@ -55,7 +55,9 @@ def variant_config(base: AIT2IConfig, overrides: dict[str, object]) -> AIT2IConf
     options = {k: v for k, v in overrides.items() if k in ("mode", "map_blocks")}
     unknown = set(overrides) - loss_fields - schedule_fields - set(options)
     if unknown:
-        raise SystemExit(f"--variants: {sorted(unknown)} are not LossConfig or ScheduleConfig fields or mode / map_blocks")
+        raise SystemExit(
+            f"--variants: {sorted(unknown)} are not LossConfig or ScheduleConfig fields or mode / map_blocks"
+        )
     if "refinement_thresholds" in schedule:
         schedule["refinement_thresholds"] = tuple(tuple(p) for p in schedule["refinement_thresholds"])
     return dataclasses.replace(
@@ -122,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     base = model_config(model)
     # "plain": the stock pipeline (guidance off), same seeds
     variants = [
-        (v, None if v == "plain" else variant_config(base, parse_variant(v))) for v in args.variants.split(",")
+        (v, None if v == "plain" else variant_config(base, parse_variant(v)))
+        for v in args.variants.split(",")
     ]
     first, last = (int(x) for x in args.seeds.split("-"))
     seeds = list(range(first, last + 1))

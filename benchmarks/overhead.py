@@ -393,7 +393,10 @@ def parse_args(argv=None):
         "--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on cuda, fp32 on cpu"
     )
     parser.add_argument(
-        "--steps", type=int, default=None, help="denoising steps (default: 50 for sd15, 25 for shapes, 20 for tiny)"
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps (default: 50 for sd15, 25 for shapes, 20 for tiny)",
     )
     parser.add_argument("--num-prompts", type=int, default=2, choices=range(1, len(PROMPTS) + 1))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
