@@ -1,5 +1,7 @@
 """The shapes world's scenes: deterministic, well formed, held-out pairs kept out of training."""
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -98,7 +100,8 @@ def test_dataset_items_and_caption_dropout():
 
 
 def test_prompt_sets_are_fixed_and_valid():
-    assert set(PROMPT_SETS) == {"single", "two", "three", "held_out", "close_colours", "hard"}
+    phrasings = {"phrase_comma", "phrase_the", "phrase_plus", "phrase_one"}
+    assert set(PROMPT_SETS) == {"single", "two", "three", "held_out", "close_colours", "hard"} | phrasings
     for name, prompts in PROMPT_SETS.items():
         assert len(prompts) >= 20, name
         assert len({p.text for p in prompts}) == len(prompts), name
@@ -133,3 +136,28 @@ def test_new_shapes_only_when_asked_for():
     with pytest.raises(ValueError, match="shapes=.*invalid"):
         sample_scene(0, shapes=("hexagon",))
     assert set(ALL_SHAPES) == set(SHAPES) | set(NEW_SHAPES)
+
+
+def test_phrasing_sets_rephrase_the_two_set_in_forms_training_never_uses():
+    from ait2i_ext.shapes.data import caption_for
+
+    two = prompt_set("two")
+    assert (
+        prompt_set("phrase_the")[0].text.startswith("the ")
+        and " and the " in prompt_set("phrase_the")[0].text
+    )
+    rng = random.Random(0)
+    training = {caption_for(["red circle", "blue square"], rng) for _ in range(2000)}
+    for name in ("phrase_comma", "phrase_the", "phrase_plus", "phrase_one"):
+        prompts = prompt_set(name)
+        assert [p.objects for p in prompts] == [p.objects for p in two]
+        assert all(
+            parse_prompt(p.text) == tuple(o.__class__(o.colour, o.shape) for o in p.objects) for p in prompts
+        )
+        rephrased = {
+            "phrase_comma": "a red circle, a blue square",
+            "phrase_the": "the red circle and the blue square",
+            "phrase_plus": "a red circle plus a blue square",
+            "phrase_one": "one red circle and one blue square",
+        }[name]
+        assert rephrased not in training

@@ -7,7 +7,12 @@ Sets (``PROMPT_SETS``, or ``prompt_set(name)``):
 - ``"three"``: three objects, one of each shape, three different colours;
 - ``"held_out"``: two objects, one of them a pair never drawn in training (``HELD_OUT_PAIRS``);
 - ``"close_colours"``: two objects of different shapes in two close colours (red/orange, ...);
-- ``"hard"``: three objects, two of them in close colours.
+- ``"hard"``: three objects, two of them in close colours;
+- ``"phrase_comma"``, ``"phrase_the"``, ``"phrase_plus"``, ``"phrase_one"``: the ``"two"`` set's
+  objects (same order, boxes) in phrasings the training captions never use (``PHRASINGS``): "a red
+  circle, a blue square", "the red circle and the blue square", "a red circle plus a blue square",
+  "one red circle and one blue square" (training captions say "a X and a Y", "X and Y", "a X
+  with / next to / beside a Y").
 
 The lists are built once from fixed seeds, so they are the same on every machine. Each object has
 a layout box (normalised ``(x0, y0, x1, y1)``) for box-conditioned guidance; the boxes of a prompt
@@ -125,7 +130,25 @@ def _build_sets() -> dict[str, tuple[BenchmarkPrompt, ...]]:
     return {name: tuple(make_prompt(ps, i) for i, ps in enumerate(lists)) for name, lists in sets.items()}
 
 
+#: Two-object phrasings the training captions (``data.caption_for``) never produce.
+PHRASINGS: dict[str, str] = {
+    "phrase_comma": "a {0}, a {1}",
+    "phrase_the": "the {0} and the {1}",
+    "phrase_plus": "a {0} plus a {1}",
+    "phrase_one": "one {0} and one {1}",
+}
+
+
+def _rephrased(prompts: tuple[BenchmarkPrompt, ...], form: str) -> tuple[BenchmarkPrompt, ...]:
+    """``prompts`` (two objects each) with their text in ``form``, objects and boxes unchanged."""
+    return tuple(
+        BenchmarkPrompt(form.format(*(f"{o.colour} {o.shape}" for o in p.objects)), p.objects)
+        for p in prompts
+    )
+
+
 PROMPT_SETS: dict[str, tuple[BenchmarkPrompt, ...]] = _build_sets()
+PROMPT_SETS.update({name: _rephrased(PROMPT_SETS["two"], form) for name, form in PHRASINGS.items()})
 
 
 def prompt_set(name: str) -> tuple[BenchmarkPrompt, ...]:
