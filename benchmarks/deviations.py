@@ -76,6 +76,19 @@ def paired(records: list[dict], first: str, name: str) -> dict[str, int]:
     return {"wins": sum(b < m for b, m in mine), "losses": sum(b > m for b, m in mine)}
 
 
+def set_rows(records: list[dict], names: list[str]) -> list[dict]:
+    """Per prompt set and variant: the three rates, ``n`` and the paired counts against ``names[0]``."""
+    rows = []
+    for set_name in dict.fromkeys(r["set"] for r in records):
+        mine = [r for r in records if r["set"] == set_name]
+        for name in names:
+            rs = [r for r in mine if r["variant"] == name]
+            row = {"set": set_name, "variant": name, "n": len(rs)}
+            row.update({k: sum(r[k] for r in rs) / len(rs) for k in ("present", "bound", "correct")})
+            rows.append({**row, **paired(mine, names[0], name)})
+    return rows
+
+
 def select_cases(spec: str, per_set: int) -> list:
     """The prompts of ``--sets``: ``"two:2-3,three:0-0"`` -> ``two``'s prompts 2 and 3 and ``three``'s first."""
     cases = []
@@ -165,10 +178,18 @@ def main(argv: list[str] | None = None) -> int:
             f"n={row['n']}  {row['seconds']:.0f}s",
             flush=True,
         )
+    per_set = set_rows(records, [name for name, _ in variants])
+    for row in per_set if len({r["set"] for r in per_set}) > 1 else []:
+        print(
+            f"  {row['set']:<14}{row['variant']:<40} present {100 * row['present']:5.1f}%  "
+            f"bound {100 * row['bound']:5.1f}%  correct {100 * row['correct']:5.1f}%  "
+            f"+{row['wins']}/-{row['losses']}  n={row['n']}"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {k: v for k, v in vars(args).items()}
-    (out / "table.json").write_text(json.dumps({"args": meta, "rows": rows, "images": records}, indent=2))
+    table = {"args": meta, "rows": rows, "sets": per_set, "images": records}
+    (out / "table.json").write_text(json.dumps(table, indent=2))
     return 0
 
 
