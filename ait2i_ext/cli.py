@@ -603,7 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=["default", "fast"],
         default="default",
-        help="fast: the guided pass reads the down-block maps only (docs/performance.md)",
+        help="speed/quality trade-off: fast reads the down-block maps only, so the guided pass stops "
+        "before the mid block (docs/performance.md) (default: %(default)s)",
     )
     g.add_argument(
         "--refinement",
