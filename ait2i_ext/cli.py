@@ -198,7 +198,6 @@ def _config(args: argparse.Namespace):
             **({"refinement": True} if args.refinement else {}),
         },
         mode=args.mode,
-        preset=args.preset,
     )
 
 
@@ -598,13 +597,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="truncated",
         help="truncated (default) stops the guided UNet pass after the last layer it reads: same result as "
         "full, faster; lagged reuses the sampling pass (approximate, fastest)",
-    )
-    g.add_argument(
-        "--preset",
-        choices=["default", "fast"],
-        default="default",
-        help="speed/quality trade-off: fast reads the down-block maps only, so the guided pass stops "
-        "before the mid block (docs/performance.md) (default: %(default)s)",
     )
     g.add_argument(
         "--refinement",

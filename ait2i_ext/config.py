@@ -215,7 +215,8 @@ class AIT2IConfig:
             (approximate, no extra pass; see :mod:`ait2i_ext.fast`).
         map_blocks: ``"down_up"`` (default): the losses read the down- and up-block layers of
             that resolution; ``"down"``: the down-block ones only, so the guided pass stops before
-            the mid block (cheaper; the ``fast`` preset, ``docs/performance.md``).
+            the mid block (cheaper, but worse than plain sampling on the shapes benchmark:
+            ``docs/performance.md``; an experiment, not a recommended setting).
     """
 
     loss: LossConfig = field(default_factory=LossConfig)
@@ -303,10 +304,11 @@ def _from_json(values: dict) -> dict:
 #: (``model_config(pipe, preset="fast")``, ``ait2i generate --preset fast``): per preset, the
 #: :class:`ScheduleConfig` fields (``"schedule"``) and other :class:`AIT2IConfig` fields
 #: (``"options"``) it sets. Measured in ``docs/performance.md``.
+#: No ``"fast"`` preset yet: the candidate ``{"options": {"map_blocks": "down"}}`` (1.04x plain time
+#: on the shapes model) was measured worse than plain sampling on the held-out split (64.8 % vs
+#: 78.1 % fully correct; docs/performance.md), so it is not offered.
 PRESETS: dict[str, dict[str, dict]] = {
     "default": {},
-    # the guided pass reads the down-block maps only and stops there (before the mid block)
-    "fast": {"options": {"map_blocks": "down"}},
 }
 
 
@@ -325,7 +327,7 @@ def model_config(
         model: a pipeline folder or a pipeline loaded from one (``None``: defaults only).
         loss: :class:`LossConfig` fields that win over the model's.
         schedule: :class:`ScheduleConfig` fields that win over the model's and the preset's.
-        preset: a name of :data:`PRESETS` (``"default"`` or ``"fast"``).
+        preset: a name of :data:`PRESETS` (only ``"default"`` so far).
         **options: other :class:`AIT2IConfig` fields (``mode``, ``attention_resolution``,
             ``map_blocks``), winning over the preset's.
 

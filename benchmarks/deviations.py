@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/deviations.py --variants peak_source=remaining,peak_source=full
 
 Every variant is a ``LossConfig`` / ``ScheduleConfig`` field override (``field=value``, or
-``mode=`` / ``map_blocks=``, or ``preset=fast``: that preset's fields) on top of the model's own settings (its ``ait2i.json``), or ``plain`` (the stock
+``mode=`` / ``map_blocks=``, or ``preset=NAME``: that preset's fields) on top of the model's own settings (its ``ait2i.json``), or ``plain`` (the stock
 pipeline, guidance off); all variants run the same prompts (the shapes
 prompt sets of ``benchmarks/alignment.py``), the same seeds and the same scheduler, scored by the
 shapes evaluator. ``--scheduler PNDMScheduler`` swaps the model's scheduler (same config). Prints
@@ -50,7 +50,10 @@ def variant_config(base: AIT2IConfig, overrides: dict[str, object]) -> AIT2IConf
     loss = {k: v for k, v in overrides.items() if k in loss_fields}
     schedule = {k: v for k, v in overrides.items() if k in schedule_fields}
     if "preset" in overrides:  # a named preset's fields first, then the variant's own
-        preset = PRESETS[overrides.pop("preset")]
+        name = overrides.pop("preset")
+        if name not in PRESETS:
+            raise SystemExit(f"--variants: preset={name!r} is invalid: expected one of {sorted(PRESETS)}")
+        preset = PRESETS[name]
         overrides = {**preset.get("schedule", {}), **preset.get("options", {}), **overrides}
     options = {k: v for k, v in overrides.items() if k in ("mode", "map_blocks")}
     unknown = set(overrides) - loss_fields - schedule_fields - set(options)

@@ -6,7 +6,7 @@ per image (full, and partial: the truncated passes that stop after the map layer
 the ratios to plain sampling, and how far the images are from the ``full`` mode's.
 
     python benchmarks/overhead.py                                   # tiny components, CPU, < 3 min
-    python benchmarks/overhead.py --arch shapes --methods plain truncated fast   # the shipped model, 25 steps
+    python benchmarks/overhead.py --arch shapes --methods plain truncated down-maps   # shipped model, 25 steps
     python benchmarks/overhead.py --arch sd15 --device cuda --dtype fp16 --steps 50 --json sd15.json
 
 Methods:
@@ -21,8 +21,9 @@ Methods:
     truncated-frozen    ``truncated`` with the UNet's parameters not requiring grad during the call
                         (``ait2i_ext.fast.frozen_parameters``): what skipping weight-gradient
                         bookkeeping saves
-    fast                ``truncated`` with the ``fast`` preset (``model_config(pipe, preset="fast")``:
-                        the guided pass reads the down-block maps only and stops before the mid block)
+    down-maps           ``truncated`` with ``map_blocks="down"``: the guided pass reads the down-block
+                        maps only and stops before the mid block (a fast-preset candidate that lost
+                        to plain sampling on quality: docs/performance.md)
     truncated+compiled, lagged+compiled
                         opt-in what-if rows: the losses through ``torch.compile`` (see
                         ``compiled_losses``); the compile happens in the untimed warm-up
@@ -75,7 +76,7 @@ METHODS = (
     "lagged",
     "lagged-split",
     "truncated-frozen",
-    "fast",
+    "down-maps",
 )
 COMPILED = ("truncated+compiled", "lagged+compiled")  # opt-in: compiling takes minutes on a small CPU
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -228,8 +229,8 @@ def make_runner(method: str, pipe, ae, steps: int, batch: int = 1):
                 pipe.unet.set_attn_processor(processors)
 
         return run_ae
-    preset = "fast" if method == "fast" else "default"
-    mode = "truncated" if method == "fast" else method.split("-")[0].removesuffix("+compiled")
+    blocks = "down" if method == "down-maps" else "down_up"
+    mode = "truncated" if method == "down-maps" else method.split("-")[0].removesuffix("+compiled")
     frozen, split, compiled = (
         method.endswith("-frozen"),
         method.endswith("-split"),
@@ -243,7 +244,7 @@ def make_runner(method: str, pipe, ae, steps: int, batch: int = 1):
                 frozen_parameters(pipe.unet) if frozen else contextlib.nullcontext(),
                 compiled_losses() if compiled else contextlib.nullcontext(),
             ):
-                config = model_config(pipe, mode=mode, preset=preset)  # the model's ait2i.json, if any
+                config = model_config(pipe, mode=mode, map_blocks=blocks)  # the model's ait2i.json, if any
                 out = generate(pipe, prompt, subjects, config=config, generator=gen(seed), **common)
         finally:
             LaggedGuide.split_cfg = False
