@@ -18,6 +18,8 @@ GuidanceMode = Literal["full", "truncated", "lagged"]
 PeakSource = Literal["remaining", "full"]
 ExistenceTokens = Literal["words", "all"]
 RefinementScope = Literal["image", "batch"]
+#: The raw loss terms (``LossTerms`` fields) the box-only updates of the layout schedule may descend.
+BOX_UPDATE_TERMS = ("box", "existence", "isolation", "aggregation", "alignment")
 
 
 def _check(cond: bool, name: str, value: object, expected: str) -> None:
@@ -47,6 +49,7 @@ class LossConfig:
     box_leak_weight: float = 1.0
     box_power: float = 1.0
     w_box_topk: float = 0.0
+    box_members: bool = False
     box_topk_fraction: float = 0.2
     isolation: IsolationMode = "euclidean"
     top_k: int = 3
@@ -121,7 +124,9 @@ class ScheduleConfig:
 
     Layout boxes get their own schedule on top (layout guidance's, Chen et al. 2023): on the first
     ``box_guided_fraction`` of the steps, ``box_iterations`` extra updates descend the box term
-    alone with step ``box_step_scale``. Without boxes these fields do nothing.
+    alone with step ``box_step_scale``. ``box_update_terms`` names the raw terms those updates
+    descend, summed (``"box"``; adding ``"existence"`` keeps every subject present while the boxes
+    pull). Without boxes these fields do nothing.
     """
 
     step_scale: float = 20.0
@@ -135,8 +140,15 @@ class ScheduleConfig:
     box_iterations: int = 3
     box_guided_fraction: float = 0.2
     box_step_scale: float = 20.0
+    box_update_terms: tuple[str, ...] = ("box",)
 
     def __post_init__(self) -> None:
+        _check(
+            len(self.box_update_terms) > 0 and set(self.box_update_terms) <= set(BOX_UPDATE_TERMS),
+            "box_update_terms",
+            self.box_update_terms,
+            f"a non-empty tuple of {BOX_UPDATE_TERMS}",
+        )
         _check(self.step_scale >= 0, "step_scale", self.step_scale, "a number >= 0")
         _check(self.box_iterations >= 0, "box_iterations", self.box_iterations, "an integer >= 0")
         _check(
@@ -290,6 +302,8 @@ def _from_json(values: dict) -> dict:
     out = dict(values)
     if "refinement_thresholds" in out:
         out["refinement_thresholds"] = tuple(tuple(pair) for pair in out["refinement_thresholds"])
+    if "box_update_terms" in out:
+        out["box_update_terms"] = tuple(out["box_update_terms"])
     return out
 
 
