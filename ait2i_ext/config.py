@@ -49,7 +49,7 @@ class LossConfig:
     box_leak_weight: float = 1.0
     box_power: float = 1.0
     w_box_topk: float = 0.0
-    box_members: bool = False
+    box_members: bool = True
     box_topk_fraction: float = 0.2
     isolation: IsolationMode = "euclidean"
     top_k: int = 3
@@ -103,6 +103,7 @@ class LossConfig:
             "an odd integer >= 1",
         )
         _check(self.box_power >= 1, "box_power", self.box_power, "a number >= 1")
+        _check(isinstance(self.box_members, bool), "box_members", self.box_members, "True or False")
         _check(
             0 < self.box_topk_fraction <= 1,
             "box_topk_fraction",
@@ -140,7 +141,7 @@ class ScheduleConfig:
     box_iterations: int = 3
     box_guided_fraction: float = 0.2
     box_step_scale: float = 20.0
-    box_update_terms: tuple[str, ...] = ("box",)
+    box_update_terms: tuple[str, ...] = ("box", "existence")
 
     def __post_init__(self) -> None:
         _check(

@@ -7,6 +7,8 @@ under ``--out``, so adding a variant does not rerun the others.
 
     OMP_NUM_THREADS=1 python tools/tune_boxes.py --sets two --prompt-offset 3 --prompts-per-set 2 \\
         --seeds 16 --variants plain,ait2i,boxes,iters5
+    # the same variants on the shipped ControlNet (control image: the objects' edges at their boxes)
+    OMP_NUM_THREADS=1 python tools/tune_boxes.py --sets three --prompt-offset 1 --variants cn-plain,cn-iters3
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ logger = logging.getLogger(__name__)
 
 RADII = dict(aggregation_radius=SHAPES_LOSS.aggregation_radius, alignment_radius=SHAPES_LOSS.alignment_radius)
 
-# name -> (LossConfig overrides, ScheduleConfig overrides); "plain" and "ait2i" get no boxes.
+# name -> (LossConfig overrides, ScheduleConfig overrides) on top of BASE; "plain" and "ait2i" get no
+# boxes, "default" is the library's defaults as they are now.
+BASE = ({"box_members": False}, {"box_update_terms": ("box",)})  # the box settings of the first round
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "plain": ({}, {}),
     "ait2i": ({}, {}),
@@ -44,7 +48,10 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
         {"box_iterations": 5, "box_guided_fraction": 0.2, "box_step_scale": 60.0},
     ),
     "iters5-s10": ({}, {"box_iterations": 5, "box_guided_fraction": 0.2, "box_step_scale": 10.0}),
-    "iters3": ({}, {"box_iterations": 3, "box_guided_fraction": 0.2, "box_step_scale": 20.0}),  # the default
+    "iters3": (
+        {},
+        {"box_iterations": 3, "box_guided_fraction": 0.2, "box_step_scale": 20.0},
+    ),  # round 1's default
     "iters5-noleak": (
         {"box_leak_weight": 0.0},
         {"box_iterations": 5, "box_guided_fraction": 0.2, "box_step_scale": 60.0},
@@ -53,10 +60,11 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "iters3-ex": ({}, {"box_update_terms": ("box", "existence")}),
     "iters3-exiso": ({}, {"box_update_terms": ("box", "existence", "isolation")}),
     "iters3-mem": ({"box_members": True}, {}),
-    "iters3-mem-ex": ({"box_members": True}, {"box_update_terms": ("box", "existence")}),
+    "iters3-mem-ex": ({"box_members": True}, {"box_update_terms": ("box", "existence")}),  # the default
     "iters2": ({}, {"box_iterations": 2}),
     "iters3-sq": ({"box_power": 2.0}, {}),
     "iters3-frac1": ({}, {"box_guided_fraction": 0.1}),
+    "default": ({}, {}),
 }
 #: Variant names with this prefix run on the shipped ControlNet (control image: the edges of the
 #: prompt's objects at their boxes); "cn-plain" is the stock ControlNet pipeline.
@@ -67,7 +75,11 @@ def variant_config(name: str) -> AIT2IConfig | None:
     if name == "plain":
         return None
     loss, schedule = VARIANTS[name]
-    return AIT2IConfig(loss=LossConfig(**{**RADII, **loss}), schedule=ScheduleConfig(**schedule))
+    base_loss, base_schedule = BASE if name != "default" else ({}, {})
+    return AIT2IConfig(
+        loss=LossConfig(**{**RADII, **base_loss, **loss}),
+        schedule=ScheduleConfig(**{**base_schedule, **schedule}),
+    )
 
 
 def run(pipe, name: str, prompt, seeds: list[int], steps: int) -> list[dict]:
