@@ -38,7 +38,9 @@ class LossConfig:
     peak regions removed; ``"full"``: the whole map, as the authors' code does; see
     :func:`ait2i_ext.losses.peak_centroids`). ``existence_tokens`` picks the tokens the existence
     term's softmax runs over (``"words"``: the prompt's words only; ``"all"``: ``1:-1`` as
-    Attend-and-Excite, padding included). The defaults are the measured choices (DEVELOPERS.md).
+    Attend-and-Excite, padding included). ``box_members`` also pulls each boxed group's member
+    tokens (attributes, aliases) into its box, one map each. The defaults are the measured choices
+    (DEVELOPERS.md; the box settings: docs/layout.md).
     """
 
     w_isolation: float = 2.0
@@ -124,10 +126,10 @@ class ScheduleConfig:
     on the other images of the batch), with ``"batch"`` all continue while the worst has not met it.
 
     Layout boxes get their own schedule on top (layout guidance's, Chen et al. 2023): on the first
-    ``box_guided_fraction`` of the steps, ``box_iterations`` extra updates descend the box term
-    alone with step ``box_step_scale``. ``box_update_terms`` names the raw terms those updates
-    descend, summed (``"box"``; adding ``"existence"`` keeps every subject present while the boxes
-    pull). Without boxes these fields do nothing.
+    ``box_guided_fraction`` of the steps, ``box_iterations`` extra updates with step ``box_step_scale``
+    descend the sum of the raw terms named in ``box_update_terms``: the box term and the existence
+    term (which keeps every subject present while the boxes pull; measured in docs/layout.md).
+    Without boxes these fields do nothing.
     """
 
     step_scale: float = 20.0

@@ -159,7 +159,7 @@ class Guide:
 
         latents, terms, _ = step(latents, alpha)
         iterations = 1
-        if i < self.num_box_steps:  # the layout schedule: extra updates on the box term alone
+        if i < self.num_box_steps:  # the layout schedule: extra updates on the box term (+ box_update_terms)
             box_alpha = self.config.schedule.box_step_scale
             for _ in range(self.config.schedule.box_iterations):
                 latents, _, _ = step(latents, box_alpha, self.config.schedule.box_update_terms)

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 RADII = dict(aggregation_radius=SHAPES_LOSS.aggregation_radius, alignment_radius=SHAPES_LOSS.alignment_radius)
 
 # name -> (LossConfig overrides, ScheduleConfig overrides) on top of BASE; "plain" and "ait2i" get no
-# boxes, "default" is the library's defaults as they are now.
+# boxes, "default..." start from the library's defaults as they are now.
 BASE = ({"box_members": False}, {"box_update_terms": ("box",)})  # the box settings of the first round
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "plain": ({}, {}),
@@ -65,6 +65,10 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "iters3-sq": ({"box_power": 2.0}, {}),
     "iters3-frac1": ({}, {"box_guided_fraction": 0.1}),
     "default": ({}, {}),
+    "default-frac4": ({}, {"box_guided_fraction": 0.4}),
+    "default-s40": ({}, {"box_step_scale": 40.0}),
+    "default-refine": ({}, {"refinement": True}),
+    "default-all": ({}, {"box_guided_fraction": 0.5, "box_update_terms": ("box", "existence", "alignment")}),
 }
 #: Variant names with this prefix run on the shipped ControlNet (control image: the edges of the
 #: prompt's objects at their boxes); "cn-plain" is the stock ControlNet pipeline.
@@ -75,7 +79,7 @@ def variant_config(name: str) -> AIT2IConfig | None:
     if name == "plain":
         return None
     loss, schedule = VARIANTS[name]
-    base_loss, base_schedule = BASE if name != "default" else ({}, {})
+    base_loss, base_schedule = BASE if not name.startswith("default") else ({}, {})
     return AIT2IConfig(
         loss=LossConfig(**{**RADII, **base_loss, **loss}),
         schedule=ScheduleConfig(**{**base_schedule, **schedule}),
