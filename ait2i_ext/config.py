@@ -19,6 +19,8 @@ PeakSource = Literal["remaining", "full"]
 ExistenceTokens = Literal["words", "all"]
 RefinementScope = Literal["image", "batch"]
 MapBlocks = Literal["down_up", "down"]
+#: The raw loss terms (``LossTerms`` fields) the box-only updates of the layout schedule may descend.
+BOX_UPDATE_TERMS = ("box", "existence", "isolation", "aggregation", "alignment")
 
 
 def _check(cond: bool, name: str, value: object, expected: str) -> None:
@@ -37,7 +39,9 @@ class LossConfig:
     peak regions removed; ``"full"``: the whole map, as the authors' code does; see
     :func:`ait2i_ext.losses.peak_centroids`). ``existence_tokens`` picks the tokens the existence
     term's softmax runs over (``"words"``: the prompt's words only; ``"all"``: ``1:-1`` as
-    Attend-and-Excite, padding included). The defaults are the measured choices (DEVELOPERS.md).
+    Attend-and-Excite, padding included). ``box_members`` also pulls each boxed group's member
+    tokens (attributes, aliases) into its box, one map each. The defaults are the measured choices
+    (DEVELOPERS.md; the box settings: docs/layout.md).
     """
 
     w_isolation: float = 2.0
@@ -48,6 +52,7 @@ class LossConfig:
     box_leak_weight: float = 1.0
     box_power: float = 1.0
     w_box_topk: float = 0.0
+    box_members: bool = True
     box_topk_fraction: float = 0.2
     isolation: IsolationMode = "euclidean"
     top_k: int = 3
@@ -101,6 +106,7 @@ class LossConfig:
             "an odd integer >= 1",
         )
         _check(self.box_power >= 1, "box_power", self.box_power, "a number >= 1")
+        _check(isinstance(self.box_members, bool), "box_members", self.box_members, "True or False")
         _check(
             0 < self.box_topk_fraction <= 1,
             "box_topk_fraction",
@@ -121,8 +127,10 @@ class ScheduleConfig:
     on the other images of the batch), with ``"batch"`` all continue while the worst has not met it.
 
     Layout boxes get their own schedule on top (layout guidance's, Chen et al. 2023): on the first
-    ``box_guided_fraction`` of the steps, ``box_iterations`` extra updates descend the box term
-    alone with step ``box_step_scale``. Without boxes these fields do nothing.
+    ``box_guided_fraction`` of the steps, ``box_iterations`` extra updates with step ``box_step_scale``
+    descend the sum of the raw terms named in ``box_update_terms``: the box term and the existence
+    term (which keeps every subject present while the boxes pull; measured in docs/layout.md).
+    Without boxes these fields do nothing.
     """
 
     step_scale: float = 20.0
@@ -136,8 +144,15 @@ class ScheduleConfig:
     box_iterations: int = 3
     box_guided_fraction: float = 0.2
     box_step_scale: float = 20.0
+    box_update_terms: tuple[str, ...] = ("box", "existence")
 
     def __post_init__(self) -> None:
+        _check(
+            len(self.box_update_terms) > 0 and set(self.box_update_terms) <= set(BOX_UPDATE_TERMS),
+            "box_update_terms",
+            self.box_update_terms,
+            f"a non-empty tuple of {BOX_UPDATE_TERMS}",
+        )
         _check(self.step_scale >= 0, "step_scale", self.step_scale, "a number >= 0")
         _check(self.box_iterations >= 0, "box_iterations", self.box_iterations, "an integer >= 0")
         _check(
@@ -297,6 +312,8 @@ def _from_json(values: dict) -> dict:
     out = dict(values)
     if "refinement_thresholds" in out:
         out["refinement_thresholds"] = tuple(tuple(pair) for pair in out["refinement_thresholds"])
+    if "box_update_terms" in out:
+        out["box_update_terms"] = tuple(out["box_update_terms"])
     return out
 
 

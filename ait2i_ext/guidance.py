@@ -91,12 +91,13 @@ def guidance_step(
     config: AIT2IConfig,
     step_size: float | torch.Tensor,
     input_scale: float = 1.0,
-    term: str = "total",
+    term: str | tuple[str, ...] = "total",
 ) -> tuple[torch.Tensor, LossTerms, torch.Tensor]:
     """One latent update ``z <- z - step_size * grad_z L``, taken in the UNet's input space.
 
     ``L`` is the ``term`` field of :class:`LossTerms`: ``"total"`` (the objective) or one raw term,
-    e.g. ``"box"`` for the box-only updates of the layout schedule.
+    e.g. ``"box"``; a tuple of fields descends their sum (the box-only updates of the layout
+    schedule, ``ScheduleConfig.box_update_terms``).
 
     ``input_scale`` is the factor ``c`` the scheduler applies before the UNet (``scale_model_input``;
     1 for DDIM/PNDM/DPM, ``1/sqrt(sigma^2+1)`` for Euler-type). The step is taken on ``c * z`` so that
@@ -113,7 +114,9 @@ def guidance_step(
         z = latents.detach().requires_grad_(True)
         attn = capture_maps(unet, forward, z, t, config)
         terms = batch_losses(attn, targets, config)
-        (grad,) = torch.autograd.grad(getattr(terms, term).sum(), z)
+        names = (term,) if isinstance(term, str) else term
+        loss = sum(getattr(terms, name) for name in names)
+        (grad,) = torch.autograd.grad(loss.sum(), z)
     if torch.is_tensor(step_size):
         step_size = step_size.to(grad.device, grad.dtype).view(-1, *[1] * (grad.ndim - 1))
     new = (z.detach() - (step_size / input_scale**2) * grad.to(z.dtype)).to(latents.dtype)
@@ -174,15 +177,15 @@ class Guide:
         t, alpha = self.timesteps[i], self.step_sizes[i]
         c = self.input_scale(t)
 
-        def step(z: torch.Tensor, size: float | torch.Tensor, term: str = "total"):
+        def step(z: torch.Tensor, size: float | torch.Tensor, term: str | tuple[str, ...] = "total"):
             return guidance_step(self.unet, self.forward, z, t, self.targets, self.config, size, c, term)
 
         latents, terms, _ = step(latents, alpha)
         iterations = 1
-        if i < self.num_box_steps:  # the layout schedule: extra updates on the box term alone
+        if i < self.num_box_steps:  # the layout schedule: extra updates on the box term (+ box_update_terms)
             box_alpha = self.config.schedule.box_step_scale
             for _ in range(self.config.schedule.box_iterations):
-                latents, _, _ = step(latents, box_alpha, "box")
+                latents, _, _ = step(latents, box_alpha, self.config.schedule.box_update_terms)
                 iterations += 1
         if i in self.thresholds:
             target = 1.0 - self.thresholds[i]

@@ -112,6 +112,11 @@ def existence_maps(
     return smoothed.view(n, num_groups, height, width)
 
 
+def _boxed_tokens(group: TokenGroup, members: bool) -> tuple[int, ...]:
+    """The tokens whose maps the box term pulls into ``group``'s box."""
+    return group.indices if members else (group.main,)
+
+
 def compute_losses(
     attn: torch.Tensor,
     groups: Sequence[TokenGroup],
@@ -127,7 +132,8 @@ def compute_losses(
       the member's map anchored on the main map (radius ``cfg.alignment_radius``);
     - isolation: :func:`~ait2i_ext.losses.isolation_loss` of the main maps (zero for one group);
     - existence: :func:`~ait2i_ext.losses.existence_loss` of :func:`existence_maps`;
-    - box: :func:`~ait2i_ext.losses.box_loss` over the groups with a ``box``, plus
+    - box: :func:`~ait2i_ext.losses.box_loss` over the groups with a ``box`` (their main maps, and
+      with ``cfg.box_members`` their member tokens' maps too, each with the group's box), plus
       ``cfg.w_box_topk`` x :func:`~ait2i_ext.losses.box_topk_loss` of their :func:`existence_maps`
       (zero when no group has a box, or when ``boxes_enabled`` is ``False``).
 
@@ -183,8 +189,11 @@ def compute_losses(
     if boxed:
         boxes = torch.tensor([groups[g].box for g in boxed], dtype=attn.dtype, device=attn.device)
         masks = losses.box_masks(boxes, height, width)
+        # With ``box_members`` a group's attribute and other member tokens share its box: one map each.
+        tokens = [(k, i) for k, g in enumerate(boxed) for i in _boxed_tokens(groups[g], cfg.box_members)]
+        maps = attn[..., [i for _, i in tokens]].permute(0, 3, 1, 2)
         box = losses.box_loss(
-            main[:, boxed], masks, cfg.box_centroid_weight, cfg.box_leak_weight, cfg.box_power
+            maps, masks[[k for k, _ in tokens]], cfg.box_centroid_weight, cfg.box_leak_weight, cfg.box_power
         )
         if cfg.w_box_topk > 0:
             box = box + cfg.w_box_topk * losses.box_topk_loss(scaled[:, boxed], masks, cfg.box_topk_fraction)

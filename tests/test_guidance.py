@@ -323,3 +323,55 @@ def test_a_retrained_folder_carries_its_own_settings(tmp_path):
     with pytest.raises(ValueError, match=r"section 'loss' is invalid: expected LossConfig fields"):
         model_config(tmp_path)
     assert model_config(tiny_sd_pipeline()) == AIT2IConfig()  # built in memory: no folder, defaults
+
+
+def test_a_tuple_of_terms_descends_their_sum(tiny_sd):
+    """``term=("box", "existence")`` (the box-only updates' ``box_update_terms``) steps along the sum of
+    the two terms' gradients: the update is the two single-term updates added."""
+    from ait2i_ext import Subject
+
+    pipe = sharpen_attention(tiny_sd)
+    adapter = StableDiffusionAdapter(pipe)
+    _, forward = adapter.encode([PROMPT], 1, False, {})
+    subjects = [
+        Subject("circle", ("red",), box=(0, 0, 0.5, 1)),
+        Subject("square", ("blue",), box=(0.5, 0, 1, 1)),
+    ]
+    target = resolve_targets(pipe.tokenizer, [PROMPT], subjects, 1)
+    pipe.scheduler.set_timesteps(6)
+    t = pipe.scheduler.timesteps[0]
+    z = torch.randn(1, 4, 32, 32, generator=_gen())
+
+    def moved(term):
+        return guidance_step(pipe.unet, forward, z, t, target, OBSERVE, 1.0, 1.0, term)[0] - z
+
+    box, existence, both = moved("box"), moved("existence"), moved(("box", "existence"))
+    assert box.abs().max() > 0 and existence.abs().max() > 0
+    torch.testing.assert_close(both, box + existence, rtol=1e-4, atol=1e-6)
+
+
+def test_the_box_only_updates_descend_the_schedules_box_update_terms(tiny_sd):
+    from ait2i_ext import Subject
+
+    pipe = sharpen_attention(tiny_sd)
+    subjects = [
+        Subject("circle", ("red",), box=(0, 0, 0.5, 1)),
+        Subject("square", ("blue",), box=(0.5, 0, 1, 1)),
+    ]
+    schedule = dict(step_scale=0.0, box_guided_fraction=0.5, box_step_scale=100.0)
+
+    def run(terms):
+        config = AIT2IConfig(schedule=ScheduleConfig(box_update_terms=terms, **schedule))
+        return generate(
+            pipe,
+            PROMPT,
+            subjects,
+            config=config,
+            generator=_gen(),
+            num_inference_steps=4,
+            output_type="latent",
+        )
+
+    box, with_existence = run(("box",)), run(("box", "existence"))
+    assert [r.iterations for r in box.steps] == [4, 4]
+    assert not torch.equal(box.images, with_existence.images)

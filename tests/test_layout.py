@@ -567,3 +567,26 @@ def test_loaders_from_saved_checkpoints(tmp_path, gligen_pipe):
 
 def test_registry_picks_the_layout_adapters(gligen_pipe):
     assert type(adapter_for(gligen_pipe)) is GLIGENAdapter
+
+
+def test_the_default_box_settings_are_the_measured_ones():
+    """Issue 10's second round (docs/layout.md, "Boxes alone"): by default the box term also pulls each
+    group's attribute tokens into its box, and the box-only updates keep the existence term."""
+    from ait2i_ext import LossConfig
+
+    pipe = tiny_sd_pipeline()
+    sharpen(pipe.unet, 8.0)
+    subjects = [Subject("cat", ("red",), box=CAT), Subject("dog", ("blue",), box=DOG)]
+    prompt = "a red cat and a blue dog"
+    schedule = dict(step_scale=0.0, box_guided_fraction=0.5, box_step_scale=100.0)
+
+    def run(loss: dict, box_terms: dict):
+        config = AIT2IConfig(loss=LossConfig(**loss), schedule=ScheduleConfig(**schedule, **box_terms))
+        call = dict(num_inference_steps=4, output_type="latent", generator=seed())
+        return generate(pipe, prompt, subjects, config=config, **call).images
+
+    default = run({}, {})
+    measured = run({"box_members": True}, {"box_update_terms": ("box", "existence")})
+    assert torch.equal(default, measured)
+    assert not torch.equal(default, run({"box_members": False}, {"box_update_terms": ("box", "existence")}))
+    assert not torch.equal(default, run({"box_members": True}, {"box_update_terms": ("box",)}))

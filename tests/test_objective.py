@@ -204,3 +204,23 @@ def test_batched_terms_equal_the_per_group_sums():
     )
     assert torch.allclose(terms.aggregation, agg, atol=1e-6)
     assert torch.allclose(terms.alignment, align, atol=1e-6)
+
+
+def test_box_members_pull_attribute_maps_into_their_groups_box():
+    cat_box, dog_box = (0, 0, 0.5, 1), (0.5, 0, 1, 1)
+    groups = [dataclasses.replace(CAT, box=cat_box), dataclasses.replace(DOG, box=dog_box)]
+    attn = random_attention()
+    cfg = LossConfig(box_members=True)
+    masks = losses.box_masks([cat_box, cat_box, dog_box], H, W)  # cat's "red" shares the cat's box
+    maps = attn[..., [3, 2, 6]].permute(0, 3, 1, 2)
+    expected = losses.box_loss(maps, masks, cfg.box_centroid_weight, cfg.box_leak_weight, cfg.box_power)
+    torch.testing.assert_close(compute_losses(attn, groups, EOT, cfg).box, expected)
+    # "red" all in the dog's box costs the member term, not the main-token term
+    moved = attn.clone()
+    moved[..., 2] = 0
+    moved[:, :, W // 2 :, 2] = 1
+    off = LossConfig(box_members=False)
+    assert torch.equal(
+        compute_losses(moved, groups, EOT, off).box, compute_losses(attn, groups, EOT, off).box
+    )
+    assert (compute_losses(moved, groups, EOT, cfg).box > compute_losses(attn, groups, EOT, cfg).box).all()

@@ -7,6 +7,8 @@ under ``--out``, so adding a variant does not rerun the others.
 
     OMP_NUM_THREADS=1 python tools/tune_boxes.py --sets two --prompt-offset 3 --prompts-per-set 2 \\
         --seeds 16 --variants plain,ait2i,boxes,iters5
+    # the same variants on the shipped ControlNet (control image: the objects' edges at their boxes)
+    OMP_NUM_THREADS=1 python tools/tune_boxes.py --sets three --prompt-offset 1 --variants cn-plain,cn-iters3
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ from pathlib import Path
 import torch
 
 from ait2i_ext import AIT2IConfig, LossConfig, ScheduleConfig, Subject, generate
-from ait2i_ext.shapes.model import SHAPES_LOSS, default_model_path
+from ait2i_ext.shapes.model import SHAPES_LOSS, default_model_path, load_controlnet_pipeline
 from ait2i_ext.shapes.prompts import prompt_set
 
 logger = logging.getLogger(__name__)
 
 RADII = dict(aggregation_radius=SHAPES_LOSS.aggregation_radius, alignment_radius=SHAPES_LOSS.alignment_radius)
 
-# name -> (LossConfig overrides, ScheduleConfig overrides); "plain" and "ait2i" get no boxes.
+# name -> (LossConfig overrides, ScheduleConfig overrides) on top of BASE; "plain" and "ait2i" get no
+# boxes, "default..." start from the library's defaults as they are now.
+BASE = ({"box_members": False}, {"box_update_terms": ("box",)})  # the box settings of the first round
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "plain": ({}, {}),
     "ait2i": ({}, {}),
@@ -44,28 +48,55 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
         {"box_iterations": 5, "box_guided_fraction": 0.2, "box_step_scale": 60.0},
     ),
     "iters5-s10": ({}, {"box_iterations": 5, "box_guided_fraction": 0.2, "box_step_scale": 10.0}),
-    "iters3": ({}, {"box_iterations": 3, "box_guided_fraction": 0.2, "box_step_scale": 20.0}),  # the default
+    "iters3": (
+        {},
+        {"box_iterations": 3, "box_guided_fraction": 0.2, "box_step_scale": 20.0},
+    ),  # round 1's default
     "iters5-noleak": (
         {"box_leak_weight": 0.0},
         {"box_iterations": 5, "box_guided_fraction": 0.2, "box_step_scale": 60.0},
     ),
+    # issue 10, second round: keep the other terms inside the box-only updates, boxes for attributes too
+    "iters3-ex": ({}, {"box_update_terms": ("box", "existence")}),
+    "iters3-exiso": ({}, {"box_update_terms": ("box", "existence", "isolation")}),
+    "iters3-mem": ({"box_members": True}, {}),
+    "iters3-mem-ex": ({"box_members": True}, {"box_update_terms": ("box", "existence")}),  # the default
+    "iters2": ({}, {"box_iterations": 2}),
+    "iters3-sq": ({"box_power": 2.0}, {}),
+    "iters3-frac1": ({}, {"box_guided_fraction": 0.1}),
+    "default": ({}, {}),
+    "default-frac4": ({}, {"box_guided_fraction": 0.4}),
+    "default-s40": ({}, {"box_step_scale": 40.0}),
+    "default-refine": ({}, {"refinement": True}),
+    "default-all": ({}, {"box_guided_fraction": 0.5, "box_update_terms": ("box", "existence", "alignment")}),
 }
+#: Variant names with this prefix run on the shipped ControlNet (control image: the edges of the
+#: prompt's objects at their boxes); "cn-plain" is the stock ControlNet pipeline.
+CONTROLNET = "cn-"
 
 
 def variant_config(name: str) -> AIT2IConfig | None:
     if name == "plain":
         return None
     loss, schedule = VARIANTS[name]
-    return AIT2IConfig(loss=LossConfig(**{**RADII, **loss}), schedule=ScheduleConfig(**schedule))
+    base_loss, base_schedule = BASE if not name.startswith("default") else ({}, {})
+    return AIT2IConfig(
+        loss=LossConfig(**{**RADII, **base_loss, **loss}),
+        schedule=ScheduleConfig(**{**base_schedule, **schedule}),
+    )
 
 
 def run(pipe, name: str, prompt, seeds: list[int], steps: int) -> list[dict]:
+    """``pipe``: the plain shapes pipeline, or for a ``cn-`` variant the ControlNet one."""
     from ait2i_ext.shapes.evaluator import evaluate
+    from ait2i_ext.shapes.model import scene_edges
 
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     call = dict(
         num_inference_steps=steps, guidance_scale=7.5, num_images_per_prompt=len(seeds), generator=generators
     )
+    if name.startswith(CONTROLNET):
+        name, call["image"] = name.removeprefix(CONTROLNET), scene_edges(prompt.objects)
     start = time.perf_counter()
     if name == "plain":
         images = pipe(prompt.text, **call).images
@@ -99,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", default="two")
-    parser.add_argument("--prompt-offset", type=int, default=3)
+    parser.add_argument("--prompt-offset", type=int, default=3, help="first prompt of each set")
     parser.add_argument("--prompts-per-set", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=16)
     parser.add_argument("--seed-offset", type=int, default=0)
@@ -109,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     for name in names:
-        if name not in VARIANTS:
+        if name.removeprefix(CONTROLNET) not in VARIANTS:
             raise SystemExit(f"--variants: {name!r} is invalid: expected some of {list(VARIANTS)}")
     prompts = [
         p
@@ -121,16 +152,20 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) / split
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    pipe = DiffusionPipeline.from_pretrained(default_model_path(), safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
+    pipes = {False: DiffusionPipeline.from_pretrained(default_model_path(), safety_checker=None)}
+    if any(n.startswith(CONTROLNET) for n in names):
+        pipes[True] = load_controlnet_pipeline()
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
     table = []
     for name in tqdm(names, desc="variants"):
         cache = out / f"{name}.json"
         if cache.exists():
             rows = json.loads(cache.read_text())
         else:
+            pipe = pipes[name.startswith(CONTROLNET)]
             rows = [r for p in prompts for r in run(pipe, name, p, seeds, args.steps)]
-            cache.write_text(json.dumps({"variant": VARIANTS[name], "rows": rows}))
+            cache.write_text(json.dumps({"variant": VARIANTS[name.removeprefix(CONTROLNET)], "rows": rows}))
             rows = {"rows": rows}
         rows = rows["rows"]
         mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("present", "correct", "in_box", "seconds")}
