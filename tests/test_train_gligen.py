@@ -148,3 +148,45 @@ def test_bad_object_weights_fail_before_any_work(base, tmp_path, capsys):
     with pytest.raises(SystemExit):
         _train(base, tmp_path / "run", "--object-weights", "1,2")
     assert "--object-weights" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_box_attention_loss_is_zero_when_every_token_attends_to_its_own_box():
+    boxes = torch.zeros(1, 30, 4)
+    boxes[0, 0] = torch.tensor([0.0, 0.0, 0.5, 0.5])  # top-left quarter: tokens 0, 1, 4, 5 of a 4x4 grid
+    masks = torch.zeros(1, 30)
+    masks[0, 0] = 1
+    grounding = {"boxes": boxes, "masks": masks}
+    heads, visual = 2, 16
+    perfect = torch.zeros(heads, visual + 30, visual + 30)
+    for token in range(visual):
+        inside = token in (0, 1, 4, 5)
+        perfect[:, token, visual if inside else token] = 1.0  # own box's object, else itself
+    keep = train_gligen.KeepProbs()
+    keep.probs = perfect
+    assert train_gligen.box_attention_loss([keep], grounding).item() == 0.0
+    assert keep.probs is None  # consumed
+    keep.probs = torch.full_like(perfect, 1 / (visual + 30))
+    assert train_gligen.box_attention_loss([keep], grounding).item() > 0.2  # 4 of 16 tokens at ~1
+    keep.probs = perfect
+    assert (
+        train_gligen.box_attention_loss([keep], {"boxes": boxes, "masks": torch.zeros(1, 30)}).item() == 0.0
+    )
+
+
+def test_keep_probs_computes_what_the_stock_processor_computes(base):
+    pipe = _gligen(base)
+    train_gligen.open_gates(pipe.unet, 1.0)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if ".fuser." in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    unet = pipe.unet
+    sample = torch.randn(2, 4, unet.config.sample_size, unet.config.sample_size)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim)
+    kwargs = {"cross_attention_kwargs": _grounding(pipe, LAYOUT * 2)}
+    with torch.no_grad():
+        stock = unet(sample, 700, context, **kwargs).sample
+        kept = train_gligen.keep_fuser_probs(unet)
+        ours = unet(sample, 700, context, **kwargs).sample
+    torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-5)
+    assert kept and all(k.probs is not None and k.probs.shape[0] % 2 == 0 for k in kept)

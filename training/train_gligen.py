@@ -82,6 +82,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "starts equal to the base, but the fusers get gradients from the first step); 0: GLIGEN's init",
     )
     p.add_argument(
+        "--box-attention-weight",
+        type=float,
+        default=0.0,
+        help="weight of the fusers' box-attention loss: each visual token inside a box attends to that "
+        "box's object token, tokens outside every box do not (0: the v-loss alone, as GLIGEN)",
+    )
+    p.add_argument(
         "--object-weights",
         default="3,4,3",
         help="relative frequencies of training scenes with 1, 2 and 3 objects",
@@ -113,6 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ema-decay": 0 <= args.ema_decay < 1,
         "--gate-init": -3 <= args.gate_init <= 3,
         "--probe-every": args.probe_every >= 0,
+        "--box-attention-weight": args.box_attention_weight >= 0,
     }
     for name, ok in checks.items():
         if not ok:
@@ -189,6 +197,64 @@ def open_gates(unet, value: float) -> int:
                 layer.weight.zero_()
                 layer.bias.zero_()
     return len(fusers)
+
+
+class KeepProbs:
+    """A fuser attention processor that computes what diffusers' ``AttnProcessor`` computes and keeps
+    the attention probabilities ``(batch * heads, tokens, tokens)`` for the box-attention loss.
+    Training only: the exported folder stores weights, not processors."""
+
+    def __init__(self) -> None:
+        self.probs = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        q, k, v = (attn.head_to_batch_dim(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        self.probs = attn.get_attention_scores(q, k, None)
+        out = attn.batch_to_head_dim(torch.bmm(self.probs, v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def keep_fuser_probs(unet) -> list[KeepProbs]:
+    """Give every fuser's attention a :class:`KeepProbs` processor; returns them."""
+    from diffusers.models.attention import GatedSelfAttentionDense
+
+    kept = []
+    for module in unet.modules():
+        if isinstance(module, GatedSelfAttentionDense):
+            kept.append(KeepProbs())
+            module.attn.set_processor(kept[-1])
+    return kept
+
+
+def box_attention_loss(kept: list[KeepProbs], grounding: dict) -> torch.Tensor:
+    """Mean over the fusers of ``(1 - in)^2`` for visual tokens inside a box, ``in`` their attention
+    (averaged over heads) on the object tokens whose box holds them, plus ``out^2`` for tokens outside
+    every box, ``out`` their attention on all real object tokens (layout guidance's energy, here as a
+    training loss: it teaches the fusers to find each token's box)."""
+    boxes, masks = grounding["boxes"], grounding["masks"]
+    batch, objects = masks.shape
+    losses = []
+    for keep in kept:
+        probs, keep.probs = keep.probs, None  # consumed: no graph left behind in the modules
+        visual = probs.shape[1] - objects
+        side = int(round(visual**0.5))
+        probs = probs.view(batch, -1, probs.shape[1], probs.shape[2]).mean(1)[:, :visual, visual:]
+        centre = (torch.arange(side, device=probs.device, dtype=probs.dtype) + 0.5) / side
+        y, x = (c.flatten() for c in torch.meshgrid(centre, centre, indexing="ij"))
+        inside = (
+            (x[None, :, None] >= boxes[:, None, :, 0])
+            & (x[None, :, None] <= boxes[:, None, :, 2])
+            & (y[None, :, None] >= boxes[:, None, :, 1])
+            & (y[None, :, None] <= boxes[:, None, :, 3])
+            & (masks[:, None, :] > 0)
+        ).to(probs.dtype)  # (batch, visual, objects)
+        in_any = inside.amax(-1)
+        mass_in = (probs * inside).sum(-1)
+        mass_real = (probs * masks[:, None, :]).sum(-1)
+        per_token = in_any * (1 - mass_in).square() + (1 - in_any) * mass_real.square()
+        grounded = (masks.sum(-1) > 0).to(probs.dtype)[:, None]
+        losses.append((per_token * grounded).sum() / (grounded.sum() * visual).clamp(min=1))
+    return torch.stack(losses).mean()
 
 
 def turned_layouts(layouts: list[tuple[list[str], list]]) -> list[tuple[list[str], list]]:
@@ -330,6 +396,7 @@ def main(argv: list[str] | None = None) -> Path:
     text_encoder.requires_grad_(False).eval().to(accelerator.device)
     if args.gate_init:
         open_gates(unet, args.gate_init)
+    kept = keep_fuser_probs(unet) if args.box_attention_weight else []
     layers, gates = trainable_parameters(unet)
     params = layers + gates
     opt = torch.optim.AdamW(
@@ -400,6 +467,9 @@ def main(argv: list[str] | None = None) -> Path:
         target = scheduler.get_velocity(latents, noise, t)
         pred = unet(noisy, t, context, cross_attention_kwargs={"gligen": grounding}).sample
         loss = v_loss(pred, target, snr_all[t], args.min_snr_gamma)
+        if kept:
+            attention = box_attention_loss(kept, grounding)
+            loss = loss + args.box_attention_weight * attention
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -408,7 +478,8 @@ def main(argv: list[str] | None = None) -> Path:
         progress.step += 1
         bar.update(1)
         gate = torch.stack([g.detach().abs() for g in gates]).mean().item()
-        bar.set_postfix(loss=f"{loss.item():.4f}", gate=f"{gate:.3f}", refresh=False)
+        extra = {"box_attn": f"{attention.item():.3f}"} if kept else {}
+        bar.set_postfix(loss=f"{loss.item():.4f}", gate=f"{gate:.3f}", **extra, refresh=False)
         finished = progress.step >= args.steps
         if accelerator.is_main_process and args.probe_every and progress.step % args.probe_every == 0:
             log_gap(progress.step, grounding_gap(pipe, accelerator.unwrap_model(unet)))
