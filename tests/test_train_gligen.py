@@ -85,3 +85,108 @@ def test_bad_arguments_fail_before_any_work(base, tmp_path, capsys, argv, messag
     with pytest.raises(SystemExit):
         train_gligen.parse_args(["--base", str(tmp_path)])
     assert "not a diffusers pipeline folder" in capsys.readouterr().err
+
+
+def _gligen(base):
+    from diffusers import StableDiffusionPipeline
+
+    return train_gligen.gligen_pipeline_from(StableDiffusionPipeline.from_pretrained(base))
+
+
+def _grounding(pipe, layouts):
+    return {"gligen": train_gligen.grounding_inputs(pipe, layouts, "cpu")}
+
+
+LAYOUT = [(["red circle", "blue square"], [(0.05, 0.05, 0.45, 0.45), (0.55, 0.5, 0.95, 0.9)])]
+
+
+def test_open_gates_start_equal_to_the_base_and_give_the_fusers_gradients(base):
+    pipe = _gligen(base)
+    unet = pipe.unet
+    sample = torch.randn(
+        1, 4, unet.config.sample_size, unet.config.sample_size, generator=torch.Generator().manual_seed(0)
+    )
+    context = torch.randn(1, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    kwargs = {"cross_attention_kwargs": _grounding(pipe, LAYOUT)}
+    with torch.no_grad():
+        closed = unet(sample, 900, context, **kwargs).sample
+    fusers = train_gligen.open_gates(unet, 1.0)
+    assert fusers > 0
+    gates = [p for n, p in unet.named_parameters() if n.endswith(("alpha_attn", "alpha_dense"))]
+    assert len(gates) == 2 * fusers and all(g.item() == 1.0 for g in gates)
+    opened = unet(sample, 900, context, **kwargs).sample
+    torch.testing.assert_close(opened, closed)  # zero outputs: still the base UNet's prediction
+    train_gligen.trainable_parameters(unet)
+    opened.square().mean().backward()
+    outputs = [p for n, p in unet.named_parameters() if ".fuser.attn.to_out.0.weight" in n]
+    assert outputs and all(p.grad is not None and p.grad.abs().sum() > 0 for p in outputs)
+
+
+def test_turned_layouts_turn_every_box_half_a_circle():
+    ((phrases, boxes),) = train_gligen.turned_layouts(LAYOUT)
+    assert phrases == LAYOUT[0][0]
+    torch.testing.assert_close(
+        torch.tensor(boxes), torch.tensor([(0.55, 0.55, 0.95, 0.95), (0.05, 0.1, 0.45, 0.5)])
+    )
+
+
+def test_grounding_gap_is_zero_for_a_unet_that_ignores_the_boxes(base):
+    pipe = _gligen(base)  # fusers behind closed gates (GLIGEN's init): the boxes change nothing
+    gaps = train_gligen.grounding_gap(pipe, pipe.unet, scenes=2, timesteps=(900,))
+    ((true, turned),) = gaps.values()
+    assert true > 0 and turned == pytest.approx(true, rel=1e-6)
+    train_gligen.open_gates(pipe.unet, 1.0)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if ".fuser." in name:
+                p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    ((true, turned),) = train_gligen.grounding_gap(pipe, pipe.unet, scenes=2, timesteps=(900,)).values()
+    assert turned != pytest.approx(true, rel=1e-4)  # fusers that read the boxes: the loss moves
+
+
+def test_bad_object_weights_fail_before_any_work(base, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _train(base, tmp_path / "run", "--object-weights", "1,2")
+    assert "--object-weights" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_box_attention_loss_is_zero_when_every_token_attends_to_its_own_box():
+    boxes = torch.zeros(1, 30, 4)
+    boxes[0, 0] = torch.tensor([0.0, 0.0, 0.5, 0.5])  # top-left quarter: tokens 0, 1, 4, 5 of a 4x4 grid
+    masks = torch.zeros(1, 30)
+    masks[0, 0] = 1
+    grounding = {"boxes": boxes, "masks": masks}
+    heads, visual = 2, 16
+    perfect = torch.zeros(heads, visual + 30, visual + 30)
+    for token in range(visual):
+        inside = token in (0, 1, 4, 5)
+        perfect[:, token, visual if inside else token] = 1.0  # own box's object, else itself
+    keep = train_gligen.KeepProbs()
+    keep.probs = perfect
+    assert train_gligen.box_attention_loss([keep], grounding).item() == 0.0
+    assert keep.probs is None  # consumed
+    keep.probs = torch.full_like(perfect, 1 / (visual + 30))
+    assert train_gligen.box_attention_loss([keep], grounding).item() > 0.2  # 4 of 16 tokens at ~1
+    keep.probs = perfect
+    assert (
+        train_gligen.box_attention_loss([keep], {"boxes": boxes, "masks": torch.zeros(1, 30)}).item() == 0.0
+    )
+
+
+def test_keep_probs_computes_what_the_stock_processor_computes(base):
+    pipe = _gligen(base)
+    train_gligen.open_gates(pipe.unet, 1.0)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if ".fuser." in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    unet = pipe.unet
+    sample = torch.randn(2, 4, unet.config.sample_size, unet.config.sample_size)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim)
+    kwargs = {"cross_attention_kwargs": _grounding(pipe, LAYOUT * 2)}
+    with torch.no_grad():
+        stock = unet(sample, 700, context, **kwargs).sample
+        kept = train_gligen.keep_fuser_probs(unet)
+        ours = unet(sample, 700, context, **kwargs).sample
+    torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-5)
+    assert kept and all(k.probs is not None and k.probs.shape[0] % 2 == 0 for k in kept)

@@ -74,6 +74,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="min-SNR-gamma loss weighting; 0 (default): plain v-MSE. Min-SNR weights the noisiest steps, "
         "where the layout is decided, by ~0.01 and the grounding then learns nothing in a short run",
     )
+    p.add_argument(
+        "--gate-init",
+        type=float,
+        default=0.0,
+        help="start every fuser gate at this value with the fusers' output layers at zero (the UNet still "
+        "starts equal to the base, but the fusers get gradients from the first step); 0: GLIGEN's init",
+    )
+    p.add_argument(
+        "--box-attention-weight",
+        type=float,
+        default=0.0,
+        help="weight of the fusers' box-attention loss: each visual token inside a box attends to that "
+        "box's object token, tokens outside every box do not (0: the v-loss alone, as GLIGEN)",
+    )
+    p.add_argument(
+        "--object-weights",
+        default="3,4,3",
+        help="relative frequencies of training scenes with 1, 2 and 3 objects",
+    )
+    p.add_argument(
+        "--probe-every", type=int, default=0, help="log the grounding gap every N steps (0: never)"
+    )
     p.add_argument("--ema-decay", type=float, default=0.99)
     p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this")
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
@@ -81,6 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     p.add_argument("--cpu-threads", type=int, default=1, help="torch threads when training on a CPU")
     args = p.parse_args(argv)
+    try:
+        args.object_weights = tuple(float(w) for w in args.object_weights.split(","))
+        sample_scene(0, object_weights=args.object_weights)
+    except ValueError:
+        p.error(f"--object-weights {args.object_weights!r} is invalid: expected 3 weights >= 0, e.g. 3,4,3")
     checks = {
         "--steps": args.steps >= 1,
         "--batch-size": args.batch_size >= 1,
@@ -91,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--min-timestep": 0 <= args.min_timestep < 1000,
         "--min-snr-gamma": args.min_snr_gamma >= 0,
         "--ema-decay": 0 <= args.ema_decay < 1,
+        "--gate-init": -3 <= args.gate_init <= 3,
+        "--probe-every": args.probe_every >= 0,
+        "--box-attention-weight": args.box_attention_weight >= 0,
     }
     for name, ok in checks.items():
         if not ok:
@@ -147,7 +177,141 @@ def trainable_parameters(unet) -> tuple[list[torch.nn.Parameter], list[torch.nn.
     return layers, gates
 
 
-def scene_batch(first_seed: int, size: int, caption_dropout: float, grounding_dropout: float):
+def open_gates(unet, value: float) -> int:
+    """Start every fuser's gates at ``value`` and its attention and feed-forward outputs at zero.
+
+    GLIGEN starts the gates at 0, so ``x + tanh(alpha) * attn(...)`` passes no gradient to the fusers'
+    weights until the gates open: in a short run they barely learn. Zero outputs behind open gates keep
+    the UNet equal to the base at the start (as ControlNet's zero convolutions do) while the output
+    layers get gradients at once. Returns the number of fusers changed.
+    """
+    from diffusers.models.attention import GatedSelfAttentionDense
+
+    fusers = [m for m in unet.modules() if isinstance(m, GatedSelfAttentionDense)]
+    with torch.no_grad():
+        for fuser in fusers:
+            fuser.alpha_attn.fill_(value)
+            fuser.alpha_dense.fill_(value)
+            last = [m for m in fuser.ff.net if isinstance(m, torch.nn.Linear)][-1]
+            for layer in (fuser.attn.to_out[0], last):
+                layer.weight.zero_()
+                layer.bias.zero_()
+    return len(fusers)
+
+
+class KeepProbs:
+    """A fuser attention processor that computes what diffusers' ``AttnProcessor`` computes and keeps
+    the attention probabilities ``(batch * heads, tokens, tokens)`` for the box-attention loss.
+    Training only: the exported folder stores weights, not processors."""
+
+    def __init__(self) -> None:
+        self.probs = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        q, k, v = (attn.head_to_batch_dim(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        self.probs = attn.get_attention_scores(q, k, None)
+        out = attn.batch_to_head_dim(torch.bmm(self.probs, v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def keep_fuser_probs(unet) -> list[KeepProbs]:
+    """Give every fuser's attention a :class:`KeepProbs` processor; returns them."""
+    from diffusers.models.attention import GatedSelfAttentionDense
+
+    kept = []
+    for module in unet.modules():
+        if isinstance(module, GatedSelfAttentionDense):
+            kept.append(KeepProbs())
+            module.attn.set_processor(kept[-1])
+    return kept
+
+
+def box_attention_loss(kept: list[KeepProbs], grounding: dict) -> torch.Tensor:
+    """Mean over the fusers of ``(1 - in)^2`` for visual tokens inside a box, ``in`` their attention
+    (averaged over heads) on the object tokens whose box holds them, plus ``out^2`` for tokens outside
+    every box, ``out`` their attention on all real object tokens (layout guidance's energy, here as a
+    training loss: it teaches the fusers to find each token's box)."""
+    boxes, masks = grounding["boxes"], grounding["masks"]
+    batch, objects = masks.shape
+    losses = []
+    for keep in kept:
+        probs, keep.probs = keep.probs, None  # consumed: no graph left behind in the modules
+        visual = probs.shape[1] - objects
+        side = int(round(visual**0.5))
+        probs = probs.view(batch, -1, probs.shape[1], probs.shape[2]).mean(1)[:, :visual, visual:]
+        centre = (torch.arange(side, device=probs.device, dtype=probs.dtype) + 0.5) / side
+        y, x = (c.flatten() for c in torch.meshgrid(centre, centre, indexing="ij"))
+        inside = (
+            (x[None, :, None] >= boxes[:, None, :, 0])
+            & (x[None, :, None] <= boxes[:, None, :, 2])
+            & (y[None, :, None] >= boxes[:, None, :, 1])
+            & (y[None, :, None] <= boxes[:, None, :, 3])
+            & (masks[:, None, :] > 0)
+        ).to(probs.dtype)  # (batch, visual, objects)
+        in_any = inside.amax(-1)
+        mass_in = (probs * inside).sum(-1)
+        mass_real = (probs * masks[:, None, :]).sum(-1)
+        per_token = in_any * (1 - mass_in).square() + (1 - in_any) * mass_real.square()
+        grounded = (masks.sum(-1) > 0).to(probs.dtype)[:, None]
+        losses.append((per_token * grounded).sum() / (grounded.sum() * visual).clamp(min=1))
+    return torch.stack(losses).mean()
+
+
+def turned_layouts(layouts: list[tuple[list[str], list]]) -> list[tuple[list[str], list]]:
+    """The same phrases with every box turned half a circle about the image centre (wrong places)."""
+    return [(ps, [(1 - x1, 1 - y1, 1 - x0, 1 - y0) for x0, y0, x1, y1 in bs]) for ps, bs in layouts]
+
+
+@torch.no_grad()
+def grounding_gap(pipe, unet, scenes: int = 32, timesteps=(950, 800, 650), seed: int = 40_000_000) -> dict:
+    """How much the UNet uses the boxes: its v-loss on held-out scenes (2-3 objects, seeds
+    ``seed ..``) with their true boxes and with the boxes turned half a circle, per timestep.
+
+    Returns ``{t: (loss_true, loss_turned)}``; ``loss_turned > loss_true`` means the boxes steer it.
+    """
+    device = next(unet.parameters()).device
+    pixels, captions, layouts = [], [], []
+    for s in range(seed, seed + scenes):
+        scene = sample_scene(s, object_weights=(0, 1, 1))
+        pixels.append(image_to_tensor(render_scene(scene)))
+        captions.append(scene.caption)
+        layouts.append(([o.phrase for o in scene.objects], [o.box for o in scene.objects]))
+    latents = (
+        pipe.vae.encode(torch.stack(pixels).to(device)).latent_dist.mean * pipe.vae.config.scaling_factor
+    )
+    context = pipe.text_encoder(caption_ids(pipe.tokenizer, captions, device))[0]
+    inputs = {"true": grounding_inputs(pipe, layouts, device)}
+    inputs["turned"] = grounding_inputs(pipe, turned_layouts(layouts), device)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    was_training = unet.training
+    unet.eval()
+    gaps = {}
+    for step in timesteps:
+        t = torch.full((latents.shape[0],), step, device=device)
+        noisy = pipe.scheduler.add_noise(latents, noise, t)
+        target = pipe.scheduler.get_velocity(latents, noise, t)
+        losses = []
+        for grounding in inputs.values():
+            pred = unet(noisy, t, context, cross_attention_kwargs={"gligen": grounding}).sample
+            losses.append(torch.nn.functional.mse_loss(pred.float(), target.float()).item())
+        gaps[step] = tuple(losses)
+    unet.train(was_training)
+    return gaps
+
+
+def log_gap(step: int, gaps: dict) -> None:
+    text = ", ".join(f"t={t}: {a:.4f} vs {b:.4f} ({100 * (b - a) / a:+.1f} %)" for t, (a, b) in gaps.items())
+    logger.info("step %d grounding gap (loss true vs turned boxes): %s", step, text)
+
+
+def scene_batch(
+    first_seed: int,
+    size: int,
+    caption_dropout: float,
+    grounding_dropout: float,
+    object_weights: tuple[float, float, float] = DEFAULT_OBJECT_WEIGHTS,
+):
     """Scenes ``first_seed ..``: pixel tensors, captions and per scene its ``(phrases, boxes)``.
 
     Dropout draws come from the scene seed, so a batch is the same on every run. A dropped caption
@@ -156,7 +320,7 @@ def scene_batch(first_seed: int, size: int, caption_dropout: float, grounding_dr
     """
     pixels, captions, layouts = [], [], []
     for seed in range(first_seed, first_seed + size):
-        scene = sample_scene(seed, object_weights=DEFAULT_OBJECT_WEIGHTS)
+        scene = sample_scene(seed, object_weights=object_weights)
         draw = random.Random(seed * 7919 + 3)
         drop_caption = draw.random() < caption_dropout
         drop_boxes = drop_caption or draw.random() < grounding_dropout
@@ -217,6 +381,9 @@ def main(argv: list[str] | None = None) -> Path:
     output_dir = Path(args.output_dir)
     export_dir = Path(args.export_dir) if args.export_dir else output_dir / "pipeline"
     accelerator = Accelerator()
+    if accelerator.is_main_process:  # the recipe, next to its checkpoints
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "train_args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     if accelerator.device.type == "cpu" and args.cpu_threads > 0:
         torch.set_num_threads(args.cpu_threads)
@@ -227,6 +394,9 @@ def main(argv: list[str] | None = None) -> Path:
     vae, unet, text_encoder, scheduler = pipe.vae, pipe.unet, pipe.text_encoder, pipe.scheduler
     vae.requires_grad_(False).eval().to(accelerator.device)
     text_encoder.requires_grad_(False).eval().to(accelerator.device)
+    if args.gate_init:
+        open_gates(unet, args.gate_init)
+    kept = keep_fuser_probs(unet) if args.box_attention_weight else []
     layers, gates = trainable_parameters(unet)
     params = layers + gates
     opt = torch.optim.AdamW(
@@ -277,7 +447,7 @@ def main(argv: list[str] | None = None) -> Path:
             + (progress.step * accelerator.num_processes + accelerator.process_index) * args.batch_size
         )
         pixels, captions, layouts = scene_batch(
-            first, args.batch_size, args.caption_dropout, args.grounding_dropout
+            first, args.batch_size, args.caption_dropout, args.grounding_dropout, args.object_weights
         )
         factor = lr_factor(progress.step, args.steps, args.warmup_steps, args.decay_fraction)
         for group, lr in zip(opt.param_groups, base_lrs, strict=True):
@@ -297,6 +467,9 @@ def main(argv: list[str] | None = None) -> Path:
         target = scheduler.get_velocity(latents, noise, t)
         pred = unet(noisy, t, context, cross_attention_kwargs={"gligen": grounding}).sample
         loss = v_loss(pred, target, snr_all[t], args.min_snr_gamma)
+        if kept:
+            attention = box_attention_loss(kept, grounding)
+            loss = loss + args.box_attention_weight * attention
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -305,8 +478,11 @@ def main(argv: list[str] | None = None) -> Path:
         progress.step += 1
         bar.update(1)
         gate = torch.stack([g.detach().abs() for g in gates]).mean().item()
-        bar.set_postfix(loss=f"{loss.item():.4f}", gate=f"{gate:.3f}", refresh=False)
+        extra = {"box_attn": f"{attention.item():.3f}"} if kept else {}
+        bar.set_postfix(loss=f"{loss.item():.4f}", gate=f"{gate:.3f}", **extra, refresh=False)
         finished = progress.step >= args.steps
+        if accelerator.is_main_process and args.probe_every and progress.step % args.probe_every == 0:
+            log_gap(progress.step, grounding_gap(pipe, accelerator.unwrap_model(unet)))
         if finished or (args.max_minutes is not None and time.monotonic() - start > args.max_minutes * 60):
             break
         if time.monotonic() - last_ckpt > args.checkpoint_minutes * 60:
