@@ -187,8 +187,38 @@ def test_prior_preservation_generates_class_images_and_validation_images(model_d
     ]  # fmt: skip
     result = train_lora.main(argv(model_dir, instance_dir, out, *extra))
     assert result.global_step == 1
-    assert sorted(p.name for p in class_dir.iterdir()) == ["class-00000.png", "class-00001.png"]
+    assert sorted(p.name for p in class_dir.glob("*.png")) == ["class-00000.png", "class-00001.png"]
     assert [p.name for p in (out / "validation").iterdir()] == ["step-000001-0.png"]
+
+
+def test_class_images_from_a_prompts_file_keep_their_captions(model_dir, tmp_path):
+    import json
+
+    from ait2i_ext.training.lora_data import list_images, read_captions
+
+    instance = _write_images(tmp_path / "instance", 2)
+    (instance / "metadata.jsonl").write_text(json.dumps({"file_name": "1.png", "text": "a sks dog and a cat"}) + "\n")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of dog\n\na dog and a cat\n")
+    class_dir = tmp_path / "class"
+    extra = [
+        "--with_prior_preservation", "--class_data_dir", str(class_dir), "--class_prompts_file", str(prompts),
+        "--num_class_images", "3", "--class_inference_steps", "1", "--class_batch_size", "2",
+    ]  # fmt: skip
+    result = train_lora.main(argv(model_dir, instance, tmp_path / "out", *extra))
+    assert result.global_step == 1
+    images = list_images(class_dir, "--class_data_dir")
+    assert [p.name for p in images] == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    assert read_captions(images, None) == ["a photo of dog", "a dog and a cat", "a photo of dog"]
+
+
+def test_an_empty_class_prompts_file_is_refused(model_dir, instance_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n")
+    extra = ["--with_prior_preservation", "--class_data_dir", str(tmp_path / "c"), "--class_prompts_file", str(prompts)]
+    with pytest.raises(ValueError, match=r"--class_prompts_file=.*prompts.txt.* expected a text file holding"):
+        train_lora.parse_args(argv(model_dir, instance_dir, tmp_path / "out", *extra))
+    assert not (tmp_path / "c").exists()
 
 
 # --- defaults from the model (issue 15) ----------------------------------------------------------

@@ -35,6 +35,7 @@ from .lora_data import (
     collate,
     ensure_class_images,
     list_images,
+    read_captions,
     steps_per_epoch,
 )
 
@@ -146,7 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--pretrained_model", required=True, help="diffusers folder (with model_index.json) or hub id"
     )
     g.add_argument("--instance_data_dir", required=True, help="folder of images of the concept")
-    g.add_argument("--instance_prompt", required=True, help='e.g. "a photo of sks dog"')
+    g.add_argument(
+        "--instance_prompt",
+        required=True,
+        help='e.g. "a photo of sks dog"; images captioned in the folder\'s metadata.jsonl use their own',
+    )
     g.add_argument("--output_dir", default="lora-out")
     g.add_argument(
         "--resolution",
@@ -162,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--with_prior_preservation", action="store_true")
     g.add_argument("--class_data_dir", help="class images; missing ones are generated with the base model")
     g.add_argument("--class_prompt", help='e.g. "a photo of dog"')
+    g.add_argument(
+        "--class_prompts_file",
+        help="text file, one prompt per line: class images are generated from them in turn (instead of "
+        "--class_prompt), e.g. scenes of several objects so the LoRA keeps drawing them",
+    )
     g.add_argument("--num_class_images", type=int, default=100)
     g.add_argument("--prior_loss_weight", type=float, default=1.0)
     g.add_argument("--class_batch_size", type=int, default=4, help="images per call when generating")
@@ -275,7 +285,7 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         )
 
     _check_model_folder(args.pretrained_model)
-    list_images(args.instance_data_dir, "--instance_data_dir")
+    read_captions(list_images(args.instance_data_dir, "--instance_data_dir"), args.instance_prompt)
 
     if args.with_prior_preservation:
         check(
@@ -285,11 +295,18 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             "a folder with --with_prior_preservation",
         )
         check(
-            bool(args.class_prompt),
+            bool(args.class_prompt) or args.class_prompts_file is not None,
             "--class_prompt",
             args.class_prompt,
-            "a prompt with --with_prior_preservation",
+            "a prompt (or --class_prompts_file) with --with_prior_preservation",
         )
+        if args.class_prompts_file is not None:
+            check(
+                bool(read_prompts_file(args.class_prompts_file)),
+                "--class_prompts_file",
+                args.class_prompts_file,
+                "a text file holding at least one prompt, one per line",
+            )
         check(args.num_class_images >= 1, "--num_class_images", args.num_class_images, "an integer >= 1")
     if args.resume_from_checkpoint not in (None, "latest"):
         path = _resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
@@ -299,6 +316,14 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                 f"or an existing {CHECKPOINT_PREFIX}STEP folder (absolute or inside --output_dir)"
             )
     return args
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """The non-empty lines of a prompts file (``[]`` if the file does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -602,7 +627,7 @@ def train(args: argparse.Namespace) -> TrainingResult:
         if accelerator.is_main_process:
             ensure_class_images(
                 args.class_data_dir,
-                args.class_prompt,
+                read_prompts_file(args.class_prompts_file) if args.class_prompts_file else args.class_prompt,
                 args.num_class_images,
                 lambda: _base_pipeline(model, unet, vae, text_encoder, tokenizer),
                 seed=args.seed,
@@ -670,21 +695,27 @@ def train(args: argparse.Namespace) -> TrainingResult:
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
 
     # 4. Data: the order depends only on (seed, epoch), so a resumed run continues it.
-    def prompt_ids(prompt: str) -> torch.Tensor:
+    def prompt_ids(prompts: list[str]) -> torch.Tensor:
+        """`(N, 77)` token ids, one row per image's caption."""
         return tokenizer(
-            prompt,
+            prompts,
             padding="max_length",
             truncation=True,
             max_length=tokenizer.model_max_length,
             return_tensors="pt",
-        ).input_ids[0]
+        ).input_ids
 
+    instance_images = list_images(args.instance_data_dir, "--instance_data_dir")
+    instance_ids = prompt_ids(read_captions(instance_images, args.instance_prompt))
+    class_ids = None
+    if class_images:
+        class_ids = prompt_ids(read_captions(class_images, args.class_prompt, "--class_data_dir"))
     dataset = DreamBoothDataset(
-        list_images(args.instance_data_dir, "--instance_data_dir"),
-        prompt_ids(args.instance_prompt),
+        instance_images,
+        instance_ids,
         args.resolution,
         class_images=class_images,
-        class_prompt_ids=prompt_ids(args.class_prompt) if class_images else None,
+        class_prompt_ids=class_ids,
         center_crop=not args.random_crop,
         random_flip=args.random_flip,
         seed=args.seed,
