@@ -131,10 +131,33 @@ def test_text_encoder_lora_trains_and_round_trips(model_dir, instance_dir, tmp_p
 
     # Load the saved file into fresh adapters the way a resumed run does.
     fresh = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
-    config = LoraConfig(r=2, lora_alpha=2, target_modules=list(train_lora.TEXT_ENCODER_TARGETS))
+    # the small-model recipe (64 px) also adapts the token embeddings
+    targets = train_lora.TEXT_ENCODER_TARGETS_WITH_EMBEDDINGS.split(",")
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=targets)
     inject_adapter_in_model(config, fresh, adapter_name="default")
     train_lora.load_lora_into(out, result.unet, fresh)
     torch.testing.assert_close(_embed(fresh, ids), expected)
+
+
+def test_token_embedding_lora_moves_only_the_prompts_tokens_and_loads(model_dir, instance_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from ait2i_ext.adapters.personalize import load_lora
+    from ait2i_ext.testing import load_clip_tokenizer
+
+    out = tmp_path / "out"
+    result = train_lora.main(argv(model_dir, instance_dir, out, "--train_text_encoder"))
+    embedding = result.text_encoder.get_input_embeddings()
+    delta = embedding.lora_embedding_B["default"] @ embedding.lora_embedding_A["default"]  # (width, vocab)
+    moved = set(torch.nonzero(delta.abs().sum(0) > 0).flatten().tolist())
+    assert moved == set(load_clip_tokenizer()(PROMPT).input_ids)  # BOS, "a photo of sks dog", EOS (= padding)
+
+    expected = _generate(
+        StableDiffusionPipeline.from_pretrained(model_dir, unet=result.unet, text_encoder=result.text_encoder)
+    )
+    fresh = StableDiffusionPipeline.from_pretrained(model_dir)
+    load_lora(fresh, out)  # its key check knows the embedding keys
+    np.testing.assert_allclose(_generate(fresh), expected, atol=1e-5)
 
 
 def test_text_encoder_lora_loads_with_load_lora_weights(model_dir, instance_dir, tmp_path):

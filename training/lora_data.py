@@ -292,7 +292,9 @@ def ensure_class_images(
         logger.info("Generating %d class images of %d prompt(s) into %s", missing, len(prompts), folder)
         pipeline = make_pipeline()
         made = len(existing)
-        for start in range(0, missing, batch_size):
+        from tqdm.auto import tqdm
+
+        for start in tqdm(range(0, missing, batch_size), desc="class images", unit="batch"):
             count = min(batch_size, missing - start)
             batch_prompts = [prompts[(made + k) % len(prompts)] for k in range(count)]
             generator = torch.Generator().manual_seed(seed + made)

@@ -45,7 +45,10 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 RUN_CONFIG_NAME = "train_config.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 DEFAULT_UNET_TARGETS = "to_q,to_k,to_v,to_out.0"
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+TEXT_ENCODER_TARGETS = "q_proj,k_proj,v_proj,out_proj"
+# ... plus the token embeddings: words the base never learned (the identifier, a new class noun) get
+# their own vectors (the rows of the prompt's tokens only; the rest of the vocabulary is untouched).
+TEXT_ENCODER_TARGETS_WITH_EMBEDDINGS = TEXT_ENCODER_TARGETS + ",token_embedding"
 _MODEL_DEFAULT = "Default: from the model's size (see `default_recipe`)"
 
 
@@ -59,8 +62,9 @@ class Recipe:
 
     Args:
         name: how the log names it.
-        rank, lora_alpha, lora_targets, train_text_encoder, learning_rate, max_train_steps,
-            train_batch_size, random_flip: the flags' defaults (``lora_alpha=None``: equal to the rank).
+        rank, lora_alpha, lora_targets, train_text_encoder, text_encoder_targets, learning_rate,
+            max_train_steps, train_batch_size, random_flip: the flags' defaults (``lora_alpha=None``:
+            equal to the rank).
     """
 
     name: str
@@ -68,6 +72,7 @@ class Recipe:
     lora_alpha: float | None
     lora_targets: str
     train_text_encoder: bool
+    text_encoder_targets: str
     learning_rate: float
     max_train_steps: int
     train_batch_size: int
@@ -81,8 +86,9 @@ class Recipe:
             raise ValueError(
                 f"learning_rate={self.learning_rate}, lora_alpha={self.lora_alpha} are invalid: expected > 0"
             )
-        if not _target_list(self.lora_targets):
-            raise ValueError(f"lora_targets={self.lora_targets!r} is invalid: expected module names")
+        for field in ("lora_targets", "text_encoder_targets"):
+            if not _target_list(getattr(self, field)):
+                raise ValueError(f"{field}={getattr(self, field)!r} is invalid: expected module names")
 
 
 # Every LoRA-able layer of an SD UNet: attention, feed-forward, the transformer's projections and the
@@ -97,6 +103,7 @@ SMALL_MODEL_RECIPE = Recipe(
     lora_alpha=None,
     lora_targets=ALL_UNET_TARGETS,
     train_text_encoder=False,
+    text_encoder_targets=TEXT_ENCODER_TARGETS_WITH_EMBEDDINGS,
     learning_rate=1e-3,
     max_train_steps=500,
     train_batch_size=4,
@@ -109,6 +116,7 @@ STANDARD_RECIPE = Recipe(
     lora_alpha=None,
     lora_targets=DEFAULT_UNET_TARGETS,
     train_text_encoder=False,
+    text_encoder_targets=TEXT_ENCODER_TARGETS,
     learning_rate=1e-4,
     max_train_steps=400,
     train_batch_size=1,
@@ -188,7 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--train_text_encoder",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help=f"also LoRA {','.join(TEXT_ENCODER_TARGETS)}; " + _MODEL_DEFAULT.lower(),
+        help="also train a text-encoder LoRA; " + _MODEL_DEFAULT.lower(),
+    )
+    g.add_argument(
+        "--text_encoder_targets",
+        default=None,
+        help="comma-separated text-encoder module names (with --train_text_encoder); " + _MODEL_DEFAULT.lower(),
     )
 
     g = p.add_argument_group("optimisation")
@@ -276,13 +289,9 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         )
     if args.lora_alpha is not None:
         check(args.lora_alpha > 0, "--lora_alpha", args.lora_alpha, "a number > 0")
-    if args.lora_targets is not None:
-        check(
-            bool(_target_list(args.lora_targets)),
-            "--lora_targets",
-            args.lora_targets,
-            "comma-separated module names",
-        )
+    for flag in ("lora_targets", "text_encoder_targets"):
+        if getattr(args, flag) is not None:
+            check(bool(_target_list(getattr(args, flag))), f"--{flag}", getattr(args, flag), "comma-separated module names")
 
     _check_model_folder(args.pretrained_model)
     read_captions(list_images(args.instance_data_dir, "--instance_data_dir"), args.instance_prompt)
@@ -610,7 +619,7 @@ def train(args: argparse.Namespace) -> TrainingResult:
         save_run_config(args, output_dir)
     check_lora_targets(unet, args.lora_target_list)
     if args.train_text_encoder:
-        check_lora_targets(text_encoder, TEXT_ENCODER_TARGETS, "text encoder LoRA targets")
+        check_lora_targets(text_encoder, _target_list(args.text_encoder_targets), "--text_encoder_targets")
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
@@ -661,7 +670,7 @@ def train(args: argparse.Namespace) -> TrainingResult:
                 lora_alpha=args.lora_alpha,
                 lora_dropout=args.lora_dropout,
                 init_lora_weights="gaussian",
-                target_modules=list(TEXT_ENCODER_TARGETS),
+                target_modules=_target_list(args.text_encoder_targets),
             ),
             text_encoder,
             adapter_name="default",
