@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from ait2i_ext.shapes.concepts import class_prompts, concept_scenes, main, write_concept
-from ait2i_ext.shapes.evaluator import evaluate
 from ait2i_ext.shapes.data import render_scene
+from ait2i_ext.shapes.evaluator import evaluate
 
 try:
     from ait2i_ext.training.lora_data import DreamBoothDataset, list_images, read_captions
@@ -29,7 +29,9 @@ def _images(folder: Path, count: int, prefix: str = "") -> list[Path]:
 
 def test_captions_come_from_metadata_jsonl_else_the_prompt(tmp_path):
     images = _images(tmp_path, 3)
-    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "1.png", "text": "a sks star and a blue square"}) + "\n")
+    (tmp_path / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "1.png", "text": "a sks star and a blue square"}) + "\n"
+    )
     assert list_images(tmp_path) == images  # metadata.jsonl is not an image, and not an error either
     assert read_captions(images, "a sks star") == ["a sks star", "a sks star and a blue square", "a sks star"]
     with pytest.raises(ValueError, match=r"2 image\(s\) have no caption .* \['0.png', '2.png'\]"):
@@ -39,7 +41,9 @@ def test_captions_come_from_metadata_jsonl_else_the_prompt(tmp_path):
 def test_a_broken_metadata_line_is_named(tmp_path):
     images = _images(tmp_path, 1)
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "0.png"}\n')
-    with pytest.raises(ValueError, match=r"metadata.jsonl' line 1 .* expected a JSON object with \"file_name\" and \"text\""):
+    with pytest.raises(
+        ValueError, match=r"metadata.jsonl' line 1 .* expected a JSON object with \"file_name\" and \"text\""
+    ):
         read_captions(images, "x")
 
 
@@ -104,7 +108,10 @@ def test_the_command_writes_images_captions_and_class_prompts(tmp_path):
     images = list_images(out)
     assert [p.name for p in images] == [f"star-{i:02d}.png" for i in range(4)]
     captions = read_captions(images, None)
-    assert all("sks star" in c for c in captions) and sum(" and " in c or "with" in c or "beside" in c or "next to" in c for c in captions) == 2
+    assert (
+        all("sks star" in c for c in captions)
+        and sum(" and " in c or "with" in c or "beside" in c or "next to" in c for c in captions) == 2
+    )
     assert len(prompts.read_text().splitlines()) == 5
     write_concept(tmp_path / "again", concept_scenes("star", "yellow", "sks", 4, 2), "star")
     assert (tmp_path / "again" / "metadata.jsonl").read_text() == (out / "metadata.jsonl").read_text()
@@ -113,6 +120,19 @@ def test_the_command_writes_images_captions_and_class_prompts(tmp_path):
 def test_the_command_refuses_bad_input_before_writing(tmp_path, capsys):
     out = tmp_path / "star"
     with pytest.raises(SystemExit) as err:
-        main(["--shape", "star", "--colour", "yellow", "--identifier", "sks", "--out", str(out), "--with-other", "20"])
+        main(
+            [
+                "--shape",
+                "star",
+                "--colour",
+                "yellow",
+                "--identifier",
+                "sks",
+                "--out",
+                str(out),
+                "--with-other",
+                "20",
+            ]
+        )
     assert err.value.code == 2 and "with_other=20 is invalid" in capsys.readouterr().err
     assert not out.exists()

@@ -141,9 +141,9 @@ def test_text_encoder_lora_trains_and_round_trips(model_dir, instance_dir, tmp_p
 
 
 def test_token_embedding_lora_moves_only_the_prompts_tokens_and_loads(model_dir, instance_dir, tmp_path):
+    from ait2i_ext.adapters.personalize import load_lora
     from diffusers import StableDiffusionPipeline
 
-    from ait2i_ext.adapters.personalize import load_lora
     from ait2i_ext.testing import load_clip_tokenizer
 
     out = tmp_path / "out"
@@ -221,7 +221,9 @@ def test_class_images_from_a_prompts_file_keep_their_captions(model_dir, tmp_pat
     from ait2i_ext.training.lora_data import list_images, read_captions
 
     instance = _write_images(tmp_path / "instance", 2)
-    (instance / "metadata.jsonl").write_text(json.dumps({"file_name": "1.png", "text": "a sks dog and a cat"}) + "\n")
+    (instance / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "1.png", "text": "a sks dog and a cat"}) + "\n"
+    )
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of dog\n\na dog and a cat\n")
     class_dir = tmp_path / "class"
@@ -239,8 +241,16 @@ def test_class_images_from_a_prompts_file_keep_their_captions(model_dir, tmp_pat
 def test_an_empty_class_prompts_file_is_refused(model_dir, instance_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n")
-    extra = ["--with_prior_preservation", "--class_data_dir", str(tmp_path / "c"), "--class_prompts_file", str(prompts)]
-    with pytest.raises(ValueError, match=r"--class_prompts_file=.*prompts.txt.* expected a text file holding"):
+    extra = [
+        "--with_prior_preservation",
+        "--class_data_dir",
+        str(tmp_path / "c"),
+        "--class_prompts_file",
+        str(prompts),
+    ]
+    with pytest.raises(
+        ValueError, match=r"--class_prompts_file=.*prompts.txt.* expected a text file holding"
+    ):
         train_lora.parse_args(argv(model_dir, instance_dir, tmp_path / "out", *extra))
     assert not (tmp_path / "c").exists()
 

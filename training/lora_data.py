@@ -74,7 +74,9 @@ def list_images(folder: str | Path, flag: str = "--instance_data_dir") -> list[P
     return files
 
 
-def read_captions(images: Sequence[Path], default: str | None, flag: str = "--instance_data_dir") -> list[str]:
+def read_captions(
+    images: Sequence[Path], default: str | None, flag: str = "--instance_data_dir"
+) -> list[str]:
     """The caption of each image: its ``text`` in the folder's ``metadata.jsonl`` (Hugging Face
     imagefolder format, ``{"file_name": ..., "text": ...}`` per line), else ``default``.
 
@@ -298,7 +300,9 @@ def ensure_class_images(
             count = min(batch_size, missing - start)
             batch_prompts = [prompts[(made + k) % len(prompts)] for k in range(count)]
             generator = torch.Generator().manual_seed(seed + made)
-            images = pipeline(batch_prompts, num_inference_steps=num_inference_steps, generator=generator).images
+            images = pipeline(
+                batch_prompts, num_inference_steps=num_inference_steps, generator=generator
+            ).images
             with (folder / METADATA_NAME).open("a") as metadata:
                 for image, prompt in zip(images, batch_prompts, strict=True):
                     name = f"class-{made:05d}.png"

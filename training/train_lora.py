@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--text_encoder_targets",
         default=None,
-        help="comma-separated text-encoder module names (with --train_text_encoder); " + _MODEL_DEFAULT.lower(),
+        help="comma-separated text-encoder module names (with --train_text_encoder); "
+        + _MODEL_DEFAULT.lower(),
     )
 
     g = p.add_argument_group("optimisation")
@@ -293,7 +294,12 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         check(args.lora_alpha > 0, "--lora_alpha", args.lora_alpha, "a number > 0")
     for flag in ("lora_targets", "text_encoder_targets"):
         if getattr(args, flag) is not None:
-            check(bool(_target_list(getattr(args, flag))), f"--{flag}", getattr(args, flag), "comma-separated module names")
+            check(
+                bool(_target_list(getattr(args, flag))),
+                f"--{flag}",
+                getattr(args, flag),
+                "comma-separated module names",
+            )
 
     _check_model_folder(args.pretrained_model)
     read_captions(list_images(args.instance_data_dir, "--instance_data_dir"), args.instance_prompt)

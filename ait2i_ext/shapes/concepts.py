@@ -51,7 +51,9 @@ def concept_scenes(
             f"{list(COLOURS)}"
         )
     if count < 1 or not 0 <= with_other <= count:
-        raise ValueError(f"count={count}, with_other={with_other} is invalid: expected count >= 1, 0 <= with_other <= count")
+        raise ValueError(
+            f"count={count}, with_other={with_other} is invalid: expected count >= 1, 0 <= with_other <= count"
+        )
     rng = random.Random(seed)
     others = [(c, s) for c, s in training_pairs() if c != colour]
     scenes = []
@@ -101,13 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=10)
     parser.add_argument("--with-other", type=int, default=5, help="how many show one other shape too")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--class-prompts", help="also write a file of training-world captions (for --class_prompts_file)")
+    parser.add_argument(
+        "--class-prompts", help="also write a file of training-world captions (for --class_prompts_file)"
+    )
     parser.add_argument("--num-class-prompts", type=int, default=200)
     args = parser.parse_args(argv)
     if not args.identifier.strip() or " " in args.identifier.strip():
         parser.error(f"--identifier={args.identifier!r} is invalid: expected one word")
     try:
-        scenes = concept_scenes(args.shape, args.colour, args.identifier, args.count, args.with_other, args.seed)
+        scenes = concept_scenes(
+            args.shape, args.colour, args.identifier, args.count, args.with_other, args.seed
+        )
     except ValueError as err:
         parser.error(str(err))
     if args.num_class_prompts < 1:
