@@ -300,7 +300,7 @@ def test_recipe_follows_the_model_size():
         == 512
     )  # SD 1.5: 64 x 64 latents, VAE scale factor 8
     with pytest.raises(ValueError, match="rank=0 is invalid"):
-        train_lora.Recipe("bad", 0, None, "to_q", False, 1e-4, 1, 1, False)
+        train_lora.Recipe("bad", 0, None, "to_q", False, "q_proj", 1e-4, 1, 1, False)
 
 
 # --- checkpoints and resume --------------------------------------------------------------------
