@@ -99,7 +99,10 @@ def test_saved_lora_loads_into_fresh_pipeline_with_same_output(model_dir, instan
 
     out = tmp_path / "out"
     result = train_lora.main(argv(model_dir, instance_dir, out))
-    trained = StableDiffusionPipeline.from_pretrained(model_dir, unet=result.unet)
+    # the small-model recipe trains a text-encoder LoRA too
+    trained = StableDiffusionPipeline.from_pretrained(
+        model_dir, unet=result.unet, text_encoder=result.text_encoder
+    )
     expected = _generate(trained)
     fresh = StableDiffusionPipeline.from_pretrained(model_dir)
     base = _generate(fresh)
