@@ -42,7 +42,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 # A LoRA key in peft form: "<layer>.lora_A.weight", "<layer>.lora_B.weight" (+ bias), "<layer>.lora_magnitude_vector".
 _PEFT_KEY = re.compile(
-    r"^(?P<layer>.+?)\.(?:lora_(?P<side>[AB])\.(?:[\w-]+\.)?(?:weight|bias)|lora_magnitude_vector(?:\.[\w-]+)?)$"
+    r"^(?P<layer>.+?)\.(?:lora_(?P<side>[AB])\.(?:[\w-]+\.)?(?:weight|bias)|lora_embedding_(?P<embedding>[AB])"
+    r"(?:\.[\w-]+)?|lora_magnitude_vector(?:\.[\w-]+)?)$"
 )
 
 
@@ -104,8 +105,11 @@ def _base_layer(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def _layer_shape(module: torch.nn.Module) -> tuple[int, int] | None:
-    """``(inputs, outputs)`` of a Linear or Conv layer, ``None`` for anything a LoRA cannot wrap."""
+    """``(inputs, outputs)`` of a Linear, Conv or Embedding layer (vocabulary, width), ``None`` for
+    anything a LoRA cannot wrap."""
     module = _base_layer(module)
+    if isinstance(module, torch.nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
     if isinstance(module, torch.nn.Linear):
         return module.in_features, module.out_features
     if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
@@ -153,8 +157,8 @@ def check_lora_fits(pipe, state_dict: dict[str, torch.Tensor], source: str = "Lo
                 unmatched.append(f"{prefix}.{key}")
                 continue
             layers.setdefault(prefix, set()).add(match["layer"])
-            side = match["side"]
-            if side is None or not key.endswith(".weight"):
+            side = match["side"] or match["embedding"]
+            if side is None or not (key.endswith(".weight") or match["embedding"]):
                 continue
             dim, expected = (1, shape[0]) if side == "A" else (0, shape[1])
             if value.ndim < 2 or value.shape[dim] != expected:
@@ -180,6 +184,7 @@ def _injected(model: torch.nn.Module, adapter_name: str) -> set[str]:
         name
         for name, module in model.named_modules()
         if adapter_name in getattr(module, "lora_A", {})
+        or adapter_name in getattr(module, "lora_embedding_A", {})
         or adapter_name in getattr(module, "lora_magnitude_vector", {})
     }
 

@@ -4,9 +4,11 @@
     python benchmarks/personalization.py --lora-star runs/sks-star --lora-heart runs/xyz-heart
 
 1. Render ``--images`` instance images of two concepts the shapes world never shows: a yellow star
-   ("a sks star") and a red heart ("a xyz heart"), one object per image (``ait2i_ext.shapes.data``).
-2. Train one LoRA per concept with ``training/train_lora.py`` and its defaults for this model (only the
-   required flags are given), or reuse ``--lora-star`` / ``--lora-heart``.
+   ("a sks star") and a red heart ("a xyz heart"), ``--with-other`` of them beside one other shape
+   ("a sks star and a blue square"; ``ait2i_ext.shapes.concepts``).
+2. Train one LoRA per concept with ``training/train_lora.py``: its defaults for this model plus prior
+   preservation on class images the base model draws from training-world captions (the documented
+   command of docs/lora.md), or reuse ``--lora-star`` / ``--lora-heart``.
 3. On the same seeds for every method, generate
    - the concept alone ("a sks star") and next to a second subject ("a sks star and a blue square",
      ...), with the star LoRA;
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -37,7 +38,7 @@ from PIL import Image
 
 from ait2i_ext import AIT2IConfig, LossConfig, generate
 from ait2i_ext.config import model_loss
-from ait2i_ext.shapes.data import IMAGE_SIZE, Scene, ShapeObject, render_scene
+from ait2i_ext.shapes.concepts import class_prompts, concept_scenes, write_concept
 from ait2i_ext.shapes.model import default_model_path
 
 # identifier -> (shape, colour): the concepts, drawn in one colour each.
@@ -51,14 +52,6 @@ BASE_PROMPTS = (
     "a green triangle and a purple circle",
 )
 METHODS = ("plain", "ait2i", "ait2i+id")
-
-
-def render_concept(shape: str, colour: str, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
-    """One instance image: the concept alone, side 22-34 px (at 64 px) at a random place."""
-    side = rng.randint(22, 34)
-    x0, y0 = rng.randint(3, IMAGE_SIZE - 3 - side), rng.randint(3, IMAGE_SIZE - 3 - side)
-    box = (x0 / IMAGE_SIZE, y0 / IMAGE_SIZE, (x0 + side) / IMAGE_SIZE, (y0 + side) / IMAGE_SIZE)
-    return render_scene(Scene((ShapeObject(colour, shape, box),), ""), size)
 
 
 def cases(others: list[str], base_prompts: list[str], base_loras: list[list[str]]) -> list[dict]:
@@ -166,8 +159,12 @@ def run_job(job: dict) -> dict:
 # --- the run ------------------------------------------------------------------------------------
 
 
-def train_concept(model: str, ident: str, images: Path, out: Path) -> tuple[Path, float]:
-    """Train the concept's LoRA with train_lora.py's defaults; returns its folder and CPU seconds."""
+NUM_CLASS_IMAGES = 100
+
+
+def train_concept(model: str, ident: str, images: Path, class_dir: Path, out: Path) -> tuple[Path, float]:
+    """Train the concept's LoRA with train_lora.py's defaults and prior preservation on class images of
+    the training world's captions (``class_dir``, made once from ``class_dir``.txt and shared)."""
     try:
         from ait2i_ext.training import train_lora
     except ImportError:
@@ -177,7 +174,9 @@ def train_concept(model: str, ident: str, images: Path, out: Path) -> tuple[Path
     start = time.process_time()
     train_lora.main(
         ["--pretrained_model", model, "--instance_data_dir", str(images),
-         "--instance_prompt", f"a {ident} {shape}", "--output_dir", str(out)]
+         "--instance_prompt", f"a {ident} {shape}", "--output_dir", str(out),
+         "--with_prior_preservation", "--class_data_dir", str(class_dir),
+         "--class_prompts_file", f"{class_dir}.txt", "--num_class_images", str(NUM_CLASS_IMAGES)]
     )  # fmt: skip
     return out, time.process_time() - start
 
@@ -218,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="shapes-world pipeline folder (default: the shipped shapes model)")
     parser.add_argument("--out", default="out/personalization")
     parser.add_argument("--images", type=int, default=10, help="instance images per concept")
+    parser.add_argument("--with-other", type=int, default=5, help="of them, beside one other shape")
     parser.add_argument("--lora-star", help="a trained 'a sks star' LoRA (default: train one)")
     parser.add_argument("--lora-heart", help="a trained 'a xyz heart' LoRA (default: train one)")
     parser.add_argument(
@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("seeds", "images", "steps", "workers"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag}={getattr(args, flag)} is invalid: expected an integer >= 1")
+    if not 0 <= args.with_other <= args.images:
+        raise SystemExit(f"--with-other={args.with_other} is invalid: expected 0..--images ({args.images})")
     others = [o.strip() for o in args.others.split(",") if o.strip()]
     from ait2i_ext.shapes.data import COLOURS, SHAPES
 
@@ -288,11 +290,11 @@ def main(argv: list[str] | None = None) -> int:
         if lora_paths[shape] is not None:
             continue
         images = out / f"instance-{shape}"
-        images.mkdir(parents=True, exist_ok=True)
-        rng = random.Random(0)
-        for i in range(args.images):
-            render_concept(shape, colour, rng).save(images / f"{shape}-{i:02d}.png")
-        folder, train_seconds[shape] = train_concept(model, ident, images, out / f"lora-{shape}")
+        scenes = concept_scenes(shape, colour, ident, args.images, args.with_other, seed=len(train_seconds))
+        write_concept(images, scenes, shape)
+        class_dir = out / "class-images"
+        Path(f"{class_dir}.txt").write_text("\n".join(class_prompts(NUM_CLASS_IMAGES)) + "\n")
+        folder, train_seconds[shape] = train_concept(model, ident, images, class_dir, out / f"lora-{shape}")
         lora_paths[shape] = str(folder)
 
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))

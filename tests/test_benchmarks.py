@@ -132,6 +132,12 @@ def test_bad_radius_fails_before_any_sampling(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing was trained or written
 
 
+def test_personalization_refuses_more_paired_images_than_images(tmp_path):
+    with pytest.raises(SystemExit, match=r"--with-other=11 is invalid: expected 0..--images \(10\)"):
+        _load("personalization").main(["--with-other", "11", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
+
+
 def test_alignment_benchmark_controlnet_methods_on_the_shipped_model(random_shapes_model, tmp_path):
     alignment = _load("alignment")
     methods = "controlnet,controlnet-ait2i,controlnet-ait2i-boxes"

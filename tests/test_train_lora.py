@@ -87,8 +87,9 @@ def test_one_step_changes_only_lora_parameters(model_dir, instance_dir, tmp_path
     assert lora_b and all(b.abs().sum() > 0 for b in lora_b)
 
     base_text = dict(CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder").named_parameters())
-    for name, param in result.text_encoder.named_parameters():
-        assert torch.equal(param, base_text[name]), f"text encoder weight {name} changed"
+    for name, param in result.text_encoder.named_parameters():  # the recipe's text-encoder LoRA aside
+        if ".lora_" not in name:
+            assert torch.equal(param, base_text[_base_name(name)]), f"text encoder weight {name} changed"
     assert result.weights_path == tmp_path / "out" / "pytorch_lora_weights.safetensors"
     assert result.weights_path.is_file()
 
@@ -98,7 +99,10 @@ def test_saved_lora_loads_into_fresh_pipeline_with_same_output(model_dir, instan
 
     out = tmp_path / "out"
     result = train_lora.main(argv(model_dir, instance_dir, out))
-    trained = StableDiffusionPipeline.from_pretrained(model_dir, unet=result.unet)
+    # the small-model recipe trains a text-encoder LoRA too
+    trained = StableDiffusionPipeline.from_pretrained(
+        model_dir, unet=result.unet, text_encoder=result.text_encoder
+    )
     expected = _generate(trained)
     fresh = StableDiffusionPipeline.from_pretrained(model_dir)
     base = _generate(fresh)
@@ -131,10 +135,33 @@ def test_text_encoder_lora_trains_and_round_trips(model_dir, instance_dir, tmp_p
 
     # Load the saved file into fresh adapters the way a resumed run does.
     fresh = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
-    config = LoraConfig(r=2, lora_alpha=2, target_modules=list(train_lora.TEXT_ENCODER_TARGETS))
+    # the small-model recipe (64 px) also adapts the token embeddings
+    targets = train_lora.TEXT_ENCODER_TARGETS_WITH_EMBEDDINGS.split(",")
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=targets)
     inject_adapter_in_model(config, fresh, adapter_name="default")
     train_lora.load_lora_into(out, result.unet, fresh)
     torch.testing.assert_close(_embed(fresh, ids), expected)
+
+
+def test_token_embedding_lora_moves_only_the_prompts_tokens_and_loads(model_dir, instance_dir, tmp_path):
+    from ait2i_ext.adapters.personalize import load_lora
+    from diffusers import StableDiffusionPipeline
+
+    from ait2i_ext.testing import load_clip_tokenizer
+
+    out = tmp_path / "out"
+    result = train_lora.main(argv(model_dir, instance_dir, out, "--train_text_encoder"))
+    embedding = result.text_encoder.get_input_embeddings()
+    delta = embedding.lora_embedding_B["default"] @ embedding.lora_embedding_A["default"]  # (width, vocab)
+    moved = set(torch.nonzero(delta.abs().sum(0) > 0).flatten().tolist())
+    assert moved == set(load_clip_tokenizer()(PROMPT).input_ids)  # BOS, "a photo of sks dog", EOS (= padding)
+
+    expected = _generate(
+        StableDiffusionPipeline.from_pretrained(model_dir, unet=result.unet, text_encoder=result.text_encoder)
+    )
+    fresh = StableDiffusionPipeline.from_pretrained(model_dir)
+    load_lora(fresh, out)  # its key check knows the embedding keys
+    np.testing.assert_allclose(_generate(fresh), expected, atol=1e-5)
 
 
 def test_text_encoder_lora_loads_with_load_lora_weights(model_dir, instance_dir, tmp_path):
@@ -187,8 +214,48 @@ def test_prior_preservation_generates_class_images_and_validation_images(model_d
     ]  # fmt: skip
     result = train_lora.main(argv(model_dir, instance_dir, out, *extra))
     assert result.global_step == 1
-    assert sorted(p.name for p in class_dir.iterdir()) == ["class-00000.png", "class-00001.png"]
+    assert sorted(p.name for p in class_dir.glob("*.png")) == ["class-00000.png", "class-00001.png"]
     assert [p.name for p in (out / "validation").iterdir()] == ["step-000001-0.png"]
+
+
+def test_class_images_from_a_prompts_file_keep_their_captions(model_dir, tmp_path):
+    import json
+
+    from ait2i_ext.training.lora_data import list_images, read_captions
+
+    instance = _write_images(tmp_path / "instance", 2)
+    (instance / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "1.png", "text": "a sks dog and a cat"}) + "\n"
+    )
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of dog\n\na dog and a cat\n")
+    class_dir = tmp_path / "class"
+    extra = [
+        "--with_prior_preservation", "--class_data_dir", str(class_dir), "--class_prompts_file", str(prompts),
+        "--num_class_images", "3", "--class_inference_steps", "1", "--class_batch_size", "2",
+    ]  # fmt: skip
+    result = train_lora.main(argv(model_dir, instance, tmp_path / "out", *extra))
+    assert result.global_step == 1
+    images = list_images(class_dir, "--class_data_dir")
+    assert [p.name for p in images] == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    assert read_captions(images, None) == ["a photo of dog", "a dog and a cat", "a photo of dog"]
+
+
+def test_an_empty_class_prompts_file_is_refused(model_dir, instance_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n")
+    extra = [
+        "--with_prior_preservation",
+        "--class_data_dir",
+        str(tmp_path / "c"),
+        "--class_prompts_file",
+        str(prompts),
+    ]
+    with pytest.raises(
+        ValueError, match=r"--class_prompts_file=.*prompts.txt.* expected a text file holding"
+    ):
+        train_lora.parse_args(argv(model_dir, instance_dir, tmp_path / "out", *extra))
+    assert not (tmp_path / "c").exists()
 
 
 # --- defaults from the model (issue 15) ----------------------------------------------------------
@@ -236,7 +303,7 @@ def test_recipe_follows_the_model_size():
         == 512
     )  # SD 1.5: 64 x 64 latents, VAE scale factor 8
     with pytest.raises(ValueError, match="rank=0 is invalid"):
-        train_lora.Recipe("bad", 0, None, "to_q", False, 1e-4, 1, 1, False)
+        train_lora.Recipe("bad", 0, None, "to_q", False, "q_proj", 1e-4, 1, 1, False)
 
 
 # --- checkpoints and resume --------------------------------------------------------------------

@@ -5,9 +5,10 @@ resumed run sees the same batches an uninterrupted run would.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,10 @@ from torch.utils.data import Dataset, Sampler
 
 logger = logging.getLogger(__name__)
 
+# Per-image captions, Hugging Face `datasets` imagefolder format: one JSON object per line,
+# {"file_name": "star-00.png", "text": "a sks star and a blue square"}.
+METADATA_NAME = "metadata.jsonl"
+
 
 def _image_extensions() -> frozenset[str]:
     return frozenset(ext.lower() for ext in Image.registered_extensions())
@@ -25,7 +30,8 @@ def _image_extensions() -> frozenset[str]:
 def list_images(folder: str | Path, flag: str = "--instance_data_dir") -> list[Path]:
     """The image files of ``folder``, sorted by name, after checking every file opens as an image.
 
-    Hidden files (``.DS_Store``, ``.ipynb_checkpoints``) and sub-folders are ignored.
+    Hidden files (``.DS_Store``, ``.ipynb_checkpoints``), sub-folders and the captions file
+    ``metadata.jsonl`` (see `read_captions`) are ignored.
 
     Args:
         folder (`str` or `Path`): the folder to read.
@@ -40,7 +46,9 @@ def list_images(folder: str | Path, flag: str = "--instance_data_dir") -> list[P
         raise ValueError(f"{flag}={str(folder)!r} does not exist: expected a folder of images")
     if not path.is_dir():
         raise ValueError(f"{flag}={str(folder)!r} is not a folder: expected a folder of images")
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = sorted(
+        p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != METADATA_NAME
+    )
     if not files:
         raise ValueError(f"{flag}={str(folder)!r} is empty: expected at least one image (.png, .jpg, ...)")
 
@@ -64,6 +72,41 @@ def list_images(folder: str | Path, flag: str = "--instance_data_dir") -> list[P
             "expected images that PIL can decode"
         )
     return files
+
+
+def read_captions(
+    images: Sequence[Path], default: str | None, flag: str = "--instance_data_dir"
+) -> list[str]:
+    """The caption of each image: its ``text`` in the folder's ``metadata.jsonl`` (Hugging Face
+    imagefolder format, ``{"file_name": ..., "text": ...}`` per line), else ``default``.
+
+    Raises:
+        ValueError: a line that is not such an object, or an image with no caption and no ``default``.
+    """
+    captions: dict[str, str] = {}
+    folders = {Path(p).parent for p in images}
+    for folder in folders:
+        path = folder / METADATA_NAME
+        if not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                captions[str(folder / entry["file_name"])] = str(entry["text"])
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(
+                    f"{flag}: {str(path)!r} line {number} is {line[:80]!r}: expected a JSON object with "
+                    '"file_name" and "text"'
+                ) from None
+    missing = [p.name for p in images if str(p) not in captions and default is None]
+    if missing:
+        raise ValueError(
+            f"{flag}: {len(missing)} image(s) have no caption in {METADATA_NAME} and no prompt was given: "
+            f"{missing[:5]}"
+        )
+    return [captions.get(str(p), default) for p in images]
 
 
 def load_image_tensor(
@@ -95,19 +138,22 @@ def load_image_tensor(
 
 
 class DreamBoothDataset(Dataset):
-    """Instance images with the instance prompt, optionally paired with class images and the class prompt.
+    """Instance images with their prompts, optionally paired with class images and their prompts.
 
-    The length is the number of instance images; item ``i`` pairs instance image ``i`` with class
-    image ``i % num_class``. Random crops and flips draw from a generator seeded by
+    The length is the number of instance images; in epoch ``e``, item ``i`` pairs instance image ``i``
+    with class image ``(e * num_instance + i) % num_class``, so every class image is used in turn
+    (diffusers' DreamBooth dataset pairs only the first ``num_instance`` of them). Random crops and flips draw from a generator seeded by
     ``(seed, epoch, i)``, never from the global one: the dataloader fetches a batch ahead, so global
     draws made here would land on the wrong side of a checkpoint and a resumed run would diverge.
 
     Args:
         instance_images (`list[Path]`): checked instance image files (see `list_images`).
-        instance_prompt_ids (`torch.Tensor`): `(77,)` token ids of the instance prompt.
+        instance_prompt_ids (`torch.Tensor`): `(77,)` token ids of the instance prompt, or `(N, 77)`:
+            one row per instance image (captions of `read_captions`).
         resolution (`int`): side of the square training images.
         class_images (`list[Path]`, *optional*): class images for prior preservation.
-        class_prompt_ids (`torch.Tensor`, *optional*): `(77,)` token ids of the class prompt.
+        class_prompt_ids (`torch.Tensor`, *optional*): `(77,)` token ids of the class prompt, or `(M, 77)`,
+            one row per class image.
         center_crop (`bool`): centre crop (default) or random crop.
         random_flip (`bool`): flip horizontally with probability 0.5.
         seed (`int`): base seed of the augmentations.
@@ -128,6 +174,12 @@ class DreamBoothDataset(Dataset):
             raise ValueError(
                 "class_prompt_ids=None is invalid with class images: expected the class prompt's ids"
             )
+        for name, ids, count in (
+            ("instance_prompt_ids", instance_prompt_ids, len(instance_images)),
+            ("class_prompt_ids", class_prompt_ids, len(class_images or [])),
+        ):
+            if ids is not None and ids.dim() == 2 and len(ids) != count:
+                raise ValueError(f"{name} has {len(ids)} rows: expected one per image ({count})")
         self.instance_images = list(instance_images)
         self.instance_prompt_ids = instance_prompt_ids
         self.class_images = list(class_images or [])
@@ -150,13 +202,17 @@ class DreamBoothDataset(Dataset):
         def load(path: Path) -> torch.Tensor:
             return load_image_tensor(path, self.resolution, self.center_crop, self.random_flip, generator)
 
+        def ids(all_ids: torch.Tensor, i: int) -> torch.Tensor:
+            return all_ids[i] if all_ids.dim() == 2 else all_ids
+
         example = {
             "instance_pixels": load(self.instance_images[index]),
-            "instance_ids": self.instance_prompt_ids,
+            "instance_ids": ids(self.instance_prompt_ids, index),
         }
         if self.class_images:
-            example["class_pixels"] = load(self.class_images[index % len(self.class_images)])
-            example["class_ids"] = self.class_prompt_ids
+            j = (self.epoch * len(self) + index) % len(self.class_images)
+            example["class_pixels"] = load(self.class_images[j])
+            example["class_ids"] = ids(self.class_prompt_ids, j)
         return example
 
 
@@ -201,7 +257,7 @@ class EpochShuffleSampler(Sampler[int]):
 
 def ensure_class_images(
     class_dir: str | Path,
-    class_prompt: str,
+    class_prompt: str | Sequence[str],
     num_class_images: int,
     make_pipeline: Callable[[], object],
     seed: int,
@@ -211,11 +267,13 @@ def ensure_class_images(
     """Fill ``class_dir`` up to ``num_class_images`` images of ``class_prompt`` made with the base model.
 
     Existing images are kept and checked like instance images; only the missing ones are generated,
-    named ``class-{i:05d}.png`` after the existing count, from a generator seeded per batch.
+    named ``class-{i:05d}.png`` after the existing count, from a generator seeded per batch. With
+    several prompts, image ``i`` shows prompt ``i % len(prompts)``; each generated image's prompt is
+    appended to the folder's ``metadata.jsonl`` (read back by `read_captions`).
 
     Args:
         class_dir (`str` or `Path`): the class image folder (created if missing).
-        class_prompt (`str`): prompt of the generated images, e.g. ``"a photo of dog"``.
+        class_prompt (`str` or `list[str]`): prompt(s) of the generated images, e.g. ``"a photo of dog"``.
         num_class_images (`int`): how many class images training needs.
         make_pipeline (`Callable`): builds the base pipeline; called only when images are missing.
         seed (`int`): base seed of the generated images.
@@ -225,23 +283,32 @@ def ensure_class_images(
     Returns:
         `list[Path]`: the first ``num_class_images`` images of the folder, sorted by name.
     """
+    prompts = [class_prompt] if isinstance(class_prompt, str) else list(class_prompt)
+    if not prompts:
+        raise ValueError("class_prompt=[] is invalid: expected at least one prompt")
     folder = Path(class_dir)
     folder.mkdir(parents=True, exist_ok=True)
     existing = list_images(folder, "--class_data_dir") if any(folder.iterdir()) else []
     missing = num_class_images - len(existing)
     if missing > 0:
-        logger.info("Generating %d class images of %r into %s", missing, class_prompt, folder)
+        logger.info("Generating %d class images of %d prompt(s) into %s", missing, len(prompts), folder)
         pipeline = make_pipeline()
         made = len(existing)
-        for start in range(0, missing, batch_size):
+        from tqdm.auto import tqdm
+
+        for start in tqdm(range(0, missing, batch_size), desc="class images", unit="batch"):
             count = min(batch_size, missing - start)
+            batch_prompts = [prompts[(made + k) % len(prompts)] for k in range(count)]
             generator = torch.Generator().manual_seed(seed + made)
             images = pipeline(
-                [class_prompt] * count, num_inference_steps=num_inference_steps, generator=generator
+                batch_prompts, num_inference_steps=num_inference_steps, generator=generator
             ).images
-            for image in images:
-                image.save(folder / f"class-{made:05d}.png")
-                made += 1
+            with (folder / METADATA_NAME).open("a") as metadata:
+                for image, prompt in zip(images, batch_prompts, strict=True):
+                    name = f"class-{made:05d}.png"
+                    image.save(folder / name)
+                    metadata.write(json.dumps({"file_name": name, "text": prompt}) + "\n")
+                    made += 1
         del pipeline
         existing = list_images(folder, "--class_data_dir")
     return existing[:num_class_images]

@@ -35,6 +35,7 @@ from .lora_data import (
     collate,
     ensure_class_images,
     list_images,
+    read_captions,
     steps_per_epoch,
 )
 
@@ -44,7 +45,10 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 RUN_CONFIG_NAME = "train_config.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 DEFAULT_UNET_TARGETS = "to_q,to_k,to_v,to_out.0"
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+TEXT_ENCODER_TARGETS = "q_proj,k_proj,v_proj,out_proj"
+# ... plus the token embeddings: words the base never learned (the identifier, a new class noun) get
+# their own vectors (the rows of the prompt's tokens only; the rest of the vocabulary is untouched).
+TEXT_ENCODER_TARGETS_WITH_EMBEDDINGS = TEXT_ENCODER_TARGETS + ",token_embedding"
 _MODEL_DEFAULT = "Default: from the model's size (see `default_recipe`)"
 
 
@@ -58,8 +62,9 @@ class Recipe:
 
     Args:
         name: how the log names it.
-        rank, lora_alpha, lora_targets, train_text_encoder, learning_rate, max_train_steps,
-            train_batch_size, random_flip: the flags' defaults (``lora_alpha=None``: equal to the rank).
+        rank, lora_alpha, lora_targets, train_text_encoder, text_encoder_targets, learning_rate,
+            max_train_steps, train_batch_size, random_flip: the flags' defaults (``lora_alpha=None``:
+            equal to the rank).
     """
 
     name: str
@@ -67,6 +72,7 @@ class Recipe:
     lora_alpha: float | None
     lora_targets: str
     train_text_encoder: bool
+    text_encoder_targets: str
     learning_rate: float
     max_train_steps: int
     train_batch_size: int
@@ -80,8 +86,9 @@ class Recipe:
             raise ValueError(
                 f"learning_rate={self.learning_rate}, lora_alpha={self.lora_alpha} are invalid: expected > 0"
             )
-        if not _target_list(self.lora_targets):
-            raise ValueError(f"lora_targets={self.lora_targets!r} is invalid: expected module names")
+        for field in ("lora_targets", "text_encoder_targets"):
+            if not _target_list(getattr(self, field)):
+                raise ValueError(f"{field}={getattr(self, field)!r} is invalid: expected module names")
 
 
 # Every LoRA-able layer of an SD UNet: attention, feed-forward, the transformer's projections and the
@@ -95,7 +102,10 @@ SMALL_MODEL_RECIPE = Recipe(
     rank=16,
     lora_alpha=None,
     lora_targets=ALL_UNET_TARGETS,
-    train_text_encoder=False,
+    # the identifier and a new noun ("sks star") have untrained embeddings in the shipped model: without
+    # their own vectors the concept is drawn alone but not beside another subject (docs/personalization.md)
+    train_text_encoder=True,
+    text_encoder_targets=TEXT_ENCODER_TARGETS_WITH_EMBEDDINGS,
     learning_rate=1e-3,
     max_train_steps=500,
     train_batch_size=4,
@@ -108,6 +118,7 @@ STANDARD_RECIPE = Recipe(
     lora_alpha=None,
     lora_targets=DEFAULT_UNET_TARGETS,
     train_text_encoder=False,
+    text_encoder_targets=TEXT_ENCODER_TARGETS,
     learning_rate=1e-4,
     max_train_steps=400,
     train_batch_size=1,
@@ -146,7 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--pretrained_model", required=True, help="diffusers folder (with model_index.json) or hub id"
     )
     g.add_argument("--instance_data_dir", required=True, help="folder of images of the concept")
-    g.add_argument("--instance_prompt", required=True, help='e.g. "a photo of sks dog"')
+    g.add_argument(
+        "--instance_prompt",
+        required=True,
+        help='e.g. "a photo of sks dog"; images captioned in the folder\'s metadata.jsonl use their own',
+    )
     g.add_argument("--output_dir", default="lora-out")
     g.add_argument(
         "--resolution",
@@ -162,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--with_prior_preservation", action="store_true")
     g.add_argument("--class_data_dir", help="class images; missing ones are generated with the base model")
     g.add_argument("--class_prompt", help='e.g. "a photo of dog"')
+    g.add_argument(
+        "--class_prompts_file",
+        help="text file, one prompt per line: class images are generated from them in turn (instead of "
+        "--class_prompt), e.g. scenes of several objects so the LoRA keeps drawing them",
+    )
     g.add_argument("--num_class_images", type=int, default=100)
     g.add_argument("--prior_loss_weight", type=float, default=1.0)
     g.add_argument("--class_batch_size", type=int, default=4, help="images per call when generating")
@@ -178,7 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--train_text_encoder",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help=f"also LoRA {','.join(TEXT_ENCODER_TARGETS)}; " + _MODEL_DEFAULT.lower(),
+        help="also train a text-encoder LoRA; " + _MODEL_DEFAULT.lower(),
+    )
+    g.add_argument(
+        "--text_encoder_targets",
+        default=None,
+        help="comma-separated text-encoder module names (with --train_text_encoder); "
+        + _MODEL_DEFAULT.lower(),
     )
 
     g = p.add_argument_group("optimisation")
@@ -266,16 +292,17 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         )
     if args.lora_alpha is not None:
         check(args.lora_alpha > 0, "--lora_alpha", args.lora_alpha, "a number > 0")
-    if args.lora_targets is not None:
-        check(
-            bool(_target_list(args.lora_targets)),
-            "--lora_targets",
-            args.lora_targets,
-            "comma-separated module names",
-        )
+    for flag in ("lora_targets", "text_encoder_targets"):
+        if getattr(args, flag) is not None:
+            check(
+                bool(_target_list(getattr(args, flag))),
+                f"--{flag}",
+                getattr(args, flag),
+                "comma-separated module names",
+            )
 
     _check_model_folder(args.pretrained_model)
-    list_images(args.instance_data_dir, "--instance_data_dir")
+    read_captions(list_images(args.instance_data_dir, "--instance_data_dir"), args.instance_prompt)
 
     if args.with_prior_preservation:
         check(
@@ -285,11 +312,18 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             "a folder with --with_prior_preservation",
         )
         check(
-            bool(args.class_prompt),
+            bool(args.class_prompt) or args.class_prompts_file is not None,
             "--class_prompt",
             args.class_prompt,
-            "a prompt with --with_prior_preservation",
+            "a prompt (or --class_prompts_file) with --with_prior_preservation",
         )
+        if args.class_prompts_file is not None:
+            check(
+                bool(read_prompts_file(args.class_prompts_file)),
+                "--class_prompts_file",
+                args.class_prompts_file,
+                "a text file holding at least one prompt, one per line",
+            )
         check(args.num_class_images >= 1, "--num_class_images", args.num_class_images, "an integer >= 1")
     if args.resume_from_checkpoint not in (None, "latest"):
         path = _resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
@@ -299,6 +333,14 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                 f"or an existing {CHECKPOINT_PREFIX}STEP folder (absolute or inside --output_dir)"
             )
     return args
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """The non-empty lines of a prompts file (``[]`` if the file does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -585,7 +627,7 @@ def train(args: argparse.Namespace) -> TrainingResult:
         save_run_config(args, output_dir)
     check_lora_targets(unet, args.lora_target_list)
     if args.train_text_encoder:
-        check_lora_targets(text_encoder, TEXT_ENCODER_TARGETS, "text encoder LoRA targets")
+        check_lora_targets(text_encoder, _target_list(args.text_encoder_targets), "--text_encoder_targets")
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
@@ -602,7 +644,7 @@ def train(args: argparse.Namespace) -> TrainingResult:
         if accelerator.is_main_process:
             ensure_class_images(
                 args.class_data_dir,
-                args.class_prompt,
+                read_prompts_file(args.class_prompts_file) if args.class_prompts_file else args.class_prompt,
                 args.num_class_images,
                 lambda: _base_pipeline(model, unet, vae, text_encoder, tokenizer),
                 seed=args.seed,
@@ -636,7 +678,7 @@ def train(args: argparse.Namespace) -> TrainingResult:
                 lora_alpha=args.lora_alpha,
                 lora_dropout=args.lora_dropout,
                 init_lora_weights="gaussian",
-                target_modules=list(TEXT_ENCODER_TARGETS),
+                target_modules=_target_list(args.text_encoder_targets),
             ),
             text_encoder,
             adapter_name="default",
@@ -670,21 +712,27 @@ def train(args: argparse.Namespace) -> TrainingResult:
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
 
     # 4. Data: the order depends only on (seed, epoch), so a resumed run continues it.
-    def prompt_ids(prompt: str) -> torch.Tensor:
+    def prompt_ids(prompts: list[str]) -> torch.Tensor:
+        """`(N, 77)` token ids, one row per image's caption."""
         return tokenizer(
-            prompt,
+            prompts,
             padding="max_length",
             truncation=True,
             max_length=tokenizer.model_max_length,
             return_tensors="pt",
-        ).input_ids[0]
+        ).input_ids
 
+    instance_images = list_images(args.instance_data_dir, "--instance_data_dir")
+    instance_ids = prompt_ids(read_captions(instance_images, args.instance_prompt))
+    class_ids = None
+    if class_images:
+        class_ids = prompt_ids(read_captions(class_images, args.class_prompt, "--class_data_dir"))
     dataset = DreamBoothDataset(
-        list_images(args.instance_data_dir, "--instance_data_dir"),
-        prompt_ids(args.instance_prompt),
+        instance_images,
+        instance_ids,
         args.resolution,
         class_images=class_images,
-        class_prompt_ids=prompt_ids(args.class_prompt) if class_images else None,
+        class_prompt_ids=class_ids,
         center_crop=not args.random_crop,
         random_flip=args.random_flip,
         seed=args.seed,

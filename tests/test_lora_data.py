@@ -1,0 +1,138 @@
+"""Training data of the LoRA script: per-image captions, class-image pairing, shapes-world concepts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ait2i_ext.shapes.concepts import class_prompts, concept_scenes, main, write_concept
+from ait2i_ext.shapes.data import render_scene
+from ait2i_ext.shapes.evaluator import evaluate
+
+try:
+    from ait2i_ext.training.lora_data import DreamBoothDataset, list_images, read_captions
+except ImportError:
+    from training.lora_data import DreamBoothDataset, list_images, read_captions
+
+
+def _images(folder: Path, count: int, prefix: str = "") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(np.full((8, 8, 3), i * 20, dtype=np.uint8)).save(folder / f"{prefix}{i}.png")
+    return list_images(folder)
+
+
+def test_captions_come_from_metadata_jsonl_else_the_prompt(tmp_path):
+    images = _images(tmp_path, 3)
+    (tmp_path / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "1.png", "text": "a sks star and a blue square"}) + "\n"
+    )
+    assert list_images(tmp_path) == images  # metadata.jsonl is not an image, and not an error either
+    assert read_captions(images, "a sks star") == ["a sks star", "a sks star and a blue square", "a sks star"]
+    with pytest.raises(ValueError, match=r"2 image\(s\) have no caption .* \['0.png', '2.png'\]"):
+        read_captions(images, None)
+
+
+def test_a_broken_metadata_line_is_named(tmp_path):
+    images = _images(tmp_path, 1)
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "0.png"}\n')
+    with pytest.raises(
+        ValueError, match=r"metadata.jsonl' line 1 .* expected a JSON object with \"file_name\" and \"text\""
+    ):
+        read_captions(images, "x")
+
+
+def test_every_class_image_is_used_over_the_epochs(tmp_path):
+    instance = _images(tmp_path / "i", 2)
+    classes = _images(tmp_path / "c", 5)
+    ids = torch.arange(5).unsqueeze(1).repeat(1, 77)  # class image j has ids j
+    data = DreamBoothDataset(instance, torch.zeros(77, dtype=torch.long), 8, classes, ids)
+    seen = []
+    for epoch in range(3):
+        data.set_epoch(epoch)
+        seen += [int(data[i]["class_ids"][0]) for i in range(len(data))]
+    assert seen == [0, 1, 2, 3, 4, 0]
+    assert data[0]["instance_ids"].shape == (77,)
+
+
+def test_prompt_rows_must_match_the_images(tmp_path):
+    instance = _images(tmp_path / "i", 2)
+    with pytest.raises(ValueError, match=r"instance_prompt_ids has 3 rows: expected one per image \(2\)"):
+        DreamBoothDataset(instance, torch.zeros(3, 77, dtype=torch.long), 8)
+
+
+def test_concept_scenes_show_the_concept_and_sometimes_one_other_shape():
+    scenes = concept_scenes("star", "yellow", "sks", count=10, with_other=4, seed=3)
+    assert [len(s.objects) for s in scenes] == [1] * 6 + [2] * 4
+    for scene in scenes:
+        assert "sks star" in scene.caption
+        concept = [o for o in scene.objects if o.shape == "star"]
+        assert len(concept) == 1 and concept[0].colour == "yellow"
+        others = [o for o in scene.objects if o.shape != "star"]
+        assert all(o.colour != "yellow" and o.phrase in scene.caption for o in others)
+        # the renderer draws what the caption says: the evaluator finds every object
+        assert evaluate(render_scene(scene), [(o.colour, o.shape) for o in scene.objects]).all_present
+    assert concept_scenes("star", "yellow", "sks", seed=3) != concept_scenes("star", "yellow", "sks", seed=4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"shape": "hexagon"}, r"shape='hexagon', colour='yellow' is invalid"),
+        ({"with_other": 11}, r"count=10, with_other=11 is invalid"),
+    ],
+)
+def test_concept_scenes_reject_bad_input(kwargs, match):
+    args = {"shape": "star", "colour": "yellow", "identifier": "sks", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        concept_scenes(**args)
+
+
+def test_class_prompts_are_training_world_captions():
+    prompts = class_prompts(50, seed=7)
+    assert len(prompts) == 50 and prompts == class_prompts(50, seed=7)
+    assert not any(word in p for p in prompts for word in ("star", "heart", "sks"))
+    assert any(" and " in p for p in prompts)
+
+
+def test_the_command_writes_images_captions_and_class_prompts(tmp_path):
+    out, prompts = tmp_path / "star", tmp_path / "prompts.txt"
+    assert main(["--shape", "star", "--colour", "yellow", "--identifier", "sks", "--out", str(out),
+                 "--count", "4", "--with-other", "2", "--class-prompts", str(prompts),
+                 "--num-class-prompts", "5"]) == 0  # fmt: skip
+    images = list_images(out)
+    assert [p.name for p in images] == [f"star-{i:02d}.png" for i in range(4)]
+    captions = read_captions(images, None)
+    assert (
+        all("sks star" in c for c in captions)
+        and sum(" and " in c or "with" in c or "beside" in c or "next to" in c for c in captions) == 2
+    )
+    assert len(prompts.read_text().splitlines()) == 5
+    write_concept(tmp_path / "again", concept_scenes("star", "yellow", "sks", 4, 2), "star")
+    assert (tmp_path / "again" / "metadata.jsonl").read_text() == (out / "metadata.jsonl").read_text()
+
+
+def test_the_command_refuses_bad_input_before_writing(tmp_path, capsys):
+    out = tmp_path / "star"
+    with pytest.raises(SystemExit) as err:
+        main(
+            [
+                "--shape",
+                "star",
+                "--colour",
+                "yellow",
+                "--identifier",
+                "sks",
+                "--out",
+                str(out),
+                "--with-other",
+                "20",
+            ]
+        )
+    assert err.value.code == 2 and "with_other=20 is invalid" in capsys.readouterr().err
+    assert not out.exists()
