@@ -52,7 +52,7 @@ class LossConfig:
     box_leak_weight: float = 1.0
     box_power: float = 1.0
     w_box_topk: float = 0.0
-    box_members: bool = True
+    box_members: bool = False
     box_topk_fraction: float = 0.2
     isolation: IsolationMode = "euclidean"
     top_k: int = 3
@@ -128,8 +128,9 @@ class ScheduleConfig:
 
     Layout boxes get their own schedule on top (layout guidance's, Chen et al. 2023): on the first
     ``box_guided_fraction`` of the steps, ``box_iterations`` extra updates with step ``box_step_scale``
-    descend the sum of the raw terms named in ``box_update_terms``: the box term and the existence
-    term (which keeps every subject present while the boxes pull; measured in docs/layout.md).
+    descend the sum of the raw terms named in ``box_update_terms`` (default: the box term alone;
+    ``("box", "existence")`` with ``LossConfig(box_members=True)`` trades in-box for correctness on
+    boxes alone and loses on ControlNet: measured in docs/layout.md).
     Without boxes these fields do nothing.
     """
 
@@ -144,7 +145,7 @@ class ScheduleConfig:
     box_iterations: int = 3
     box_guided_fraction: float = 0.2
     box_step_scale: float = 20.0
-    box_update_terms: tuple[str, ...] = ("box", "existence")
+    box_update_terms: tuple[str, ...] = ("box",)
 
     def __post_init__(self) -> None:
         _check(
