@@ -109,22 +109,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError:
         p.error(f"--object-weights {args.object_weights!r} is invalid: expected 3 weights >= 0, e.g. 3,4,3")
     checks = {
-        "--steps": args.steps >= 1,
-        "--batch-size": args.batch_size >= 1,
-        "--lr": args.lr > 0,
-        "--gate-lr": args.gate_lr > 0,
-        "--caption-dropout": 0 <= args.caption_dropout < 1,
-        "--grounding-dropout": 0 <= args.grounding_dropout < 1,
-        "--min-timestep": 0 <= args.min_timestep < 1000,
-        "--min-snr-gamma": args.min_snr_gamma >= 0,
-        "--ema-decay": 0 <= args.ema_decay < 1,
-        "--gate-init": -3 <= args.gate_init <= 3,
-        "--probe-every": args.probe_every >= 0,
-        "--box-attention-weight": args.box_attention_weight >= 0,
+        "--steps": (args.steps >= 1, ">= 1"),
+        "--batch-size": (args.batch_size >= 1, ">= 1"),
+        "--lr": (args.lr > 0, "> 0"),
+        "--gate-lr": (args.gate_lr > 0, "> 0"),
+        "--caption-dropout": (0 <= args.caption_dropout < 1, "in [0, 1)"),
+        "--grounding-dropout": (0 <= args.grounding_dropout < 1, "in [0, 1)"),
+        "--min-timestep": (0 <= args.min_timestep < 1000, "in [0, 1000)"),
+        "--min-snr-gamma": (args.min_snr_gamma >= 0, ">= 0"),
+        "--ema-decay": (0 <= args.ema_decay < 1, "in [0, 1)"),
+        "--gate-init": (-3 <= args.gate_init <= 3, "in [-3, 3]"),
+        "--probe-every": (args.probe_every >= 0, ">= 0"),
+        "--box-attention-weight": (args.box_attention_weight >= 0, ">= 0"),
     }
-    for name, ok in checks.items():
+    for name, (ok, expected) in checks.items():
         if not ok:
-            p.error(f"{name} {getattr(args, name[2:].replace('-', '_'))} is out of range")
+            value = getattr(args, name[2:].replace("-", "_"))
+            p.error(f"{name} {value} is out of range: expected {expected}")
     base = Path(args.base or default_model_path())
     if not (base / "model_index.json").exists():
         p.error(f"--base {str(base)!r} is not a diffusers pipeline folder (no model_index.json)")
