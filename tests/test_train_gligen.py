@@ -4,6 +4,7 @@ train only the new layers, an export the stock loader reads, and resuming to the
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -190,3 +191,73 @@ def test_keep_probs_computes_what_the_stock_processor_computes(base):
         ours = unet(sample, 700, context, **kwargs).sample
     torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-5)
     assert kept and all(k.probs is not None and k.probs.shape[0] % 2 == 0 for k in kept)
+
+
+@pytest.fixture(scope="module")
+def gligen_folder(tmp_path_factory):
+    """A tiny GLIGEN pipeline folder on the tiny base, its fusers random and its gates open (at 1)."""
+    from ait2i_ext.testing import tiny_gligen_pipeline
+
+    path = tmp_path_factory.mktemp("gligen") / "pipe"
+    tiny_gligen_pipeline().save_pretrained(path)
+    return path
+
+
+def _grounding_weights(weights):
+    return {k: v for k, v in weights.items() if k.startswith("position_net.") or ".fuser." in k}
+
+
+def test_init_from_starts_the_fusers_and_the_ema_from_the_folder(base, gligen_folder, tmp_path):
+    pipe = _gligen(base)
+    assert train_gligen.load_grounding(pipe.unet, gligen_folder) == len(
+        _grounding_weights(_unet(gligen_folder))
+    )
+    loaded = pipe.unet.state_dict()
+    for key, value in _grounding_weights(_unet(gligen_folder)).items():
+        torch.testing.assert_close(loaded[key], value.float(), rtol=0, atol=0)
+    # One step at a negligible learning rate: the export (EMA, fp16) is the folder's grounding, the base
+    # UNet's weights are --base's own.
+    out = tmp_path / "run"
+    export = _train(
+        base,
+        out,
+        "--steps",
+        "1",
+        "--lr",
+        "1e-12",
+        "--gate-lr",
+        "1e-12",
+        "--init-from",
+        str(gligen_folder),
+        "--init-step",
+        "7",
+    )
+    weights, folder = _unet(export), _unet(gligen_folder)
+    for key, value in _grounding_weights(folder).items():
+        torch.testing.assert_close(weights[key], value.half(), rtol=0, atol=0)
+    for key, value in _unet(base).items():
+        torch.testing.assert_close(weights[key].float(), value.half().float())
+    recorded = json.loads((out / "train_args.json").read_text())
+    assert recorded["init_from"] == str(gligen_folder) and recorded["init_step"] == 7
+
+
+def test_init_from_refuses_what_is_not_a_gligen_folder_of_the_base(base, gligen_folder, tmp_path, capsys):
+    from diffusers import UNet2DConditionModel
+
+    from ait2i_ext.testing import tiny_unet_config
+
+    with pytest.raises(SystemExit):
+        train_gligen.parse_args(["--base", str(base), "--init-from", str(base)])
+    assert "is not a GLIGEN pipeline folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_gligen.parse_args(["--base", str(base), "--init-from", str(gligen_folder), "--gate-init", "1"])
+    assert "--gate-init" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_gligen.parse_args(["--base", str(base), "--init-step", "5"])
+    assert "--init-step 5 needs --init-from" in capsys.readouterr().err
+    other = tmp_path / "other"
+    shutil.copytree(gligen_folder, other)
+    wider = UNet2DConditionModel(**tiny_unet_config(cross_attention_dim=16), attention_type="gated")
+    wider.save_pretrained(other / "unet")
+    with pytest.raises(ValueError, match="does not fit the GLIGEN UNet of --base"):
+        train_gligen.load_grounding(_gligen(base).unet, other)

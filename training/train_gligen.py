@@ -101,6 +101,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="continue an exported GLIGEN pipeline folder (e.g. the shipped one): its fusers and position "
+        "net (fp16 -> fp32) start the training and the EMA; the base UNet still comes from --base",
+    )
+    p.add_argument(
+        "--init-step",
+        type=int,
+        default=0,
+        help="steps the --init-from model has trained: its scenes are skipped (this run's step counter and "
+        "learning-rate schedule start at 0)",
+    )
     p.add_argument("--cpu-threads", type=int, default=1, help="torch threads when training on a CPU")
     args = p.parse_args(argv)
     try:
@@ -121,6 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--gate-init": (-3 <= args.gate_init <= 3, "in [-3, 3]"),
         "--probe-every": (args.probe_every >= 0, ">= 0"),
         "--box-attention-weight": (args.box_attention_weight >= 0, ">= 0"),
+        "--init-step": (args.init_step >= 0, ">= 0"),
     }
     for name, (ok, expected) in checks.items():
         if not ok:
@@ -130,6 +144,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not (base / "model_index.json").exists():
         p.error(f"--base {str(base)!r} is not a diffusers pipeline folder (no model_index.json)")
     args.base = str(base)
+    if args.init_from is not None:
+        index = Path(args.init_from) / "model_index.json"
+        kind = json.loads(index.read_text()).get("_class_name") if index.exists() else None
+        if kind != "StableDiffusionGLIGENPipeline":
+            p.error(
+                f"--init-from {args.init_from!r} is not a GLIGEN pipeline folder: expected a model_index.json "
+                f"naming StableDiffusionGLIGENPipeline, found {kind!r}"
+            )
+        if args.gate_init:
+            p.error("--gate-init would reset the fusers of --init-from: give one of them")
+    elif args.init_step:
+        p.error(f"--init-step {args.init_step} needs --init-from (the model that trained those steps)")
     return args
 
 
@@ -165,6 +191,28 @@ def gligen_pipeline_from(base):
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def load_grounding(unet, folder) -> int:
+    """Copy the fusers' and position net's weights of the GLIGEN pipeline ``folder`` into ``unet``
+    (cast to ``unet``'s dtype); the base UNet's weights stay ``unet``'s own. Returns the tensors copied.
+
+    Raises:
+        ValueError: ``folder``'s UNet is not a GLIGEN UNet of ``unet``'s shapes (other keys or shapes).
+    """
+    from diffusers import UNet2DConditionModel
+
+    found = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict()
+    own = unet.state_dict()
+    wrong = sorted(set(own) ^ set(found)) or [k for k in own if own[k].shape != found[k].shape]
+    if wrong:
+        raise ValueError(
+            f"--init-from {str(folder)!r} does not fit the GLIGEN UNet of --base: keys or shapes differ "
+            f"at {wrong[:3]} ({len(wrong)} in all)"
+        )
+    new = {k: v for k, v in found.items() if k.startswith("position_net.") or ".fuser." in k}
+    unet.load_state_dict(new, strict=False)
+    return len(new)
 
 
 def trainable_parameters(unet) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
@@ -395,6 +443,9 @@ def main(argv: list[str] | None = None) -> Path:
     vae, unet, text_encoder, scheduler = pipe.vae, pipe.unet, pipe.text_encoder, pipe.scheduler
     vae.requires_grad_(False).eval().to(accelerator.device)
     text_encoder.requires_grad_(False).eval().to(accelerator.device)
+    if args.init_from:
+        copied = load_grounding(unet, args.init_from)
+        logger.info("fusers and position net from %s (%d tensors)", args.init_from, copied)
     if args.gate_init:
         open_gates(unet, args.gate_init)
     kept = keep_fuser_probs(unet) if args.box_attention_weight else []
@@ -445,7 +496,8 @@ def main(argv: list[str] | None = None) -> Path:
     while not finished:
         first = (
             GLIGEN_SEED_OFFSET
-            + (progress.step * accelerator.num_processes + accelerator.process_index) * args.batch_size
+            + ((args.init_step + progress.step) * accelerator.num_processes + accelerator.process_index)
+            * args.batch_size
         )
         pixels, captions, layouts = scene_batch(
             first, args.batch_size, args.caption_dropout, args.grounding_dropout, args.object_weights
@@ -483,7 +535,7 @@ def main(argv: list[str] | None = None) -> Path:
         bar.set_postfix(loss=f"{loss.item():.4f}", gate=f"{gate:.3f}", **extra, refresh=False)
         finished = progress.step >= args.steps
         if accelerator.is_main_process and args.probe_every and progress.step % args.probe_every == 0:
-            log_gap(progress.step, grounding_gap(pipe, accelerator.unwrap_model(unet)))
+            log_gap(args.init_step + progress.step, grounding_gap(pipe, accelerator.unwrap_model(unet)))
         if finished or (args.max_minutes is not None and time.monotonic() - start > args.max_minutes * 60):
             break
         if time.monotonic() - last_ckpt > args.checkpoint_minutes * 60:
