@@ -130,7 +130,9 @@ class ScheduleConfig:
     ``box_guided_fraction`` of the steps, ``box_iterations`` extra updates with step ``box_step_scale``
     descend the sum of the raw terms named in ``box_update_terms`` (default: the box term alone;
     ``("box", "existence")`` with ``LossConfig(box_members=True)`` trades in-box for correctness on
-    boxes alone and loses on ControlNet: measured in docs/layout.md).
+    boxes alone and loses on ControlNet: measured in docs/layout.md). Each layout route may start
+    from its own box settings (``ait2i_ext.adapters.layout.ROUTE_SETTINGS``, applied by
+    :func:`model_config`'s ``defaults``).
     Without boxes these fields do nothing.
     """
 
