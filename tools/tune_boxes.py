@@ -83,6 +83,15 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
         {"box_members": True},
         {"box_update_terms": ("box", "existence"), "box_iterations": 5, "box_step_scale": 12.0},
     ),
+    # a strong pull on the first 3 of 25 steps only
+    "mex-s40-f12": (
+        {"box_members": True},
+        {"box_update_terms": ("box", "existence"), "box_step_scale": 40.0, "box_guided_fraction": 0.12},
+    ),
+    "mex-it8-f12": (
+        {"box_members": True},
+        {"box_update_terms": ("box", "existence"), "box_iterations": 8, "box_guided_fraction": 0.12},
+    ),
     "mex-cen3": (
         {"box_members": True, "box_centroid_weight": 3.0},
         {"box_update_terms": ("box", "existence")},
