@@ -202,6 +202,8 @@ def repeat_per_image(image, num_images: int, multi: bool):
 class _ControlNetMixin:
     """Adds the pipeline's ControlNet residuals to the plain adapter's conditional UNet pass."""
 
+    layout_route = "controlnet"
+
     def __init__(self, pipe):
         super().__init__(pipe)
         self.tracker = StepTracker()

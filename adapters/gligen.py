@@ -164,6 +164,8 @@ class GLIGENAdapter(StableDiffusionAdapter):
             through :meth:`prepare`.
     """
 
+    layout_route = "gligen"
+
     def __init__(self, pipe, subjects=None):
         super().__init__(pipe)
         self.subjects = subjects

@@ -18,9 +18,40 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from ait2i_ext.config import AIT2IConfig, model_config
 from ait2i_ext.tokens import Box, Subject, SubjectSpec, infer_subjects, validate_box
 
 GLIGEN_MAX_BOXES = 30  # StableDiffusionGLIGENPipeline's max_objs
+
+#: The settings each layout route starts from, shaped as ``ait2i.json`` (``{"loss": {...},
+#: "schedule": {...}}``): they replace library defaults, and lose to a model's ``ait2i.json`` and to
+#: the caller's fields (:func:`route_config`). ``generate`` without a ``config`` applies the route of
+#: its adapter (``adapter.layout_route``), the CLI the route ``--box`` / ``--controlnet`` takes.
+#: Measured in docs/layout.md: boxes alone box the attribute words too and keep the existence term
+#: in the box-only updates (the box term is all they have to place the subjects, and alone it cost
+#: correctness); ControlNet did worse with that and keeps the library defaults, and so does GLIGEN
+#: (measured with them).
+ROUTE_SETTINGS: dict[str, dict[str, dict]] = {
+    "boxes": {
+        "loss": {"box_members": True},
+        "schedule": {"box_update_terms": ("box", "existence"), "box_iterations": 5},
+    },
+    "gligen": {},
+    "controlnet": {},
+}
+
+
+def route_config(route: str, model=None, **fields) -> AIT2IConfig:
+    """The configuration a layout ``route`` runs with on ``model``: the library defaults, the route's
+    :data:`ROUTE_SETTINGS`, the model's ``ait2i.json``, then ``fields`` (``loss=``, ``schedule=``,
+    ``preset=`` and other options of :func:`ait2i_ext.config.model_config`).
+
+    Raises:
+        ValueError: an unknown route, or settings the configs refuse.
+    """
+    if route not in ROUTE_SETTINGS:
+        raise ValueError(f"layout route {route!r} is unknown: expected one of {sorted(ROUTE_SETTINGS)}")
+    return model_config(model, defaults=ROUTE_SETTINGS[route], **fields)
 
 
 def parse_box_arg(text: str) -> tuple[str, Box]:
@@ -171,10 +202,12 @@ def load_gligen_pipeline(path: str, dtype: torch.dtype | str | None = None):
 
 __all__ = [
     "GLIGEN_MAX_BOXES",
+    "ROUTE_SETTINGS",
     "StepTracker",
     "boxed_subjects",
     "load_gligen_pipeline",
     "parse_box_arg",
+    "route_config",
     "subjects_with_boxes",
     "torch_dtype",
 ]

@@ -55,6 +55,9 @@ def timestep_cond(pipe, call_kwargs: dict, batch: int, like: torch.Tensor) -> to
 class StableDiffusionAdapter:
     """``StableDiffusionPipeline`` and pipelines sharing its ``__call__`` (SD 1.x/2.x)."""
 
+    #: Its layout route: the box settings of ``ait2i_ext.adapters.layout.ROUTE_SETTINGS`` it runs with.
+    layout_route = "boxes"
+
     def __init__(self, pipe):
         self.pipe = pipe
 

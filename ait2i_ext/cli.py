@@ -178,10 +178,12 @@ def _subjects(args: argparse.Namespace, prompt: str):
     return subjects
 
 
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace, route: str | None = None):
+    """The run's configuration: the layout ``route``'s box settings (``layout_route``), the model's
+    own settings (its folder's ``ait2i.json``), then what the command line says."""
+    from .adapters.layout import ROUTE_SETTINGS
     from .config import model_config, model_loss
 
-    # The model's own settings (its folder's ait2i.json), then what the command line says.
     model = args.gligen or args.model or default_model()
     try:
         radii = model_loss(
@@ -191,6 +193,7 @@ def _config(args: argparse.Namespace):
         raise ValueError(f"--aggregation-radius / --alignment-radius: {e}") from None
     return model_config(
         model,
+        defaults=ROUTE_SETTINGS.get(route),
         loss={**radii, **({"isolation": args.isolation} if args.isolation else {})},
         # only what the command line says: the rest of the schedule is the model's (its ait2i.json)
         schedule={
@@ -351,16 +354,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .pipeline import generate
 
     check_arguments(args)  # everything that needs no model, before anything loads
-    config = _config(args)
-    subjects = _subjects(args, args.prompt)  # bad words and boxes fail before anything loads
     shipped = args.model is None and not (args.gligen or args.controlnet)
+    route = layout_route(args)  # may pick the shipped GLIGEN for --box on the shipped model
+    config = _config(args, route)  # the route's box settings, the model's ait2i.json, the flags
+    subjects = _subjects(args, args.prompt)  # bad words and boxes fail before anything loads
     objects = None
     if args.evaluate or (shipped and default_model() is not None):
         try:
             objects = _shapes_objects(args.prompt)
         except ValueError:
             objects = None  # a prompt outside the shapes world on the shipped model: no marks
-    route = layout_route(args)  # may pick the shipped GLIGEN for --box on the shipped model
     pipe = load_pipeline(args)
     size = check_against_model(args, pipe, subjects)
     call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, **size)

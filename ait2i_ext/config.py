@@ -130,7 +130,9 @@ class ScheduleConfig:
     ``box_guided_fraction`` of the steps, ``box_iterations`` extra updates with step ``box_step_scale``
     descend the sum of the raw terms named in ``box_update_terms`` (default: the box term alone;
     ``("box", "existence")`` with ``LossConfig(box_members=True)`` trades in-box for correctness on
-    boxes alone and loses on ControlNet: measured in docs/layout.md).
+    boxes alone and loses on ControlNet: measured in docs/layout.md). Each layout route may start
+    from its own box settings (``ait2i_ext.adapters.layout.ROUTE_SETTINGS``, applied by
+    :func:`model_config`'s ``defaults``).
     Without boxes these fields do nothing.
     """
 
@@ -333,16 +335,20 @@ PRESETS: dict[str, dict[str, dict]] = {
 def model_config(
     model=None,
     *,
+    defaults: dict[str, dict] | None = None,
     loss: dict | None = None,
     schedule: dict | None = None,
     preset: str = "default",
     **options,
 ) -> AIT2IConfig:
-    """The :class:`AIT2IConfig` a model calls for: defaults, its ``ait2i.json``, the ``preset``, then
-    the given fields.
+    """The :class:`AIT2IConfig` a model calls for: the library defaults, ``defaults``, its
+    ``ait2i.json``, the ``preset``, then the given fields.
 
     Args:
         model: a pipeline folder or a pipeline loaded from one (``None``: defaults only).
+        defaults: settings shaped as ``ait2i.json`` (``{"loss": {...}, "schedule": {...}}``) that
+            replace library defaults but lose to the model's own, e.g. a layout route's box settings
+            (``ait2i_ext.adapters.layout.ROUTE_SETTINGS``).
         loss: :class:`LossConfig` fields that win over the model's.
         schedule: :class:`ScheduleConfig` fields that win over the model's and the preset's.
         preset: a name of :data:`PRESETS` (only ``"default"`` so far).
@@ -352,12 +358,25 @@ def model_config(
     Example: ``model_config(pipe, schedule={"step_scale": 10})`` keeps the model's loss radii.
     """
     _check(preset in PRESETS, "preset", preset, f"one of {sorted(PRESETS)}")
+    defaults = defaults or {}
+    _check(
+        set(defaults) <= set(_SECTIONS), "defaults", defaults, f"a dict with the sections {sorted(_SECTIONS)}"
+    )
     settings = read_model_settings(model) if model is not None else {}
     chosen = PRESETS[preset]
     return AIT2IConfig(
-        loss=LossConfig(**_from_json({**settings.get("loss", {}), **(loss or {})})),
+        loss=LossConfig(
+            **_from_json({**defaults.get("loss", {}), **settings.get("loss", {}), **(loss or {})})
+        ),
         schedule=ScheduleConfig(
-            **_from_json({**settings.get("schedule", {}), **chosen.get("schedule", {}), **(schedule or {})})
+            **_from_json(
+                {
+                    **defaults.get("schedule", {}),
+                    **settings.get("schedule", {}),
+                    **chosen.get("schedule", {}),
+                    **(schedule or {}),
+                }
+            )
         ),
         **{**chosen.get("options", {}), **options},
     )

@@ -115,8 +115,10 @@ def generate(
         subjects: subjects by words (see :mod:`ait2i_ext.tokens`), for every prompt or one list per
             prompt; ``None`` infers them from each prompt.
         config: loss weights, schedule and mode. ``None``: the model's own settings, i.e.
-            ``AIT2IConfig()`` updated by the ``ait2i.json`` of the folder the pipeline was loaded
-            from (:func:`~ait2i_ext.config.model_config`; the shipped shapes model has one). An
+            ``AIT2IConfig()`` updated by the box settings of the adapter's layout route
+            (``ait2i_ext.adapters.layout.ROUTE_SETTINGS``), then by the ``ait2i.json`` of the folder
+            the pipeline was loaded from (:func:`~ait2i_ext.config.model_config`; the shipped shapes
+            model has one). An
             explicit ``config`` is used as given: build it with ``model_config(pipe, ...)`` to
             change some fields and keep the model's others.
         guidance: ``False`` runs the pipeline untouched (same images as calling it directly).
@@ -129,12 +131,13 @@ def generate(
         :class:`GuidedOutput` with the images, the groups, per-step losses and the maps.
     """
     from .adapters import adapter_for
+    from .adapters.layout import ROUTE_SETTINGS
 
+    adapter = adapter or adapter_for(pipe)
     if config is None:
-        config = model_config(pipe)
+        config = model_config(pipe, defaults=ROUTE_SETTINGS.get(getattr(adapter, "layout_route", None)))
     elif read_model_settings(pipe):
         logger.info("an explicit config is used as given: %s's ait2i.json does not apply", pipe.name_or_path)
-    adapter = adapter or adapter_for(pipe)
     for key in ("prompt_embeds", "pooled_prompt_embeds", "latents"):
         if call_kwargs.get(key) is not None:
             raise ValueError(

@@ -371,7 +371,7 @@ class App:
         try:
             settings = Settings(seed, steps, guidance_scale, step_scale, num_images, layout)
             args = generate_args(self.model, step_scale=settings.step_scale)
-            config = _config(args)
+            config = _config(args, settings.layout)  # the layout route's box settings
             pipe = self.pipeline(settings.layout)
             resolved = resolve_subjects(pipe.tokenizer, prompt, subjects, boxes, identifier)
             with lora_loaded(pipe, lora):

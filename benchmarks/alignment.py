@@ -10,7 +10,8 @@ Methods: ``plain`` (the stock pipeline), ``attend-excite`` (diffusers'
 (defaults and the model's ``ait2i.json``: on the shipped shapes model its radii 2.5 / 3), ``ait2i-reference`` (the
 reference radii 5 / 6 whatever the model), ``ait2i-no-agg`` (aggregation and alignment weights 0), ``ait2i-no-iso`` (isolation
 weight 0), ``ait2i-boxes`` (each subject also gets its layout box: the box terms of
-docs/layout.md), ``ait2i-lagged`` (the approximate ``"lagged"`` mode), ``gligen`` (the GLIGEN
+docs/layout.md, with the box settings of the "boxes" route; ``gligen-ait2i`` and
+``controlnet-ait2i-boxes`` get their routes' settings, ``ait2i_ext.adapters.layout.ROUTE_SETTINGS``), ``ait2i-lagged`` (the approximate ``"lagged"`` mode), ``gligen`` (the GLIGEN
 model of ``--gligen``, by default the shipped GLIGEN shapes model, grounded on the layout boxes)
 ``gligen-ait2i`` (the same with ait2i guidance and the box term),
 ``controlnet`` / ``controlnet-ait2i`` (the shipped
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from ait2i_ext.adapters.layout import ROUTE_SETTINGS
 
 from ait2i_ext import AIT2IConfig, LossConfig, ScheduleConfig, Subject, generate
 from ait2i_ext.tokens import resolve_groups
@@ -78,8 +80,12 @@ def method_config(
     command line on top) apply to every ait2i method but ``ait2i-reference``, which keeps the
     reference values of ``LossConfig``.
     """
-    schedule = ScheduleConfig(step_scale=step_scale)
     radii = {} if method == "ait2i-reference" else dict(radii or {})
+    # The box methods run with their layout route's box settings (ait2i_ext.adapters.layout).
+    route = {"ait2i-boxes": "boxes", "gligen-ait2i": "gligen", "controlnet-ait2i-boxes": "controlnet"}
+    settings = ROUTE_SETTINGS[route[method]] if method in route else {}
+    radii = {**settings.get("loss", {}), **radii}
+    schedule = ScheduleConfig(**{**settings.get("schedule", {}), "step_scale": step_scale})
     loss = {
         "ait2i": LossConfig(**radii),
         "ait2i-reference": LossConfig(),

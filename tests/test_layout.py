@@ -570,9 +570,9 @@ def test_registry_picks_the_layout_adapters(gligen_pipe):
 
 
 def test_the_default_box_settings_are_the_measured_ones():
-    """docs/layout.md: the defaults are the first round's box settings (box term alone in the box-only
-    updates, attributes not boxed), which measured better on ControlNet and on in-box; the second
-    round's (attributes boxed, existence kept) are opt-in."""
+    """docs/layout.md: the library defaults are the first round's box settings (box term alone in the
+    box-only updates, attributes not boxed), which measured better on ControlNet (and GLIGEN was
+    measured with them); boxes alone get the third round's through their route (next test)."""
     from ait2i_ext import LossConfig
 
     pipe = tiny_sd_pipeline()
@@ -591,3 +591,49 @@ def test_the_default_box_settings_are_the_measured_ones():
     assert torch.equal(default, measured)
     assert not torch.equal(default, run({"box_members": False}, {"box_update_terms": ("box", "existence")}))
     assert not torch.equal(default, run({"box_members": True}, {"box_update_terms": ("box",)}))
+
+
+BOXES_ROUTE = {"box_members": True, "box_update_terms": ("box", "existence")}
+LIBRARY = {"box_members": False, "box_update_terms": ("box",)}
+
+
+def _box_settings(config: AIT2IConfig) -> dict:
+    return {"box_members": config.loss.box_members, "box_update_terms": config.schedule.box_update_terms}
+
+
+def test_each_layout_route_runs_with_its_box_settings(gligen_pipe):
+    """Without a config, ``generate`` runs the box settings of its adapter's route: boxes alone the
+    measured ones of docs/layout.md (attributes boxed, existence in the box-only updates), GLIGEN and
+    ControlNet the library defaults; an explicit config is used as given."""
+    from ait2i_ext.adapters.layout import ROUTE_SETTINGS
+
+    subjects = [Subject("cat", ("red",), box=CAT), Subject("dog", ("blue",), box=DOG)]
+    call = dict(num_inference_steps=1, output_type="latent", generator=seed())
+    prompt = "a red cat and a blue dog"
+    sd = tiny_sd_pipeline()
+    assert _box_settings(generate(sd, prompt, subjects, **call).config) == BOXES_ROUTE
+    explicit = generate(sd, prompt, subjects, config=AIT2IConfig(), **call)
+    assert _box_settings(explicit.config) == LIBRARY
+    cn = generate(controlnet_pipeline("sd"), prompt, subjects, image=edge_picture(), **call)
+    assert _box_settings(cn.config) == LIBRARY
+    gligen = generate(gligen_pipe, prompt, subjects, adapter=GLIGENAdapter(gligen_pipe, subjects), **call)
+    assert _box_settings(gligen.config) == LIBRARY
+    assert ROUTE_SETTINGS["gligen"] == ROUTE_SETTINGS["controlnet"] == {}
+
+
+def test_route_settings_lose_to_the_models_file_and_the_callers_fields(tmp_path):
+    """Library defaults < the route's settings < the model's ait2i.json < the caller's fields."""
+    from ait2i_ext.adapters.layout import route_config
+
+    from ait2i_ext.config import write_model_settings
+
+    assert _box_settings(route_config("boxes")) == BOXES_ROUTE
+    assert _box_settings(route_config("controlnet")) == LIBRARY
+    write_model_settings(tmp_path, loss={"box_members": False}, schedule={"box_step_scale": 5.0})
+    from_file = route_config("boxes", tmp_path)
+    assert not from_file.loss.box_members and from_file.schedule.box_step_scale == 5.0
+    assert from_file.schedule.box_update_terms == ("box", "existence")  # the route's, not in the file
+    given = route_config("boxes", tmp_path, schedule={"box_update_terms": ("box",)})
+    assert given.schedule.box_update_terms == ("box",)
+    with pytest.raises(ValueError, match="layout route 'sketch' is unknown"):
+        route_config("sketch")

@@ -23,6 +23,12 @@ def _check_run(out, expect_boxes=True):
 def test_boxes_alone(tmp_path):
     assert main(["generate", "--model", "tiny", *COMMON, "--out", str(tmp_path / "o")]) == 0
     _check_run(tmp_path / "o")
+    config = json.loads((tmp_path / "o" / "run.json").read_text())["config"]
+    # the boxes route's settings (ait2i_ext.adapters.layout.ROUTE_SETTINGS) are what ran
+    assert config["loss"]["box_members"] and list(config["schedule"]["box_update_terms"]) == [
+        "box",
+        "existence",
+    ]
 
 
 def test_gligen_route(tmp_path):
@@ -42,6 +48,8 @@ def test_controlnet_route(tmp_path):
     argv += ["--control", f"image:{tmp_path / 'edges.png'}", *COMMON, "--out", str(tmp_path / "o")]
     assert main(argv) == 0
     _check_run(tmp_path / "o")
+    config = json.loads((tmp_path / "o" / "run.json").read_text())["config"]
+    assert not config["loss"]["box_members"] and list(config["schedule"]["box_update_terms"]) == ["box"]
 
 
 @pytest.mark.parametrize(

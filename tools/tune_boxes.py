@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from ait2i_ext.adapters.layout import ROUTE_SETTINGS
 
 from ait2i_ext import AIT2IConfig, LossConfig, ScheduleConfig, Subject, generate
 from ait2i_ext.shapes.model import SHAPES_LOSS, default_model_path, load_controlnet_pipeline
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 RADII = dict(aggregation_radius=SHAPES_LOSS.aggregation_radius, alignment_radius=SHAPES_LOSS.alignment_radius)
 
 # name -> (LossConfig overrides, ScheduleConfig overrides) on top of BASE; "plain" and "ait2i" get no
-# boxes, "default..." start from the library's defaults as they are now.
+# boxes, "default..." start from the route's settings as they are now (library defaults + ROUTE_SETTINGS).
 BASE = ({"box_members": False}, {"box_update_terms": ("box",)})  # the box settings of the first round
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "plain": ({}, {}),
@@ -69,17 +70,49 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "default-s40": ({}, {"box_step_scale": 40.0}),
     "default-refine": ({}, {"refinement": True}),
     "default-all": ({}, {"box_guided_fraction": 0.5, "box_update_terms": ("box", "existence", "alignment")}),
+    # issue 10, third round: the second round's settings with a stronger or longer box pull
+    "mex-s40": ({"box_members": True}, {"box_update_terms": ("box", "existence"), "box_step_scale": 40.0}),
+    "mex-frac3": (
+        {"box_members": True},
+        {"box_update_terms": ("box", "existence"), "box_guided_fraction": 0.3},
+    ),
+    "mex-it5": ({"box_members": True}, {"box_update_terms": ("box", "existence"), "box_iterations": 5}),
+    "mex-s30": ({"box_members": True}, {"box_update_terms": ("box", "existence"), "box_step_scale": 30.0}),
+    "default-it5": ({}, {"box_iterations": 5}),
+    "mex-it5-s12": (
+        {"box_members": True},
+        {"box_update_terms": ("box", "existence"), "box_iterations": 5, "box_step_scale": 12.0},
+    ),
+    # a strong pull on the first 3 of 25 steps only
+    "mex-s40-f12": (
+        {"box_members": True},
+        {"box_update_terms": ("box", "existence"), "box_step_scale": 40.0, "box_guided_fraction": 0.12},
+    ),
+    "mex-it8-f12": (
+        {"box_members": True},
+        {"box_update_terms": ("box", "existence"), "box_iterations": 8, "box_guided_fraction": 0.12},
+    ),
+    "mex-cen3": (
+        {"box_members": True, "box_centroid_weight": 3.0},
+        {"box_update_terms": ("box", "existence")},
+    ),
 }
 #: Variant names with this prefix run on the shipped ControlNet (control image: the edges of the
 #: prompt's objects at their boxes); "cn-plain" is the stock ControlNet pipeline.
 CONTROLNET = "cn-"
 
 
-def variant_config(name: str) -> AIT2IConfig | None:
+def variant_config(name: str, route: str = "boxes") -> AIT2IConfig | None:
+    """``name``'s configuration; the "default..." variants start from ``route``'s settings
+    (``ROUTE_SETTINGS``: the library defaults and the route's box settings)."""
     if name == "plain":
         return None
     loss, schedule = VARIANTS[name]
-    base_loss, base_schedule = BASE if not name.startswith("default") else ({}, {})
+    if name.startswith("default"):
+        settings = ROUTE_SETTINGS[route]
+        base_loss, base_schedule = settings.get("loss", {}), settings.get("schedule", {})
+    else:
+        base_loss, base_schedule = BASE
     return AIT2IConfig(
         loss=LossConfig(**{**RADII, **base_loss, **loss}),
         schedule=ScheduleConfig(**{**base_schedule, **schedule}),
@@ -95,6 +128,7 @@ def run(pipe, name: str, prompt, seeds: list[int], steps: int) -> list[dict]:
     call = dict(
         num_inference_steps=steps, guidance_scale=7.5, num_images_per_prompt=len(seeds), generator=generators
     )
+    route = "controlnet" if name.startswith(CONTROLNET) else "boxes"
     if name.startswith(CONTROLNET):
         name, call["image"] = name.removeprefix(CONTROLNET), scene_edges(prompt.objects)
     start = time.perf_counter()
@@ -105,7 +139,7 @@ def run(pipe, name: str, prompt, seeds: list[int], steps: int) -> list[dict]:
         subjects = [
             Subject(o.shape, attributes=(o.colour,), box=o.box if boxed else None) for o in prompt.objects
         ]
-        images = generate(pipe, prompt.text, subjects, config=variant_config(name), **call).images
+        images = generate(pipe, prompt.text, subjects, config=variant_config(name, route), **call).images
     seconds = (time.perf_counter() - start) / len(seeds)
     rows = []
     for seed, image in zip(seeds, images, strict=True):
