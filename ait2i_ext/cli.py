@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from .config import PRESETS
+
 logger = logging.getLogger("ait2i")
 
 
@@ -198,6 +200,7 @@ def _config(args: argparse.Namespace):
             **({"refinement": True} if args.refinement else {}),
         },
         mode=args.mode,
+        preset=args.preset,
     )
 
 
@@ -597,6 +600,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="truncated",
         help="truncated (default) stops the guided UNet pass after the last layer it reads: same result as "
         "full, faster; lagged reuses the sampling pass (approximate, fastest)",
+    )
+    g.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="default",
+        help="default: the model's schedule (its ait2i.json); fast: fewer guided steps, larger step "
+        "(cheaper, keeps most of the gain); reference: the authors' schedule (docs/performance.md). "
+        "--step-scale wins over it",
     )
     g.add_argument(
         "--refinement",

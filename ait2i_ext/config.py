@@ -321,12 +321,15 @@ def _from_json(values: dict) -> dict:
 #: Named trade-offs of speed for quality, applied on top of a model's settings
 #: (``model_config(pipe, preset="fast")``, ``ait2i generate --preset fast``): per preset, the
 #: :class:`ScheduleConfig` fields (``"schedule"``) and other :class:`AIT2IConfig` fields
-#: (``"options"``) it sets. Measured in ``docs/performance.md``.
-#: No ``"fast"`` preset yet: the candidate ``{"options": {"map_blocks": "down"}}`` (1.04x plain time
-#: on the shapes model) was measured worse than plain sampling on the held-out split (64.8 % vs
-#: 78.1 % fully correct; docs/performance.md), so it is not offered.
+#: (``"options"``) it sets. ``"reference"`` is the authors' schedule (the first half of the steps
+#: guided at step scale 20, the :class:`ScheduleConfig` defaults), for a model whose ``ait2i.json``
+#: sets another; ``"fast"`` guides the first 8 % of the steps (2 of 25) at step scale 60. Measured in
+#: ``docs/performance.md`` (an earlier candidate, ``{"options": {"map_blocks": "down"}}``, lost to
+#: plain sampling and is not offered).
 PRESETS: dict[str, dict[str, dict]] = {
     "default": {},
+    "reference": {"schedule": {"guided_fraction": 0.5, "step_scale": 20.0}},
+    "fast": {"schedule": {"guided_fraction": 0.08, "step_scale": 60.0}},
 }
 
 
@@ -345,7 +348,7 @@ def model_config(
         model: a pipeline folder or a pipeline loaded from one (``None``: defaults only).
         loss: :class:`LossConfig` fields that win over the model's.
         schedule: :class:`ScheduleConfig` fields that win over the model's and the preset's.
-        preset: a name of :data:`PRESETS` (only ``"default"`` so far).
+        preset: a name of :data:`PRESETS` (``"default"``: the model's settings as they are).
         **options: other :class:`AIT2IConfig` fields (``mode``, ``attention_resolution``,
             ``map_blocks``), winning over the preset's.
 
