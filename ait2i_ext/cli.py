@@ -605,9 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=sorted(PRESETS),
         default="default",
-        help="default: the model's schedule (its ait2i.json); fast: fewer guided steps, larger step "
-        "(cheaper, keeps most of the gain); reference: the authors' schedule (docs/performance.md). "
-        "--step-scale wins over it",
+        help="default: the model's schedule (its ait2i.json, else the authors'); reference: the authors' "
+        "schedule whatever the model's ait2i.json says. --step-scale wins over it",
     )
     g.add_argument(
         "--refinement",

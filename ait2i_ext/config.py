@@ -318,18 +318,16 @@ def _from_json(values: dict) -> dict:
     return out
 
 
-#: Named trade-offs of speed for quality, applied on top of a model's settings
-#: (``model_config(pipe, preset="fast")``, ``ait2i generate --preset fast``): per preset, the
-#: :class:`ScheduleConfig` fields (``"schedule"``) and other :class:`AIT2IConfig` fields
-#: (``"options"``) it sets. ``"reference"`` is the authors' schedule (the first half of the steps
-#: guided at step scale 20, the :class:`ScheduleConfig` defaults), for a model whose ``ait2i.json``
-#: sets another; ``"fast"`` guides the first 8 % of the steps (2 of 25) at step scale 60. Measured in
-#: ``docs/performance.md`` (an earlier candidate, ``{"options": {"map_blocks": "down"}}``, lost to
-#: plain sampling and is not offered).
+#: Named settings applied on top of a model's settings (``model_config(pipe, preset="reference")``,
+#: ``ait2i generate --preset reference``): per preset, the :class:`ScheduleConfig` fields
+#: (``"schedule"``) and other :class:`AIT2IConfig` fields (``"options"``) it sets.
+#: ``"reference"`` is the authors' schedule (the :class:`ScheduleConfig` defaults), for a model
+#: whose ``ait2i.json`` sets another. No ``"fast"`` preset: the candidates measured so far
+#: (``map_blocks="down"``; 3 of 25 guided steps at step scale 60) lost most of the default's gain
+#: on the held-out split (docs/performance.md).
 PRESETS: dict[str, dict[str, dict]] = {
     "default": {},
     "reference": {"schedule": {"guided_fraction": 0.5, "step_scale": 20.0}},
-    "fast": {"schedule": {"guided_fraction": 0.08, "step_scale": 60.0}},
 }
 
 

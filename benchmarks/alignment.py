@@ -7,8 +7,8 @@
 
 Methods: ``plain`` (the stock pipeline), ``attend-excite`` (diffusers'
 ``StableDiffusionAttendAndExcitePipeline`` on the same components, its defaults), ``ait2i``
-(defaults and the model's ``ait2i.json``: on the shipped shapes model its radii 2.5 / 3 and its
-schedule, the first 28 % of the steps (7 of 25) guided at step scale 40; ``--preset reference`` gives the authors' schedule),
+(defaults and the model's ``ait2i.json``: on the shipped shapes model its radii 2.5 / 3; a schedule
+there applies too, ``--preset reference`` gives the authors' whatever it says),
 ``ait2i-reference`` (the reference radii 5 / 6 whatever the model), ``ait2i-no-agg`` (aggregation and alignment weights 0), ``ait2i-no-iso`` (isolation
 weight 0), ``ait2i-boxes`` (each subject also gets its layout box: the box terms of
 docs/layout.md), ``ait2i-lagged`` (the approximate ``"lagged"`` mode), ``gligen`` (the GLIGEN

@@ -312,34 +312,29 @@ def test_the_models_schedule_reaches_the_cli_and_flags_still_win(tmp_path):
         assert config["loss"]["aggregation_radius"] == loss["aggregation_radius"]
 
 
-@pytest.mark.parametrize(
-    "extra, preset, step_scale",
-    [
-        ([], "default", None),
-        (["--preset", "reference"], "reference", None),
-        (["--preset", "fast"], "fast", None),
-        (["--preset", "fast", "--step-scale", "3"], "fast", 3.0),
-    ],
-)
-def test_preset_sets_the_schedule_on_top_of_the_models_and_step_scale_wins(
-    extra, preset, step_scale, tmp_path
-):
-    from ait2i_ext.config import PRESETS, read_model_settings
+def test_preset_sets_the_schedule_on_top_of_the_models_and_step_scale_wins(tmp_path):
+    import shutil
+
+    from ait2i_ext.config import read_model_settings, write_model_settings
     from ait2i_ext.shapes.model import default_model_path
 
-    out = tmp_path / "out"
-    argv = ["generate", "--prompt", "a red circle and a blue square", "--steps", "2", "--out", str(out)]
-    assert main([*argv, "--quiet", *extra]) == 0
-    schedule = json.loads((out / "run.json").read_text())["config"]["schedule"]
-    expected = {
-        **read_model_settings(default_model_path()).get("schedule", {}),
-        **PRESETS[preset].get("schedule", {}),
-    }
-    if step_scale is not None:
-        expected["step_scale"] = step_scale
-    assert expected and {k: schedule[k] for k in expected} == expected
-    if preset == "reference":  # the authors' schedule: ScheduleConfig's defaults
-        assert (schedule["guided_fraction"], schedule["step_scale"]) == (0.5, 20.0)
+    model = tmp_path / "model"
+    shutil.copytree(default_model_path(), model)
+    loss = read_model_settings(model)["loss"]
+    write_model_settings(model, loss=loss, schedule={"guided_fraction": 0.25, "step_scale": 7.0})
+    base = ["generate", "--model", str(model), "--prompt", "a red circle and a blue square"]
+    base += ["--steps", "2", "--quiet"]
+    for k, (extra, expected) in enumerate(
+        [
+            ([], (0.25, 7.0)),  # the model's schedule
+            (["--preset", "reference"], (0.5, 20.0)),  # the authors', whatever the model's says
+            (["--preset", "reference", "--step-scale", "3"], (0.5, 3.0)),
+        ]
+    ):
+        out = tmp_path / f"out{k}"
+        assert main([*base, *extra, "--out", str(out)]) == 0
+        schedule = json.loads((out / "run.json").read_text())["config"]["schedule"]
+        assert (schedule["guided_fraction"], schedule["step_scale"]) == expected, extra
 
 
 def test_unknown_preset_is_refused_with_the_choices(capsys, tmp_path):
@@ -347,4 +342,4 @@ def test_unknown_preset_is_refused_with_the_choices(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(argv)
     err = capsys.readouterr().err
-    assert "'turbo'" in err and "fast" in err and "reference" in err
+    assert "'turbo'" in err and "default" in err and "reference" in err
