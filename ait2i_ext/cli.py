@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from .config import PRESETS
+
 logger = logging.getLogger("ait2i")
 
 
@@ -201,6 +203,7 @@ def _config(args: argparse.Namespace, route: str | None = None):
             **({"refinement": True} if args.refinement else {}),
         },
         mode=args.mode,
+        preset=args.preset,
     )
 
 
@@ -600,6 +603,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="truncated",
         help="truncated (default) stops the guided UNet pass after the last layer it reads: same result as "
         "full, faster; lagged reuses the sampling pass (approximate, fastest)",
+    )
+    g.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="default",
+        help="default: the model's schedule (its ait2i.json, else the authors'); reference: the authors' "
+        "schedule whatever the model's ait2i.json says. --step-scale wins over it",
     )
     g.add_argument(
         "--refinement",

@@ -320,15 +320,16 @@ def _from_json(values: dict) -> dict:
     return out
 
 
-#: Named trade-offs of speed for quality, applied on top of a model's settings
-#: (``model_config(pipe, preset="fast")``, ``ait2i generate --preset fast``): per preset, the
-#: :class:`ScheduleConfig` fields (``"schedule"``) and other :class:`AIT2IConfig` fields
-#: (``"options"``) it sets. Measured in ``docs/performance.md``.
-#: No ``"fast"`` preset yet: the candidate ``{"options": {"map_blocks": "down"}}`` (1.04x plain time
-#: on the shapes model) was measured worse than plain sampling on the held-out split (64.8 % vs
-#: 78.1 % fully correct; docs/performance.md), so it is not offered.
+#: Named settings applied on top of a model's settings (``model_config(pipe, preset="reference")``,
+#: ``ait2i generate --preset reference``): per preset, the :class:`ScheduleConfig` fields
+#: (``"schedule"``) and other :class:`AIT2IConfig` fields (``"options"``) it sets.
+#: ``"reference"`` is the authors' schedule (the :class:`ScheduleConfig` defaults), for a model
+#: whose ``ait2i.json`` sets another. No ``"fast"`` preset: the candidates measured so far
+#: (``map_blocks="down"``; 3 of 25 guided steps at step scale 60) lost most of the default's gain
+#: on the held-out split (docs/performance.md).
 PRESETS: dict[str, dict[str, dict]] = {
     "default": {},
+    "reference": {"schedule": {"guided_fraction": 0.5, "step_scale": 20.0}},
 }
 
 
@@ -351,7 +352,7 @@ def model_config(
             (``ait2i_ext.adapters.layout.ROUTE_SETTINGS``).
         loss: :class:`LossConfig` fields that win over the model's.
         schedule: :class:`ScheduleConfig` fields that win over the model's and the preset's.
-        preset: a name of :data:`PRESETS` (only ``"default"`` so far).
+        preset: a name of :data:`PRESETS` (``"default"``: the model's settings as they are).
         **options: other :class:`AIT2IConfig` fields (``mode``, ``attention_resolution``,
             ``map_blocks``), winning over the preset's.
 

@@ -7,8 +7,9 @@
 
 Methods: ``plain`` (the stock pipeline), ``attend-excite`` (diffusers'
 ``StableDiffusionAttendAndExcitePipeline`` on the same components, its defaults), ``ait2i``
-(defaults and the model's ``ait2i.json``: on the shipped shapes model its radii 2.5 / 3), ``ait2i-reference`` (the
-reference radii 5 / 6 whatever the model), ``ait2i-no-agg`` (aggregation and alignment weights 0), ``ait2i-no-iso`` (isolation
+(defaults and the model's ``ait2i.json``: on the shipped shapes model its radii 2.5 / 3; a schedule
+there applies too, ``--preset reference`` gives the authors' whatever it says),
+``ait2i-reference`` (the reference radii 5 / 6 whatever the model), ``ait2i-no-agg`` (aggregation and alignment weights 0), ``ait2i-no-iso`` (isolation
 weight 0), ``ait2i-boxes`` (each subject also gets its layout box: the box terms of
 docs/layout.md, with the box settings of the "boxes" route; ``gligen-ait2i`` and
 ``controlnet-ait2i-boxes`` get their routes' settings, ``ait2i_ext.adapters.layout.ROUTE_SETTINGS``), ``ait2i-lagged`` (the approximate ``"lagged"`` mode), ``gligen`` (the GLIGEN
@@ -34,9 +35,10 @@ import time
 from pathlib import Path
 
 import torch
-from ait2i_ext.adapters.layout import ROUTE_SETTINGS
 
 from ait2i_ext import AIT2IConfig, LossConfig, ScheduleConfig, Subject, generate
+from ait2i_ext.adapters.layout import ROUTE_SETTINGS
+from ait2i_ext.config import PRESETS
 from ait2i_ext.tokens import resolve_groups
 
 METHODS = (
@@ -72,20 +74,31 @@ ANIMALS = (
 
 
 def method_config(
-    method: str, mode: str, step_scale: float = 20.0, radii: dict[str, float] | None = None
+    method: str,
+    mode: str,
+    step_scale: float | None = None,
+    radii: dict[str, float] | None = None,
+    schedule: dict | None = None,
 ) -> AIT2IConfig | None:
     """The configuration of an ait2i ``method`` (``None`` for the others).
 
     ``radii`` (the model's ``LossConfig`` settings from its ``ait2i.json``, radii given on the
     command line on top) apply to every ait2i method but ``ait2i-reference``, which keeps the
-    reference values of ``LossConfig``.
+    reference values of ``LossConfig``. ``schedule`` (the model's ``ScheduleConfig`` settings and
+    the ``--preset``'s) applies to every ait2i method; ``step_scale``, if given, wins over it.
     """
     radii = {} if method == "ait2i-reference" else dict(radii or {})
     # The box methods run with their layout route's box settings (ait2i_ext.adapters.layout).
     route = {"ait2i-boxes": "boxes", "gligen-ait2i": "gligen", "controlnet-ait2i-boxes": "controlnet"}
     settings = ROUTE_SETTINGS[route[method]] if method in route else {}
     radii = {**settings.get("loss", {}), **radii}
-    schedule = ScheduleConfig(**{**settings.get("schedule", {}), "step_scale": step_scale})
+    schedule = ScheduleConfig(
+        **{
+            **settings.get("schedule", {}),
+            **(schedule or {}),
+            **({"step_scale": step_scale} if step_scale is not None else {}),
+        }
+    )
     loss = {
         "ait2i": LossConfig(**radii),
         "ait2i-reference": LossConfig(),
@@ -150,7 +163,7 @@ def run_method(
             gligen_pipe,
             case.text,
             list(case.boxed),
-            config=method_config("gligen-ait2i", args.mode, args.step_scale, args.radii),
+            config=method_config("gligen-ait2i", args.mode, args.step_scale, args.radii, args.schedule),
             guidance=method == "gligen-ait2i",
             generator=generators,
             **call,
@@ -166,7 +179,7 @@ def run_method(
             pipe,
             case.text,
             list(case.boxed if method.endswith("ait2i-boxes") else case.subjects),
-            config=method_config(method, args.mode, args.step_scale, args.radii),
+            config=method_config(method, args.mode, args.step_scale, args.radii, args.schedule),
             generator=generators,
             **call,
         )
@@ -243,7 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--clip-model", help="CLIP model folder for CLIP scores (with --model)")
     parser.add_argument(
-        "--sets", default="two,three,held_out,hard", help="shapes prompt sets, comma-separated"
+        "--sets",
+        default="two,three,held_out,hard",
+        help="shapes prompt sets, comma-separated (ait2i_ext.shapes.prompts; also single, close_colours and "
+        "the phrasings training never uses: phrase_comma, phrase_the, phrase_plus, phrase_one)",
     )
     parser.add_argument("--prompts-per-set", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=64, help="N seeds for every prompt and method")
@@ -266,7 +282,16 @@ def main(argv: list[str] | None = None) -> int:
         "--methods", default="plain,attend-excite,ait2i,ait2i-reference,ait2i-no-agg,ait2i-no-iso"
     )
     parser.add_argument(
-        "--step-scale", type=float, default=20.0, help="ait2i step size (alpha_i = step_scale * sqrt(s_i))"
+        "--step-scale",
+        type=float,
+        help="ait2i step size (alpha_i = step_scale * sqrt(s_i); default: the model's ait2i.json and "
+        "--preset, else 20)",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="default",
+        help="ait2i schedule preset on top of the model's (ait2i_ext.config.PRESETS)",
     )
     parser.add_argument(
         "--aggregation-radius",
@@ -289,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--methods: {m!r} is invalid: expected some of {list(METHODS)}")
         if m.startswith("controlnet") and args.model:
             raise SystemExit(f"--methods: {m!r} runs on the shipped shapes model only (without --model)")
-    from ait2i_ext.config import model_loss
+    from ait2i_ext.config import model_config, model_loss
     from ait2i_ext.shapes.model import default_model_path
 
     try:  # the model's ait2i.json radii (the shapes model's fit its objects); bad radii fail here
@@ -300,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as e:
         raise SystemExit(f"--aggregation-radius / --alignment-radius: {e}") from None
+    # the model's schedule (its ait2i.json), then the preset's; --step-scale on top (method_config)
+    args.schedule = model_config(args.model or default_model_path(), preset=args.preset).schedule
+    args.schedule = dataclasses.asdict(args.schedule)
     # cpu=True lets `torchrun --nproc_per_node N` shard over CPU processes (gloo); `accelerate launch
     # --cpu` starts a single process whatever --num_processes says.
     state = PartialState(cpu=not torch.cuda.is_available())

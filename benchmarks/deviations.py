@@ -47,14 +47,15 @@ def variant_config(base: AIT2IConfig, overrides: dict[str, object]) -> AIT2IConf
     ``mode`` / ``map_blocks``) that has it; ``preset`` sets that preset's fields first."""
     loss_fields = {f.name for f in dataclasses.fields(LossConfig)}
     schedule_fields = {f.name for f in dataclasses.fields(ScheduleConfig)}
-    loss = {k: v for k, v in overrides.items() if k in loss_fields}
-    schedule = {k: v for k, v in overrides.items() if k in schedule_fields}
+    overrides = dict(overrides)
     if "preset" in overrides:  # a named preset's fields first, then the variant's own
         name = overrides.pop("preset")
         if name not in PRESETS:
             raise SystemExit(f"--variants: preset={name!r} is invalid: expected one of {sorted(PRESETS)}")
         preset = PRESETS[name]
         overrides = {**preset.get("schedule", {}), **preset.get("options", {}), **overrides}
+    loss = {k: v for k, v in overrides.items() if k in loss_fields}
+    schedule = {k: v for k, v in overrides.items() if k in schedule_fields}
     options = {k: v for k, v in overrides.items() if k in ("mode", "map_blocks")}
     unknown = set(overrides) - loss_fields - schedule_fields - set(options)
     if unknown:

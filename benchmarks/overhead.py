@@ -1,7 +1,9 @@
 """What guidance costs: plain sampling vs Attend-and-Excite vs each ait2i mode, measured side by side.
 
 On one pipeline, with the same prompts and seeds, in one run (the methods interleaved, their order
-rotated every repeat), it reports per method: seconds per image (median over repeats), UNet calls
+rotated every repeat), it reports per method: seconds per image (median over repeats), process CPU
+seconds per image (user + system of this process: on a CPU shared with other jobs it moves less
+than wall time; with one thread it is the work done), UNet calls
 per image (full, and partial: the truncated passes that stop after the map layers), peak memory,
 the ratios to plain sampling, and how far the images are from the ``full`` mode's.
 
@@ -15,12 +17,15 @@ Methods:
                         its defaults (refinement included; with fewer than 50 steps its step
                         indices ``max_iter_to_alter`` and ``thresholds`` are scaled to the step count)
     full, truncated, lagged
-                        ``ait2i_ext.generate`` with ``AIT2IConfig(mode=...)`` (reference schedule)
+                        ``ait2i_ext.generate`` with ``AIT2IConfig(mode=...)`` (the model's schedule)
     lagged-split        ``lagged`` with ``LaggedGuide.split_cfg = True``: the CFG batch is run as two
                         halves and only the conditional one is differentiated (less memory)
     truncated-frozen    ``truncated`` with the UNet's parameters not requiring grad during the call
                         (``ait2i_ext.fast.frozen_parameters``): what skipping weight-gradient
                         bookkeeping saves
+    reference           ``truncated`` with the preset ``"reference"`` of ``ait2i_ext.config.PRESETS``
+                        (the authors' schedule) on top of the model's settings; ``truncated`` is
+                        the model's own schedule (its ``ait2i.json``, e.g. of ``--settings-from``)
     down-maps           ``truncated`` with ``map_blocks="down"``: the guided pass reads the down-block
                         maps only and stops before the mid block (a fast-preset candidate that lost
                         to plain sampling on quality: docs/performance.md)
@@ -77,6 +82,7 @@ METHODS = (
     "lagged-split",
     "truncated-frozen",
     "down-maps",
+    "reference",
 )
 COMPILED = ("truncated+compiled", "lagged+compiled")  # opt-in: compiling takes minutes on a small CPU
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -208,8 +214,11 @@ def compiled_losses():
         guidance.batch_losses, fast.batch_losses = originals
 
 
-def make_runner(method: str, pipe, ae, steps: int, batch: int = 1):
-    """``run(prompt, subjects, seed) -> images`` (numpy, ``batch`` images: seeds ``seed..``) for ``method``."""
+def make_runner(method: str, pipe, ae, steps: int, batch: int = 1, settings=None):
+    """``run(prompt, subjects, seed) -> images`` (numpy, ``batch`` images: seeds ``seed..``) for ``method``.
+
+    ``settings``: a model folder whose ``ait2i.json`` the ait2i methods use instead of ``pipe``'s.
+    """
 
     def gen(seed: int) -> list[torch.Generator]:
         return [torch.Generator().manual_seed(seed + k) for k in range(batch)]
@@ -230,7 +239,12 @@ def make_runner(method: str, pipe, ae, steps: int, batch: int = 1):
 
         return run_ae
     blocks = "down" if method == "down-maps" else "down_up"
-    mode = "truncated" if method == "down-maps" else method.split("-")[0].removesuffix("+compiled")
+    preset = "reference" if method == "reference" else "default"
+    mode = (
+        "truncated"
+        if method in ("down-maps", "reference")
+        else method.split("-")[0].removesuffix("+compiled")
+    )
     frozen, split, compiled = (
         method.endswith("-frozen"),
         method.endswith("-split"),
@@ -244,7 +258,8 @@ def make_runner(method: str, pipe, ae, steps: int, batch: int = 1):
                 frozen_parameters(pipe.unet) if frozen else contextlib.nullcontext(),
                 compiled_losses() if compiled else contextlib.nullcontext(),
             ):
-                config = model_config(pipe, mode=mode, map_blocks=blocks)  # the model's ait2i.json, if any
+                # the model's ait2i.json, if any, then the preset
+                config = model_config(settings or pipe, mode=mode, map_blocks=blocks, preset=preset)
                 out = generate(pipe, prompt, subjects, config=config, generator=gen(seed), **common)
         finally:
             LaggedGuide.split_cfg = False
@@ -261,6 +276,8 @@ class Row:
     method: str
     seconds_per_image: float
     time_ratio: float
+    cpu_seconds_per_image: float
+    cpu_ratio: float
     unet_full_per_image: float
     unet_partial_per_image: float
     peak_memory_mib: float
@@ -288,39 +305,43 @@ def benchmark(args) -> tuple[list[Row], dict]:
     if "plain" not in methods:
         methods.insert(0, "plain")
     ae = _ae_pipeline(pipe) if "attend-and-excite" in methods else None
-    runners = {m: make_runner(m, pipe, ae, args.steps, args.batch) for m in methods}
+    runners = {m: make_runner(m, pipe, ae, args.steps, args.batch, args.settings_from) for m in methods}
     pool = SHAPES_PROMPTS if args.arch == "shapes" else PROMPTS
     prompts = {p: pool[p] for p in list(pool)[: args.num_prompts]}
     cases = [(p, tuple(s), seed) for p, s in prompts.items() for seed in args.seeds]
 
     calls, memory = UNetCalls(pipe.unet), PeakMemory(device)
     per_round = {m: [] for m in methods}  # seconds per image, one value per repeat
+    cpu_round = {m: [] for m in methods}  # process CPU seconds per image (steadier on a shared machine)
     peaks = {m: [] for m in methods}
     counts = {m: (0, 0) for m in methods}
     images: dict[tuple, dict] = {}
 
     for m in tqdm(methods, desc="warm-up", file=sys.stderr):  # a short untimed run per method and prompt
         for prompt, subjects in prompts.items():
-            make_runner(m, pipe, ae, 2)(prompt, tuple(subjects), 0)
+            make_runner(m, pipe, ae, 2, settings=args.settings_from)(prompt, tuple(subjects), 0)
     calls.take()
     progress = tqdm(total=(args.repeats + 1) * len(cases) * len(methods), desc="sampling", file=sys.stderr)
     for r in range(args.repeats):
         order = methods[r % len(methods) :] + methods[: r % len(methods)]
         seconds = {m: 0.0 for m in methods}
+        cpu = {m: 0.0 for m in methods}
         for case in cases:
             for m in order:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 out = runners[m](*case)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds[m] += time.perf_counter() - start
+                cpu[m] += time.process_time() - cpu_start
                 counts[m] = tuple(a + b for a, b in zip(counts[m], calls.take()))
                 images.setdefault(case, {})[m] = out
                 progress.update()
         for m in methods:
             per_round[m].append(seconds[m] / (len(cases) * args.batch))
+            cpu_round[m].append(cpu[m] / (len(cases) * args.batch))
     for case in cases:  # memory, untimed (on CPU the measurement slows allocations down)
         for m in methods:
             with memory.measure():
@@ -344,6 +365,8 @@ def benchmark(args) -> tuple[list[Row], dict]:
                 method=m,
                 seconds_per_image=statistics.median(per_round[m]),
                 time_ratio=statistics.median(a / b for a, b in zip(per_round[m], plain_time)),
+                cpu_seconds_per_image=statistics.median(cpu_round[m]),
+                cpu_ratio=statistics.median(a / b for a, b in zip(cpu_round[m], cpu_round["plain"])),
                 unet_full_per_image=counts[m][0] / runs,
                 unet_partial_per_image=counts[m][1] / runs,
                 peak_memory_mib=peak / 2**20,
@@ -364,6 +387,7 @@ def benchmark(args) -> tuple[list[Row], dict]:
         memory="CUDA max_memory_allocated (absolute)"
         if device.type == "cuda"
         else "peak RSS above RSS before sampling",
+        settings_from=args.settings_from,
         torch=torch.__version__,
         command="python " + " ".join(sys.argv),
     )
@@ -371,12 +395,13 @@ def benchmark(args) -> tuple[list[Row], dict]:
 
 
 def format_table(rows: list[Row], setup: dict) -> str:
-    head = "| method | s/image | x plain | UNet calls per call (full + partial) | peak memory MiB | x plain | max abs diff vs full |"
-    lines = [head, "|" + "---|" * 7]
+    head = "| method | s/image | x plain | CPU s/image | x plain | UNet calls per call (full + partial) | peak memory MiB | x plain | max abs diff vs full |"
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         diff = "-" if r.max_abs_diff_vs_full is None else f"{r.max_abs_diff_vs_full:.1e}"
         lines.append(
             f"| {r.method} | {r.seconds_per_image:.3f} | {r.time_ratio:.2f} | "
+            f"{r.cpu_seconds_per_image:.3f} | {r.cpu_ratio:.2f} | "
             f"{r.unet_full_per_image:g} + {r.unet_partial_per_image:g} | {r.peak_memory_mib:.1f} | "
             f"{r.memory_ratio:.2f} | {diff} |"
         )
@@ -412,8 +437,18 @@ def parse_args(argv=None):
         default=1,
         help="CPU threads (default 1: on a shared box OpenMP spinning makes more slower)",
     )
+    parser.add_argument(
+        "--settings-from",
+        metavar="FOLDER",
+        help="the ait2i methods use this model folder's ait2i.json (e.g. the shapes model's schedule on "
+        "--arch tiny; 'shapes': the shipped shapes model) instead of the pipeline's own (default: none)",
+    )
     parser.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     args = parser.parse_args(argv)
+    if args.settings_from == "shapes":
+        from ait2i_ext.shapes.model import default_model_path
+
+        args.settings_from = default_model_path()
     args.device = args.device or ("cuda" if args.arch == "sd15" else "cpu")
     args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
     args.steps = args.steps or {"sd15": 50, "shapes": 25}.get(args.arch, 20)

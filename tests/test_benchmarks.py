@@ -94,6 +94,27 @@ def test_method_configs_share_radii_except_the_reference_row():
     assert alignment.method_config("plain", "truncated") is None
 
 
+def test_deviations_preset_variant_sets_the_presets_schedule():
+    deviations = _load("deviations")
+    base = deviations.AIT2IConfig(schedule=deviations.ScheduleConfig(guided_fraction=0.25, step_scale=7.0))
+    config = deviations.variant_config(base, {"preset": "reference"})
+    assert (config.schedule.guided_fraction, config.schedule.step_scale) == (0.5, 20.0)
+    config = deviations.variant_config(base, {"preset": "reference", "step_scale": 3.0})
+    assert (config.schedule.guided_fraction, config.schedule.step_scale) == (0.5, 3.0)
+    assert deviations.variant_config(base, {"preset": "default"}) == base
+
+
+def test_method_configs_take_the_models_schedule_and_step_scale_wins():
+    alignment = _load("alignment")
+    model = {"guided_fraction": 0.32, "step_scale": 30.0}
+    for method in ("ait2i", "ait2i-reference", "ait2i-boxes", "gligen-ait2i"):
+        schedule = alignment.method_config(method, "truncated", None, None, model).schedule
+        assert (schedule.guided_fraction, schedule.step_scale) == (0.32, 30.0), method
+    schedule = alignment.method_config("ait2i", "truncated", 5.0, None, model).schedule
+    assert (schedule.guided_fraction, schedule.step_scale) == (0.32, 5.0)
+    assert alignment.method_config("ait2i", "truncated").schedule == alignment.ScheduleConfig()
+
+
 def test_alignment_benchmark_shards_seeds_over_two_cpu_processes(random_shapes_model, tmp_path):
     import os
     import subprocess

@@ -310,3 +310,36 @@ def test_the_models_schedule_reaches_the_cli_and_flags_still_win(tmp_path):
         assert config["schedule"]["step_scale"] == step_scale
         assert config["loss"]["isolation"] == isolation
         assert config["loss"]["aggregation_radius"] == loss["aggregation_radius"]
+
+
+def test_preset_sets_the_schedule_on_top_of_the_models_and_step_scale_wins(tmp_path):
+    import shutil
+
+    from ait2i_ext.config import read_model_settings, write_model_settings
+    from ait2i_ext.shapes.model import default_model_path
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_path(), model)
+    loss = read_model_settings(model)["loss"]
+    write_model_settings(model, loss=loss, schedule={"guided_fraction": 0.25, "step_scale": 7.0})
+    base = ["generate", "--model", str(model), "--prompt", "a red circle and a blue square"]
+    base += ["--steps", "2", "--quiet"]
+    for k, (extra, expected) in enumerate(
+        [
+            ([], (0.25, 7.0)),  # the model's schedule
+            (["--preset", "reference"], (0.5, 20.0)),  # the authors', whatever the model's says
+            (["--preset", "reference", "--step-scale", "3"], (0.5, 3.0)),
+        ]
+    ):
+        out = tmp_path / f"out{k}"
+        assert main([*base, *extra, "--out", str(out)]) == 0
+        schedule = json.loads((out / "run.json").read_text())["config"]["schedule"]
+        assert (schedule["guided_fraction"], schedule["step_scale"]) == expected, extra
+
+
+def test_unknown_preset_is_refused_with_the_choices(capsys, tmp_path):
+    argv = ["generate", "--prompt", "a cat", "--preset", "turbo", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit):
+        main(argv)
+    err = capsys.readouterr().err
+    assert "'turbo'" in err and "default" in err and "reference" in err

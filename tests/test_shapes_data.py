@@ -161,3 +161,6 @@ def test_phrasing_sets_rephrase_the_two_set_in_forms_training_never_uses():
             "phrase_one": "one red circle and one blue square",
         }[name]
         assert rephrased not in training
+    # the article before a vowel, as the `two` set and the training captions write it
+    assert prompt_set("phrase_comma")[4].text == "a blue square, an orange triangle"
+    assert prompt_set("phrase_plus")[4].text == "a blue square plus an orange triangle"

@@ -25,7 +25,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from .data import CLOSE_COLOURS, COLOURS, HELD_OUT_PAIRS, SHAPES, caption_for, training_pairs
+from .data import CLOSE_COLOURS, COLOURS, HELD_OUT_PAIRS, SHAPES, caption_for, training_pairs, with_article
 
 Box = tuple[float, float, float, float]
 
@@ -130,21 +130,24 @@ def _build_sets() -> dict[str, tuple[BenchmarkPrompt, ...]]:
     return {name: tuple(make_prompt(ps, i) for i, ps in enumerate(lists)) for name, lists in sets.items()}
 
 
-#: Two-object phrasings the training captions (``data.caption_for``) never produce.
+#: Two-object phrasings the training captions (``data.caption_for``) never produce (``{a0}``: the
+#: first object with its article, "a red circle" / "an orange square"; ``{0}``: without).
 PHRASINGS: dict[str, str] = {
-    "phrase_comma": "a {0}, a {1}",
+    "phrase_comma": "{a0}, {a1}",
     "phrase_the": "the {0} and the {1}",
-    "phrase_plus": "a {0} plus a {1}",
+    "phrase_plus": "{a0} plus {a1}",
     "phrase_one": "one {0} and one {1}",
 }
 
 
 def _rephrased(prompts: tuple[BenchmarkPrompt, ...], form: str) -> tuple[BenchmarkPrompt, ...]:
     """``prompts`` (two objects each) with their text in ``form``, objects and boxes unchanged."""
-    return tuple(
-        BenchmarkPrompt(form.format(*(f"{o.colour} {o.shape}" for o in p.objects)), p.objects)
-        for p in prompts
-    )
+    out = []
+    for p in prompts:
+        names = [f"{o.colour} {o.shape}" for o in p.objects]
+        articles = {f"a{i}": with_article(name) for i, name in enumerate(names)}
+        out.append(BenchmarkPrompt(form.format(*names, **articles), p.objects))
+    return tuple(out)
 
 
 PROMPT_SETS: dict[str, tuple[BenchmarkPrompt, ...]] = _build_sets()
