@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -231,7 +232,9 @@ def _load_embedding_only_lora(
     if not config:  # no peft metadata: alpha = rank, as diffusers assumes
         rank = next(v.shape[0] for k, v in state.items() if "lora_embedding_A" in k)
         config = {"r": rank, "lora_alpha": rank, "target_modules": ["token_embedding"]}
-    inject_adapter_in_model(LoraConfig(**config), text_encoder, adapter_name=adapter_name)
+    with warnings.catch_warnings():  # peft warns that a second adapter is a second adapter
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(LoraConfig(**config), text_encoder, adapter_name=adapter_name)
     set_peft_model_state_dict(text_encoder, state, adapter_name=adapter_name)
 
 
