@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -88,14 +89,20 @@ def _components(pipe) -> dict[str, torch.nn.Module]:
     return {n: getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None}
 
 
-def _to_peft(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def is_embedding_only(state: dict[str, torch.Tensor]) -> bool:
+    """True for a text-encoder LoRA that adapts only the token embedding (``--text_encoder_targets
+    token_embedding``): diffusers cannot infer its key format and refuses to load it."""
+    return bool(state) and all(".lora_embedding_" in k for k in state)
+
+
+def lora_state_to_peft(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One component's keys in peft form (``...lora_A.weight``), as diffusers converts them when loading."""
     from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 
     if prefix == "unet":
         return convert_unet_state_dict_to_peft(state)
-    if any(".lora_A." in k or ".lora_B." in k for k in state):
-        return state
+    if is_embedding_only(state) or any(".lora_A." in k or ".lora_B." in k for k in state):
+        return state  # peft already (an embedding-only LoRA has nothing to convert)
     return convert_state_dict_to_peft(state)
 
 
@@ -149,7 +156,7 @@ def check_lora_fits(pipe, state_dict: dict[str, torch.Tensor], source: str = "Lo
     for prefix, state in by_prefix.items():
         model = components[prefix]
         modules = dict(model.named_modules())
-        for key, value in _to_peft(prefix, state).items():
+        for key, value in lora_state_to_peft(prefix, state).items():
             match = _PEFT_KEY.match(key)
             layer = modules.get(match["layer"]) if match else None
             shape = _layer_shape(layer) if layer is not None else None
@@ -191,6 +198,44 @@ def _injected(model: torch.nn.Module, adapter_name: str) -> set[str]:
 
 def _adapter_names(pipe) -> set[str]:
     return {name for names in pipe.get_list_adapters().values() for name in names}
+
+
+def _load_embedding_only_lora(
+    pipe, file: Path, state_dict: dict[str, torch.Tensor], adapter_name: str
+) -> None:
+    """Load a LoRA whose text-encoder part adapts only the token embedding: diffusers loads the UNet part
+    (with the file's peft metadata), peft the embedding, as one adapter ``adapter_name``."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    _, _, metadata = pipe.lora_state_dict(
+        str(file.parent), weight_name=file.name, use_safetensors=True, return_lora_metadata=True
+    )
+    pipe.load_lora_into_unet(
+        state_dict,
+        network_alphas=None,
+        unet=pipe.unet,
+        adapter_name=adapter_name,
+        metadata=metadata,
+        _pipeline=pipe,
+    )
+    text_encoder = pipe.text_encoder
+    state = {
+        k.removeprefix("text_encoder."): v for k, v in state_dict.items() if k.startswith("text_encoder.")
+    }
+    if not hasattr(text_encoder, "text_model"):  # newer transformers flatten CLIPTextModel
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    config = {
+        k.removeprefix("text_encoder."): v
+        for k, v in (metadata or {}).items()
+        if k.startswith("text_encoder.")
+    }
+    if not config:  # no peft metadata: alpha = rank, as diffusers assumes
+        rank = next(v.shape[0] for k, v in state.items() if "lora_embedding_A" in k)
+        config = {"r": rank, "lora_alpha": rank, "target_modules": ["token_embedding"]}
+    with warnings.catch_warnings():  # peft warns that a second adapter is a second adapter
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(LoraConfig(**config), text_encoder, adapter_name=adapter_name)
+    set_peft_model_state_dict(text_encoder, state, adapter_name=adapter_name)
 
 
 def unload_lora(pipe, adapter_name: str) -> None:
@@ -248,9 +293,13 @@ def load_lora(pipe, path: str | Path, adapter_name: str | None = None, scale: fl
     expected = check_lora_fits(pipe, state_dict, source)
 
     try:
-        pipe.load_lora_weights(
-            str(file.parent), weight_name=file.name, adapter_name=adapter_name, use_safetensors=True
-        )
+        text_encoder_state = {k: v for k, v in state_dict.items() if k.startswith("text_encoder.")}
+        if is_embedding_only(text_encoder_state):
+            _load_embedding_only_lora(pipe, file, state_dict, adapter_name)
+        else:
+            pipe.load_lora_weights(
+                str(file.parent), weight_name=file.name, adapter_name=adapter_name, use_safetensors=True
+            )
         components = _components(pipe)
         for prefix, layers in expected.items():
             missing = layers - _injected(components[prefix], adapter_name)

@@ -95,6 +95,7 @@ def test_one_step_changes_only_lora_parameters(model_dir, instance_dir, tmp_path
 
 
 def test_saved_lora_loads_into_fresh_pipeline_with_same_output(model_dir, instance_dir, tmp_path):
+    from ait2i_ext.adapters.personalize import load_lora
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "out"
@@ -106,7 +107,7 @@ def test_saved_lora_loads_into_fresh_pipeline_with_same_output(model_dir, instan
     expected = _generate(trained)
     fresh = StableDiffusionPipeline.from_pretrained(model_dir)
     base = _generate(fresh)
-    fresh.load_lora_weights(out)
+    load_lora(fresh, out)  # its token-embedding-only text-encoder part is beyond diffusers' loader
     np.testing.assert_allclose(_generate(fresh), expected, atol=1e-5)
     assert np.abs(base - expected).max() > 1e-4, "the LoRA had no effect: the comparison proves nothing"
 
@@ -164,11 +165,59 @@ def test_token_embedding_lora_moves_only_the_prompts_tokens_and_loads(model_dir,
     np.testing.assert_allclose(_generate(fresh), expected, atol=1e-5)
 
 
+def _moved_rows(text_encoder) -> set[int]:
+    embedding = text_encoder.get_input_embeddings()
+    delta = embedding.lora_embedding_B["default"] @ embedding.lora_embedding_A["default"]  # (width, vocab)
+    return set(torch.nonzero(delta.abs().sum(0) > 0).flatten().tolist())
+
+
+def test_only_the_new_tokens_embedding_rows_train_with_class_captions(model_dir, instance_dir, tmp_path):
+    from ait2i_ext.adapters.personalize import load_lora
+    from diffusers import StableDiffusionPipeline
+
+    from ait2i_ext.testing import load_clip_tokenizer
+
+    extra = [
+        "--train_text_encoder", "--text_encoder_targets", "token_embedding", "--max_train_steps", "2",
+        "--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"), "--class_prompt", "a photo of dog",
+        "--num_class_images", "1", "--class_inference_steps", "1",
+    ]  # fmt: skip
+    result = train_lora.main(
+        argv(model_dir, instance_dir, tmp_path / "out", *extra, "--embedding_rows", "new")
+    )
+    tokenizer = load_clip_tokenizer()
+    assert _moved_rows(result.text_encoder) == set(tokenizer("sks", add_special_tokens=False).input_ids)
+    # nothing but the embedding is adapted: "a photo of dog" encodes exactly as without the LoRA
+    ids = torch.tensor([tokenizer("a photo of dog", padding="max_length", max_length=77).input_ids])
+    with torch.no_grad():
+        adapted = result.text_encoder(ids)[0]
+        from transformers import CLIPTextModel
+
+        base = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")(ids)[0]
+    torch.testing.assert_close(adapted, base)
+    # diffusers' load_lora_weights cannot read an embedding-only text-encoder part; load_lora can
+    trained = StableDiffusionPipeline.from_pretrained(
+        model_dir, unet=result.unet, text_encoder=result.text_encoder
+    )
+    fresh = StableDiffusionPipeline.from_pretrained(model_dir)
+    load_lora(fresh, tmp_path / "out")
+    np.testing.assert_allclose(_generate(fresh), _generate(trained), atol=1e-5)
+
+    all_rows = train_lora.main(
+        argv(model_dir, instance_dir, tmp_path / "all", *extra, "--embedding_rows", "all")
+    )
+    assert _moved_rows(all_rows.text_encoder) == set(tokenizer(PROMPT).input_ids)
+
+
 def test_text_encoder_lora_loads_with_load_lora_weights(model_dir, instance_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "out"
-    result = train_lora.main(argv(model_dir, instance_dir, out, "--train_text_encoder"))
+    # with attention layers (diffusers cannot load an embedding-only text-encoder LoRA: `load_lora` can)
+    targets = "q_proj,k_proj,v_proj,out_proj,token_embedding"
+    result = train_lora.main(
+        argv(model_dir, instance_dir, out, "--train_text_encoder", "--text_encoder_targets", targets)
+    )
     expected = _generate(
         StableDiffusionPipeline.from_pretrained(model_dir, unet=result.unet, text_encoder=result.text_encoder)
     )
@@ -181,7 +230,9 @@ def test_alpha_not_equal_rank_loads_at_full_strength(model_dir, instance_dir, tm
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "out"
-    result = train_lora.main(argv(model_dir, instance_dir, out, "--rank", "2", "--lora_alpha", "8"))
+    result = train_lora.main(
+        argv(model_dir, instance_dir, out, "--rank", "2", "--lora_alpha", "8", "--no-train_text_encoder")
+    )
     with safe_open(str(result.weights_path), "pt") as f:
         assert '"unet.lora_alpha": 8' in f.metadata()["lora_adapter_metadata"]
 

@@ -50,6 +50,7 @@ TEXT_ENCODER_TARGETS = "q_proj,k_proj,v_proj,out_proj"
 # their own vectors (the rows of the prompt's tokens only; the rest of the vocabulary is untouched).
 TEXT_ENCODER_TARGETS_WITH_EMBEDDINGS = TEXT_ENCODER_TARGETS + ",token_embedding"
 _MODEL_DEFAULT = "Default: from the model's size (see `default_recipe`)"
+EMBEDDING_ROWS = ("new", "all")
 
 
 def _target_list(targets: str) -> list[str]:
@@ -103,7 +104,9 @@ SMALL_MODEL_RECIPE = Recipe(
     lora_alpha=None,
     lora_targets=ALL_UNET_TARGETS,
     # the identifier and a new noun ("sks star") have untrained embeddings in the shipped model: without
-    # their own vectors the concept is drawn alone but not beside another subject (docs/personalization.md)
+    # their own vectors the concept is drawn alone but not beside another subject. Training only their
+    # rows (--text_encoder_targets token_embedding --embedding_rows new) measured worse beside a second
+    # subject and drifted the world more (docs/personalization.md, third round)
     train_text_encoder=True,
     text_encoder_targets=TEXT_ENCODER_TARGETS_WITH_EMBEDDINGS,
     learning_rate=1e-3,
@@ -205,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated text-encoder module names (with --train_text_encoder); "
         + _MODEL_DEFAULT.lower(),
+    )
+
+    g.add_argument(
+        "--embedding_rows",
+        choices=EMBEDDING_ROWS,
+        default="all",
+        help="with token_embedding in --text_encoder_targets, the token rows that train: 'all' (default): "
+        "every token of the instance captions; 'new': only the instance captions' tokens that no class "
+        "caption has (the identifier and a new noun)",
     )
 
     g = p.add_argument_group("optimisation")
@@ -481,12 +493,40 @@ def check_lora_targets(model: torch.nn.Module, targets: Sequence[str], flag: str
         )
 
 
+def new_token_ids(instance_ids: torch.Tensor, class_ids: torch.Tensor | None) -> list[int]:
+    """The token ids of the instance captions that no class caption holds (sorted): the identifier and a
+    noun the class captions never use. Without class captions, every instance caption token."""
+    seen = set() if class_ids is None else set(class_ids.flatten().tolist())
+    return sorted(set(instance_ids.flatten().tolist()) - seen)
+
+
+def restrict_embedding_lora(text_encoder, token_ids: Sequence[int]) -> int:
+    """Let only the rows ``token_ids`` of the text encoder's token-embedding LoRA train.
+
+    peft's embedding LoRA adds ``(lora_embedding_B @ lora_embedding_A).T`` to the table, with ``A``
+    (rank x vocab) starting at zero: zeroing the gradient of ``A``'s other columns keeps their rows exactly
+    at the base embeddings (AdamW's decay keeps zeros at zero). Returns the number of hooked layers.
+    """
+    hooked = 0
+    for module in text_encoder.modules():
+        table = getattr(module, "lora_embedding_A", None)
+        if table is None or "default" not in table:
+            continue
+        param = table["default"]
+        mask = torch.zeros(1, param.shape[1], dtype=param.dtype, device=param.device)
+        mask[0, list(token_ids)] = 1
+        param.register_hook(lambda grad, mask=mask: grad * mask)
+        hooked += 1
+    return hooked
+
+
 def lora_layers_and_metadata(unet, text_encoder=None) -> dict:
     """Keyword arguments of ``StableDiffusionLoraLoaderMixin.save_lora_weights`` for the adapters of
     ``unet`` (and ``text_encoder`` if it has one): diffusers-format layers plus peft's adapter config,
     so ``lora_alpha != rank`` loads at full strength.
     """
     from diffusers.utils import convert_state_dict_to_diffusers
+    from diffusers.utils.state_dict_utils import StateDictType
     from peft.utils import get_peft_model_state_dict
 
     kwargs = {
@@ -497,7 +537,8 @@ def lora_layers_and_metadata(unet, text_encoder=None) -> dict:
     }
     if text_encoder is not None and getattr(text_encoder, "peft_config", None):
         kwargs["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(
-            get_peft_model_state_dict(text_encoder)
+            get_peft_model_state_dict(text_encoder),
+            original_type=StateDictType.PEFT,  # an embedding-only state dict has no type to infer
         )
         kwargs["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
     return kwargs
@@ -505,8 +546,8 @@ def lora_layers_and_metadata(unet, text_encoder=None) -> dict:
 
 def load_lora_into(folder: str | Path, unet, text_encoder=None) -> None:
     """Load a checkpoint's LoRA file into the existing ``"default"`` adapters of ``unet`` / ``text_encoder``."""
+    from ait2i_ext.adapters.personalize import lora_state_to_peft
     from diffusers import StableDiffusionPipeline
-    from diffusers.training_utils import _set_state_dict_into_text_encoder
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
@@ -521,7 +562,12 @@ def load_lora_into(folder: str | Path, unet, text_encoder=None) -> None:
             f"checkpoint {str(folder)!r} has UNet LoRA keys this adapter lacks: {unexpected[:5]}"
         )
     if text_encoder is not None and getattr(text_encoder, "peft_config", None):
-        _set_state_dict_into_text_encoder(state_dict, prefix="text_encoder.", text_encoder=text_encoder)
+        te_state = {
+            k.removeprefix("text_encoder."): v for k, v in state_dict.items() if k.startswith("text_encoder.")
+        }
+        set_peft_model_state_dict(
+            text_encoder, lora_state_to_peft("text_encoder", te_state), adapter_name="default"
+        )
 
 
 def save_lora(output_dir: Path, unet, text_encoder=None) -> Path:
@@ -727,6 +773,14 @@ def train(args: argparse.Namespace) -> TrainingResult:
     class_ids = None
     if class_images:
         class_ids = prompt_ids(read_captions(class_images, args.class_prompt, "--class_data_dir"))
+    embedding_targets = "token_embedding" in _target_list(args.text_encoder_targets or "")
+    if args.train_text_encoder and embedding_targets and args.embedding_rows == "new":
+        rows = new_token_ids(instance_ids, class_ids)
+        restrict_embedding_lora(accelerator.unwrap_model(text_encoder), rows)
+        logger.info(
+            "token embeddings: only the rows of %s train (--embedding_rows new)",
+            tokenizer.convert_ids_to_tokens(rows),
+        )
     dataset = DreamBoothDataset(
         instance_images,
         instance_ids,
