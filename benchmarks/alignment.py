@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 
 import torch
+from ait2i_ext.adapters.layout import ROUTE_SETTINGS
 
 from ait2i_ext import AIT2IConfig, LossConfig, ScheduleConfig, Subject, generate
-from ait2i_ext.adapters.layout import ROUTE_SETTINGS
 from ait2i_ext.config import PRESETS
 from ait2i_ext.tokens import resolve_groups
 
