@@ -41,17 +41,18 @@ ROUTE_SETTINGS: dict[str, dict[str, dict]] = {
 }
 
 
-def route_config(route: str, model=None, **fields) -> AIT2IConfig:
+def route_config(route: str | None, model=None, **fields) -> AIT2IConfig:
     """The configuration a layout ``route`` runs with on ``model``: the library defaults, the route's
-    :data:`ROUTE_SETTINGS`, the model's ``ait2i.json``, then ``fields`` (``loss=``, ``schedule=``,
-    ``preset=`` and other options of :func:`ait2i_ext.config.model_config`).
+    :data:`ROUTE_SETTINGS` (none for ``route=None``: no layout), the model's ``ait2i.json``, then
+    ``fields`` (``loss=``, ``schedule=``, ``preset=`` and other options of
+    :func:`ait2i_ext.config.model_config`). ``generate`` and the CLI build their configs here.
 
     Raises:
         ValueError: an unknown route, or settings the configs refuse.
     """
-    if route not in ROUTE_SETTINGS:
+    if route is not None and route not in ROUTE_SETTINGS:
         raise ValueError(f"layout route {route!r} is unknown: expected one of {sorted(ROUTE_SETTINGS)}")
-    return model_config(model, defaults=ROUTE_SETTINGS[route], **fields)
+    return model_config(model, defaults=ROUTE_SETTINGS.get(route), **fields)
 
 
 def parse_box_arg(text: str) -> tuple[str, Box]:

@@ -183,8 +183,8 @@ def _subjects(args: argparse.Namespace, prompt: str):
 def _config(args: argparse.Namespace, route: str | None = None):
     """The run's configuration: the layout ``route``'s box settings (``layout_route``), the model's
     own settings (its folder's ``ait2i.json``), then what the command line says."""
-    from .adapters.layout import ROUTE_SETTINGS
-    from .config import model_config, model_loss
+    from .adapters.layout import route_config
+    from .config import model_loss
 
     model = args.gligen or args.model or default_model()
     try:
@@ -193,9 +193,9 @@ def _config(args: argparse.Namespace, route: str | None = None):
         )
     except ValueError as e:
         raise ValueError(f"--aggregation-radius / --alignment-radius: {e}") from None
-    return model_config(
+    return route_config(
+        route,
         model,
-        defaults=ROUTE_SETTINGS.get(route),
         loss={**radii, **({"isolation": args.isolation} if args.isolation else {})},
         # only what the command line says: the rest of the schedule is the model's (its ait2i.json)
         schedule={

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .capture import capture_attention, map_side
-from .config import AIT2IConfig, model_config, read_model_settings
+from .config import AIT2IConfig, read_model_settings
 from .fast import LaggedGuide, sampling_hooks
 from .guidance import Guide, PromptTarget, StepRecord
 from .tokens import SubjectSpec, TokenGroup, eot_index, resolve_groups
@@ -131,11 +131,11 @@ def generate(
         :class:`GuidedOutput` with the images, the groups, per-step losses and the maps.
     """
     from .adapters import adapter_for
-    from .adapters.layout import ROUTE_SETTINGS
+    from .adapters.layout import route_config
 
     adapter = adapter or adapter_for(pipe)
     if config is None:
-        config = model_config(pipe, defaults=ROUTE_SETTINGS.get(getattr(adapter, "layout_route", None)))
+        config = route_config(getattr(adapter, "layout_route", None), pipe)
     elif read_model_settings(pipe):
         logger.info("an explicit config is used as given: %s's ait2i.json does not apply", pipe.name_or_path)
     for key in ("prompt_embeds", "pooled_prompt_embeds", "latents"):

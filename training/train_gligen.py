@@ -150,7 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if kind != "StableDiffusionGLIGENPipeline":
             p.error(
                 f"--init-from {args.init_from!r} is not a GLIGEN pipeline folder: expected a model_index.json "
-                f"naming StableDiffusionGLIGENPipeline, found {kind!r}"
+                f"naming StableDiffusionGLIGENPipeline, found "
+                + (f"{kind!r}" if index.exists() else "no model_index.json")
             )
         if args.gate_init:
             p.error("--gate-init would reset the fusers of --init-from: give one of them")
