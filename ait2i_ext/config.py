@@ -19,6 +19,7 @@ PeakSource = Literal["remaining", "full"]
 ExistenceTokens = Literal["words", "all"]
 RefinementScope = Literal["image", "batch"]
 MapBlocks = Literal["down_up", "down"]
+RadiusMode = Literal["fixed", "adaptive"]
 #: The raw loss terms (``LossTerms`` fields) the box-only updates of the layout schedule may descend.
 BOX_UPDATE_TERMS = ("box", "existence", "isolation", "aggregation", "alignment")
 
@@ -32,8 +33,13 @@ def _check(cond: bool, name: str, value: object, expected: str) -> None:
 class LossConfig:
     """Weights and geometry of the AI-T2I losses (``docs/method.md``, Losses).
 
-    Radii are in grid cells of a ``reference_resolution`` x ``reference_resolution`` map and scale
-    with the map actually used (a 32x32 SDXL map uses twice the radius).
+    ``radius_mode`` chooses the aggregation and alignment radii. ``"fixed"``: ``aggregation_radius``
+    / ``alignment_radius``, in grid cells of a ``reference_resolution`` x ``reference_resolution``
+    map, scaled with the map actually used (a 32x32 SDXL map uses twice the radius); they must suit
+    how big the model draws its subjects. ``"adaptive"``: at every step, each group's radii are
+    ``aggregation_factor`` / ``alignment_factor`` times the size of its main map's blob
+    (:func:`ait2i_ext.losses.blob_radius`: the cells above ``radius_level`` of its peak's rise over
+    the map's median), so no per-model setting.
 
     ``peak_source`` picks the map the peak centroids are taken from (``"remaining"``: with earlier
     peak regions removed; ``"full"``: the whole map, as the authors' code does; see
@@ -56,9 +62,13 @@ class LossConfig:
     box_topk_fraction: float = 0.2
     isolation: IsolationMode = "euclidean"
     top_k: int = 3
+    radius_mode: RadiusMode = "fixed"
     aggregation_radius: float = 5.0
     alignment_radius: float = 6.0
     reference_resolution: int = 16
+    aggregation_factor: float = 1.0
+    alignment_factor: float = 1.2
+    radius_level: float = 0.5
     softmax_scale: float = 100.0
     smoothing_kernel: int = 3
     smoothing_sigma: float = 0.5
@@ -95,7 +105,21 @@ class LossConfig:
             self.existence_tokens,
             "'words' or 'all'",
         )
-        for name in ("aggregation_radius", "alignment_radius", "softmax_scale", "smoothing_sigma"):
+        _check(
+            self.radius_mode in ("fixed", "adaptive"),
+            "radius_mode",
+            self.radius_mode,
+            "'fixed' or 'adaptive'",
+        )
+        _check(0 < self.radius_level <= 1, "radius_level", self.radius_level, "a fraction in (0, 1]")
+        for name in (
+            "aggregation_radius",
+            "alignment_radius",
+            "aggregation_factor",
+            "alignment_factor",
+            "softmax_scale",
+            "smoothing_sigma",
+        ):
             value = getattr(self, name)
             _check(value > 0, name, value, "a number > 0")
         _check(self.reference_resolution >= 1, "reference_resolution", self.reference_resolution, ">= 1")
@@ -385,13 +409,17 @@ def model_config(
 
 def model_loss(model, **given: float | None) -> dict:
     """``LossConfig`` overrides for ``model``: its ``ait2i.json`` loss settings, then the ``given``
-    fields that are not ``None`` (e.g. ``aggregation_radius=args.aggregation_radius``).
+    fields that are not ``None`` (e.g. ``aggregation_radius=args.aggregation_radius``). A given
+    radius asks for that radius: it sets ``radius_mode="fixed"`` unless ``radius_mode`` is given too.
 
     Raises ``ValueError`` (naming the value) for a setting ``LossConfig`` refuses, so command-line
     tools can fail before loading or sampling anything.
     """
     loss = dict(read_model_settings(model).get("loss", {})) if model is not None else {}
-    loss.update({name: value for name, value in given.items() if value is not None})
+    given = {name: value for name, value in given.items() if value is not None}
+    if {"aggregation_radius", "alignment_radius"} & set(given):
+        given.setdefault("radius_mode", "fixed")
+    loss.update(given)
     LossConfig(**loss)  # validates
     return loss
 

@@ -37,6 +37,34 @@ def scaled_radius(radius: float, size: int, reference_resolution: int) -> float:
     return radius * size / reference_resolution
 
 
+def blob_radius(m: torch.Tensor, level: float) -> torch.Tensor:
+    """Size of each map's blobs: the radius ``sqrt(n / pi)`` of a disc of ``n`` cells, where ``n``
+    counts the cells that rise above the map's median by at least ``level`` of its peak's rise.
+
+    Measured from the median, the diffuse attention every token gets everywhere does not count, so
+    the size is the subject's (on the shapes model it follows the drawn object's size from the early
+    guided steps on; ``docs/method.md``). It is dimensionless in the map's values (scaling a map
+    changes nothing) and in cells of this map, so it follows how big a model draws its subjects, at
+    any map resolution. A uniform disc of radius ``R`` covering less than half the map gives about
+    ``R``; a Gaussian blob of standard deviation ``s`` about ``s sqrt(2 ln(1 / level))`` (1.18 s at
+    ``level=0.5``). The choice carries no gradient.
+
+    Args:
+        m (`torch.Tensor` of shape `(N, H, W)`): non-negative maps.
+        level (`float`): share of the peak's rise above the median, in ``(0, 1]``.
+
+    Returns:
+        `torch.Tensor` of shape `(N,)`, detached, at least ``sqrt(1 / pi)`` (the peak cell alone).
+    """
+    if not 0 < level <= 1:
+        raise ValueError(f"level={level!r} is invalid: expected a number in (0, 1]")
+    flat = m.detach().flatten(1)
+    base = flat.median(dim=1, keepdim=True).values
+    rise = flat - base
+    cells = (rise >= level * rise.amax(dim=1, keepdim=True)).sum(dim=1).clamp(min=1)
+    return torch.sqrt(cells.to(m.dtype) / math.pi)
+
+
 def _grid(height: int, width: int, like: torch.Tensor) -> torch.Tensor:
     """``(H, W, 2)`` tensor of cell coordinates ``(y, x)`` in the dtype and on the device of ``like``."""
     ys = torch.arange(height, dtype=like.dtype, device=like.device)
@@ -73,13 +101,14 @@ def centroid(m: torch.Tensor, fallback: torch.Tensor | None = None) -> torch.Ten
     return torch.where(has_mass[:, None], weighted / safe_mass[:, None], fallback.to(m.dtype))
 
 
-def ball_mask(center: torch.Tensor, height: int, width: int, radius: float) -> torch.Tensor:
+def ball_mask(center: torch.Tensor, height: int, width: int, radius: float | torch.Tensor) -> torch.Tensor:
     """Ball masks ``B_r(p)``: 1 on the cells ``q`` with ``|q - p| < r``, 0 elsewhere.
 
     Args:
         center (`torch.Tensor` of shape `(N, 2)`): ball centres ``p`` as ``(y, x)`` in cells.
         height (`int`), width (`int`): grid size ``H``, ``W``.
-        radius (`float`): ``r`` in cells.
+        radius (`float` or `torch.Tensor` of shape `(N,)`): ``r`` in cells, one for all balls or one
+            per ball.
 
     Returns:
         `torch.Tensor` of shape `(N, H, W)`, in ``center``'s floating dtype (float32 for integer
@@ -88,6 +117,8 @@ def ball_mask(center: torch.Tensor, height: int, width: int, radius: float) -> t
     if not center.is_floating_point():
         center = center.float()
     dist = torch.linalg.vector_norm(_grid(height, width, center)[None] - center[:, None, None, :], dim=-1)
+    if isinstance(radius, torch.Tensor):
+        radius = radius.detach().to(dist.dtype)[:, None, None]
     return (dist < radius).to(center.dtype)
 
 
@@ -99,7 +130,7 @@ def _argmax_cell(m: torch.Tensor) -> torch.Tensor:
 
 
 def peak_centroids(
-    m: torch.Tensor, k: int, radius: float, source: PeakSource = "remaining"
+    m: torch.Tensor, k: int, radius: float | torch.Tensor, source: PeakSource = "remaining"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy top-``k`` peak regions of each map.
 
@@ -117,7 +148,8 @@ def peak_centroids(
     Args:
         m (`torch.Tensor` of shape `(N, H, W)`): non-negative maps.
         k (`int`): number of peaks ``K``.
-        radius (`float`): ball radius ``r`` in cells of this map.
+        radius (`float` or `torch.Tensor` of shape `(N,)`): ball radius ``r`` in cells of this map,
+            one for all maps or one per map (e.g. from :func:`blob_radius`).
         source (`str`): ``"remaining"`` or ``"full"``: the map the centroids are taken from.
 
     Returns:
@@ -160,7 +192,7 @@ def _peak_spread(anchor: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 
 def aggregation_loss(
-    m: torch.Tensor, k: int, radius: float, source: PeakSource = "remaining"
+    m: torch.Tensor, k: int, radius: float | torch.Tensor, source: PeakSource = "remaining"
 ) -> torch.Tensor:
     """Aggregation ``L_agg``: pulls the secondary blobs of a map onto its main peak.
 
@@ -170,7 +202,8 @@ def aggregation_loss(
     Args:
         m (`torch.Tensor` of shape `(N, H, W)`): non-negative maps (a subject token's attention).
         k (`int`): number of peak regions ``K``.
-        radius (`float`): ball radius ``r`` in cells of this map (see :func:`scaled_radius`).
+        radius (`float` or `torch.Tensor` of shape `(N,)`): ball radius ``r`` in cells of this map
+            (see :func:`scaled_radius`), or one per map (:func:`blob_radius`).
         source (`str`): where the centroids come from (see :func:`peak_centroids`).
 
     Returns:
@@ -181,7 +214,11 @@ def aggregation_loss(
 
 
 def alignment_loss(
-    member: torch.Tensor, anchor: torch.Tensor, k: int, radius: float, source: PeakSource = "remaining"
+    member: torch.Tensor,
+    anchor: torch.Tensor,
+    k: int,
+    radius: float | torch.Tensor,
+    source: PeakSource = "remaining",
 ) -> torch.Tensor:
     """Group-member alignment ``L_align``: pulls a member token's blobs onto its subject's peak.
 
@@ -193,7 +230,8 @@ def alignment_loss(
             other sub-word piece of the group.
         anchor (`torch.Tensor` of shape `(N, H, W)`): map of the group's main token.
         k (`int`): number of peak regions ``K``.
-        radius (`float`): ball radius ``r`` in cells of this map.
+        radius (`float` or `torch.Tensor` of shape `(N,)`): ball radius ``r`` in cells of this map,
+            or one per map.
         source (`str`): where the centroids come from (see :func:`peak_centroids`).
 
     Returns:

@@ -112,6 +112,34 @@ def existence_maps(
     return smoothed.view(n, num_groups, height, width)
 
 
+def group_radii(main: torch.Tensor, cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's aggregation and alignment radius, in cells of the maps' grid.
+
+    ``cfg.radius_mode="fixed"``: ``cfg.aggregation_radius`` / ``cfg.alignment_radius`` scaled from
+    ``cfg.reference_resolution`` to the maps' height, the same for every map. ``"adaptive"``:
+    ``cfg.aggregation_factor`` / ``cfg.alignment_factor`` times
+    :func:`~ait2i_ext.losses.blob_radius` of the group's main map (a group's members are aligned with
+    the radius of their subject).
+
+    Args:
+        main (`torch.Tensor` of shape `(N, G, H, W)`): the groups' main maps.
+        cfg (`LossConfig`): the mode and its radii or factors.
+
+    Returns:
+        `tuple`: aggregation and alignment radii, each a detached `torch.Tensor` of shape `(N, G)`.
+    """
+    n, num_groups, height, width = main.shape
+    if cfg.radius_mode == "adaptive":
+        size = losses.blob_radius(main.reshape(n * num_groups, height, width), cfg.radius_level)
+        size = size.view(n, num_groups)
+        return cfg.aggregation_factor * size, cfg.alignment_factor * size
+    fixed = [
+        losses.scaled_radius(r, height, cfg.reference_resolution)
+        for r in (cfg.aggregation_radius, cfg.alignment_radius)
+    ]
+    return tuple(main.new_full((n, num_groups), r) for r in fixed)
+
+
 def _boxed_tokens(group: TokenGroup, members: bool) -> tuple[int, ...]:
     """The tokens whose maps the box term pulls into ``group``'s box."""
     return group.indices if members else (group.main,)
@@ -127,9 +155,9 @@ def compute_losses(
     """The AI-T2I objective on one captured attention tensor.
 
     - aggregation: sum over groups of :func:`~ait2i_ext.losses.aggregation_loss` of the main map
-      (radius ``cfg.aggregation_radius``);
+      (radius from :func:`group_radii`: fixed, or adaptive to the map's blob);
     - alignment: sum over groups and their members of :func:`~ait2i_ext.losses.alignment_loss` of
-      the member's map anchored on the main map (radius ``cfg.alignment_radius``);
+      the member's map anchored on the main map (its group's alignment radius);
     - isolation: :func:`~ait2i_ext.losses.isolation_loss` of the main maps (zero for one group);
     - existence: :func:`~ait2i_ext.losses.existence_loss` of :func:`existence_maps`;
     - box: :func:`~ait2i_ext.losses.box_loss` over the groups with a ``box`` (their main maps, and
@@ -137,7 +165,7 @@ def compute_losses(
       ``cfg.w_box_topk`` x :func:`~ait2i_ext.losses.box_topk_loss` of their :func:`existence_maps`
       (zero when no group has a box, or when ``boxes_enabled`` is ``False``).
 
-    Radii are given for ``cfg.reference_resolution`` and scaled to the map's height. Everything is
+    Fixed radii are given for ``cfg.reference_resolution`` and scaled to the map's height. Everything is
     computed in float32 whatever the dtype of ``attn``.
 
     Args:
@@ -159,12 +187,11 @@ def compute_losses(
     n, height, width, _ = attn.shape
     main = group_maps(attn, groups)
 
-    aggregation_radius = losses.scaled_radius(cfg.aggregation_radius, height, cfg.reference_resolution)
-    alignment_radius = losses.scaled_radius(cfg.alignment_radius, height, cfg.reference_resolution)
     # Every map of every group goes through one batched call (the losses are per map).
     num_groups = main.shape[1]
     flat_main = main.reshape(n * num_groups, height, width)
-    aggregation = losses.aggregation_loss(flat_main, cfg.top_k, aggregation_radius, cfg.peak_source)
+    aggregation_radius, alignment_radius = group_radii(main, cfg)
+    aggregation = losses.aggregation_loss(flat_main, cfg.top_k, aggregation_radius.flatten(), cfg.peak_source)
     aggregation = aggregation.view(n, num_groups).sum(1)
     owners = [g for g, group in enumerate(groups) for _ in group.members]
     if owners:
@@ -174,7 +201,7 @@ def compute_losses(
             members.reshape(-1, height, width),
             anchors.reshape(-1, height, width),
             cfg.top_k,
-            alignment_radius,
+            alignment_radius[:, owners].flatten(),
             cfg.peak_source,
         )
         alignment = alignment.view(n, len(owners)).sum(1)

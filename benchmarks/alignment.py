@@ -9,7 +9,8 @@ Methods: ``plain`` (the stock pipeline), ``attend-excite`` (diffusers'
 ``StableDiffusionAttendAndExcitePipeline`` on the same components, its defaults), ``ait2i``
 (defaults and the model's ``ait2i.json``: on the shipped shapes model its radii 2.5 / 3; a schedule
 there applies too, ``--preset reference`` gives the authors' whatever it says),
-``ait2i-reference`` (the reference radii 5 / 6 whatever the model), ``ait2i-no-agg`` (aggregation and alignment weights 0), ``ait2i-no-iso`` (isolation
+``ait2i-reference`` (the reference radii 5 / 6 whatever the model), ``ait2i-adaptive`` (radii from
+each subject's map, ``LossConfig(radius_mode="adaptive")``, whatever the model), ``ait2i-no-agg`` (aggregation and alignment weights 0), ``ait2i-no-iso`` (isolation
 weight 0), ``ait2i-boxes`` (each subject also gets its layout box: the box terms of
 docs/layout.md, with the box settings of the "boxes" route; ``gligen-ait2i`` and
 ``controlnet-ait2i-boxes`` get their routes' settings, ``ait2i_ext.adapters.layout.ROUTE_SETTINGS``), ``ait2i-lagged`` (the approximate ``"lagged"`` mode), ``gligen`` (the GLIGEN
@@ -46,6 +47,7 @@ METHODS = (
     "attend-excite",
     "ait2i",
     "ait2i-reference",
+    "ait2i-adaptive",
     "ait2i-no-agg",
     "ait2i-no-iso",
     "ait2i-boxes",
@@ -84,10 +86,10 @@ def method_config(
 
     ``radii`` (the model's ``LossConfig`` settings from its ``ait2i.json``, radii given on the
     command line on top) apply to every ait2i method but ``ait2i-reference``, which keeps the
-    reference values of ``LossConfig``. ``schedule`` (the model's ``ScheduleConfig`` settings and
+    reference radii of ``LossConfig``, and ``ait2i-adaptive``, which takes them from the maps. ``schedule`` (the model's ``ScheduleConfig`` settings and
     the ``--preset``'s) applies to every ait2i method; ``step_scale``, if given, wins over it.
     """
-    radii = {} if method == "ait2i-reference" else dict(radii or {})
+    radii = {} if method in ("ait2i-reference", "ait2i-adaptive") else dict(radii or {})
     # The box methods run with their layout route's box settings (ait2i_ext.adapters.layout).
     route = {"ait2i-boxes": "boxes", "gligen-ait2i": "gligen", "controlnet-ait2i-boxes": "controlnet"}
     settings = ROUTE_SETTINGS[route[method]] if method in route else {}
@@ -101,7 +103,8 @@ def method_config(
     )
     loss = {
         "ait2i": LossConfig(**radii),
-        "ait2i-reference": LossConfig(),
+        "ait2i-reference": LossConfig(radius_mode="fixed"),
+        "ait2i-adaptive": LossConfig(radius_mode="adaptive"),
         "ait2i-boxes": LossConfig(**radii),
         "ait2i-lagged": LossConfig(**radii),
         "gligen-ait2i": LossConfig(**radii),

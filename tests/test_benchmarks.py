@@ -88,7 +88,13 @@ def test_method_configs_share_radii_except_the_reference_row():
         loss = alignment.method_config(method, "truncated", 20.0, radii).loss
         assert (loss.aggregation_radius, loss.alignment_radius) == (2.5, 3.0), method
     reference = alignment.method_config("ait2i-reference", "truncated", 20.0, radii).loss
-    assert (reference.aggregation_radius, reference.alignment_radius) == (5.0, 6.0)
+    assert (reference.radius_mode, reference.aggregation_radius, reference.alignment_radius) == (
+        "fixed",
+        5.0,
+        6.0,
+    )
+    adaptive = alignment.method_config("ait2i-adaptive", "truncated", 20.0, radii).loss
+    assert adaptive.radius_mode == "adaptive"
     assert alignment.method_config("ait2i-lagged", "truncated").mode == "lagged"
     assert alignment.method_config("ait2i-no-agg", "full").loss.w_aggregation == 0.0
     assert alignment.method_config("plain", "truncated") is None

@@ -1,11 +1,13 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from ait2i_ext.adapters import StableDiffusionAdapter
 from conftest import sharpen_attention
 
-from ait2i_ext import AIT2IConfig, ScheduleConfig, generate
-from ait2i_ext.config import model_config, write_model_settings
+from ait2i_ext import AIT2IConfig, LossConfig, ScheduleConfig, generate
+from ait2i_ext.config import model_config, model_loss, write_model_settings
 from ait2i_ext.guidance import guidance_step
 from ait2i_ext.pipeline import _input_scale, resolve_targets
 
@@ -375,3 +377,34 @@ def test_the_box_only_updates_descend_the_schedules_box_update_terms(tiny_sd):
     box, with_existence = run(("box",)), run(("box", "existence"))
     assert [r.iterations for r in box.steps] == [4, 4]
     assert not torch.equal(box.images, with_existence.images)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_adaptive_radii_guide_the_tiny_pipeline(tiny_sd, seed):
+    """Radii from the maps, end to end: a guided run records its steps and changes the images, and
+    one update lowers the objective measured with the radii of the maps it moved."""
+    pipe = sharpen_attention(tiny_sd)
+    adaptive = dataclasses.replace(AIT2IConfig(), loss=LossConfig(radius_mode="adaptive"))
+    guided = _run(pipe, adaptive, seed)
+    assert guided.config.loss.radius_mode == "adaptive" and len(guided.steps) == 3
+    assert not np.array_equal(guided.images, _stock(pipe, seed))
+    adapter = StableDiffusionAdapter(pipe)
+    _, forward = adapter.encode([PROMPT], 1, False, {})
+    target = resolve_targets(pipe.tokenizer, [PROMPT], None, 1)
+    pipe.scheduler.set_timesteps(6)
+    t = pipe.scheduler.timesteps[0]
+    z = torch.randn(1, 4, 32, 32, generator=_gen(seed)) * pipe.scheduler.init_noise_sigma
+    moved, before, _ = guidance_step(pipe.unet, forward, z, t, target, adaptive, 1.0)
+    _, after, _ = guidance_step(pipe.unet, forward, moved, t, target, adaptive, 0.0)
+    assert float(after.total) < float(before.total)
+
+
+def test_a_given_radius_means_a_fixed_radius(tmp_path):
+    """A command line's --aggregation-radius over a model whose ait2i.json chose adaptive radii."""
+    write_model_settings(tmp_path, loss={"radius_mode": "adaptive"})
+    assert model_loss(tmp_path) == {"radius_mode": "adaptive"}
+    assert model_loss(tmp_path, aggregation_radius=4.0) == {"radius_mode": "fixed", "aggregation_radius": 4.0}
+    given = model_loss(tmp_path, alignment_radius=4.0, radius_mode="adaptive")
+    assert given["radius_mode"] == "adaptive"
+    with pytest.raises(ValueError, match="radius_mode='auto' is invalid"):
+        model_loss(tmp_path, radius_mode="auto")

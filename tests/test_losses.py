@@ -298,3 +298,71 @@ def test_box_topk_loss_rejects_bad_input():
         losses.box_topk_loss(torch.rand(1, 1, SIZE, SIZE), masks, 0.0)
     with pytest.raises(ValueError, match="masks"):
         losses.box_topk_loss(torch.rand(1, 2, SIZE, SIZE), masks, 0.2)
+
+
+def disc(center: tuple[float, float], radius: float, size: int = SIZE) -> torch.Tensor:
+    ys, xs = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    return ((ys - center[0]) ** 2 + (xs - center[1]) ** 2 < radius**2).float()
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_blob_radius_follows_the_blob_size_at_any_map_scale(size):
+    """Blobs of two sizes on maps of three scales: the radius doubles with the blob, whatever the
+    grid and the map's values; a fixed radius (scaled_radius) does not depend on the blob at all."""
+    unit = size / 16  # cells per cell of a 16x16 map
+    centre = ((size - 1) / 2, (size - 1) / 2)
+    small, large = blob(centre, size, sigma=1.0 * unit), blob(centre, size, sigma=2.0 * unit)
+    r_small, r_large = losses.blob_radius(torch.stack([small, 7 * large]), 0.5)
+    assert r_large / r_small == pytest.approx(2.0, rel=0.15)
+    # about a Gaussian's half-height radius, s sqrt(2 ln 2) = 1.18 s, in cells of this map
+    assert r_small == pytest.approx(1.18 * unit, rel=0.3)
+    fixed = losses.scaled_radius(CFG.aggregation_radius, size, CFG.reference_resolution)
+    assert fixed == losses.scaled_radius(CFG.aggregation_radius, size, CFG.reference_resolution)
+
+
+def test_blob_radius_of_a_disc_is_its_radius_and_has_no_gradient():
+    m = torch.stack([disc((8.0, 8.0), 3.0), disc((8.0, 8.0), 6.0) * 0.2]) + 0.01
+    m.requires_grad_(True)
+    r = losses.blob_radius(m, 0.5)
+    assert not r.requires_grad
+    torch.testing.assert_close(r, torch.tensor([3.0, 6.0]), atol=0.25, rtol=0)
+    with pytest.raises(ValueError, match="level=0 is invalid"):
+        losses.blob_radius(m, 0)
+
+
+def test_per_map_radii_equal_one_call_per_map():
+    maps = torch.stack([blob((3.0, 3.0)) + blob((12.0, 12.0)), blob((8.0, 4.0), sigma=2.5)])
+    radii = torch.tensor([2.0, 4.5])
+    masks = losses.ball_mask(torch.tensor([[5.0, 5.0], [5.0, 5.0]]), SIZE, SIZE, radii)
+    assert masks[0].sum() < masks[1].sum()
+    together = losses.aggregation_loss(maps, 3, radii)
+    alone = torch.cat([losses.aggregation_loss(maps[i : i + 1], 3, float(radii[i])) for i in range(2)])
+    torch.testing.assert_close(together, alone)
+    anchors = maps.flip(0)
+    together = losses.alignment_loss(maps, anchors, 3, radii)
+    alone = torch.cat(
+        [losses.alignment_loss(maps[i : i + 1], anchors[i : i + 1], 3, float(radii[i])) for i in range(2)]
+    )
+    torch.testing.assert_close(together, alone)
+
+
+@pytest.mark.parametrize("unit", [1.0, 2.0, 5.0])
+def test_the_first_peak_region_covers_its_blob_and_not_the_neighbour_only_with_the_blobs_radius(unit):
+    """Two subjects of size ``unit`` side by side (4 ``unit`` apart): the ball of radius 1.2 x
+    ``blob_radius`` around the first peak holds most of that subject's mass and little of its
+    neighbour's at every size. A fixed radius suits one size only: 5 cells take in the neighbour of
+    the smallest pair and too little of the largest subject."""
+    size = 48
+    one, other = blob((14.0, 24.0), size, sigma=unit), blob((14.0 + 4 * unit, 24.0), size, sigma=unit)
+    m = (1.5 * one + other)[None]
+    peak = torch.tensor([[14.0, 24.0]])
+
+    def shares(radius):
+        ball = losses.ball_mask(peak, size, size, radius)[0]
+        return float((ball * one).sum()), float((ball * other).sum())
+
+    own, neighbour = shares(1.2 * losses.blob_radius(m, 0.5))
+    assert own > 0.55 and neighbour < 0.1
+    own, neighbour = shares(5.0)
+    assert (neighbour > 0.1) if unit == 1.0 else (neighbour < 0.1)
+    assert (own < 0.55) if unit == 5.0 else (own > 0.55)

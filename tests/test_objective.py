@@ -9,7 +9,7 @@ import torch
 
 from ait2i_ext import losses
 from ait2i_ext.config import LossConfig
-from ait2i_ext.objective import LossTerms, compute_losses, existence_maps, group_maps
+from ait2i_ext.objective import LossTerms, compute_losses, existence_maps, group_maps, group_radii
 from ait2i_ext.tokens import TokenGroup
 
 N, H, W, T = 2, 16, 16, 77
@@ -224,3 +224,57 @@ def test_box_members_pull_attribute_maps_into_their_groups_box():
         compute_losses(moved, groups, EOT, off).box, compute_losses(attn, groups, EOT, off).box
     )
     assert (compute_losses(moved, groups, EOT, cfg).box > compute_losses(attn, groups, EOT, cfg).box).all()
+
+
+def _two_subjects(cat_side: int, dog_side: int) -> torch.Tensor:
+    """Attention with a ``cat_side``-cell square cat and a ``dog_side``-cell square dog."""
+    attn = torch.full((1, H, W, T), 1e-3)
+    attn[0, 1 : 1 + cat_side, 1 : 1 + cat_side, CAT.main] = 1.0
+    attn[0, 8 : 8 + dog_side, 8 : 8 + dog_side, DOG.main] = 1.0
+    return attn
+
+
+def test_adaptive_radii_follow_each_subjects_blob_and_fixed_radii_do_not():
+    main = group_maps(_two_subjects(2, 6), [CAT, DOG])
+    fixed = group_radii(main, LossConfig(aggregation_radius=2.5, alignment_radius=3.0))
+    assert fixed[0].tolist() == [[2.5, 2.5]] and fixed[1].tolist() == [[3.0, 3.0]]
+    cfg = LossConfig(radius_mode="adaptive", aggregation_factor=1.0, alignment_factor=1.5)
+    aggregation, alignment = group_radii(main, cfg)
+    assert aggregation[0, 1] == pytest.approx(3 * aggregation[0, 0])  # 6 cells wide vs 2
+    torch.testing.assert_close(alignment, 1.5 * aggregation)
+    # the same subjects on a map of twice the resolution: twice the radii, in its cells
+    big = group_maps(_two_subjects(2, 6).repeat_interleave(2, 1).repeat_interleave(2, 2), [CAT, DOG])
+    torch.testing.assert_close(group_radii(big, cfg)[0], 2 * aggregation)
+
+
+def test_adaptive_mode_gives_the_per_group_sums_with_each_groups_radius():
+    attn = _two_subjects(2, 6)
+    attn[0, 12:14, 1:3, CAT.members[0]] = 1.0
+    cfg = LossConfig(radius_mode="adaptive")
+    terms = compute_losses(attn, [CAT, DOG], EOT, cfg)
+    main = group_maps(attn, [CAT, DOG])
+    radii = [cfg.aggregation_factor * losses.blob_radius(main[:, g], cfg.radius_level) for g in range(2)]
+    agg = sum(losses.aggregation_loss(main[:, g], cfg.top_k, radii[g]) for g in range(2))
+    align = losses.alignment_loss(
+        attn[..., CAT.members[0]],
+        main[:, 0],
+        cfg.top_k,
+        cfg.alignment_factor / cfg.aggregation_factor * radii[0],
+    )
+    torch.testing.assert_close(terms.aggregation, agg)
+    torch.testing.assert_close(terms.alignment, align)
+    assert not torch.equal(terms.aggregation, compute_losses(attn, [CAT, DOG], EOT, LossConfig()).aggregation)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("radius_mode", "auto", "radius_mode='auto' is invalid: expected 'fixed' or 'adaptive'"),
+        ("aggregation_factor", 0.0, "aggregation_factor=0.0 is invalid: expected a number > 0"),
+        ("alignment_factor", -1.0, "alignment_factor=-1.0 is invalid"),
+        ("radius_level", 1.5, r"radius_level=1.5 is invalid: expected a fraction in \(0, 1\]"),
+    ],
+)
+def test_radius_fields_are_validated(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        LossConfig(**{field: value})
