@@ -66,8 +66,8 @@ class LossConfig:
     aggregation_radius: float = 5.0
     alignment_radius: float = 6.0
     reference_resolution: int = 16
-    aggregation_factor: float = 1.0
-    alignment_factor: float = 1.2
+    aggregation_factor: float = 0.7
+    alignment_factor: float = 0.85
     radius_level: float = 0.5
     softmax_scale: float = 100.0
     smoothing_kernel: int = 3

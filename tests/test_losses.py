@@ -346,23 +346,23 @@ def test_per_map_radii_equal_one_call_per_map():
     torch.testing.assert_close(together, alone)
 
 
-@pytest.mark.parametrize("unit", [1.0, 2.0, 5.0])
-def test_the_first_peak_region_covers_its_blob_and_not_the_neighbour_only_with_the_blobs_radius(unit):
-    """Two subjects of size ``unit`` side by side (4 ``unit`` apart): the ball of radius 1.2 x
-    ``blob_radius`` around the first peak holds most of that subject's mass and little of its
-    neighbour's at every size. A fixed radius suits one size only: 5 cells take in the neighbour of
-    the smallest pair and too little of the largest subject."""
-    size = 48
-    one, other = blob((14.0, 24.0), size, sigma=unit), blob((14.0 + 4 * unit, 24.0), size, sigma=unit)
-    m = (1.5 * one + other)[None]
-    peak = torch.tensor([[14.0, 24.0]])
-
-    def shares(radius):
-        ball = losses.ball_mask(peak, size, size, radius)[0]
-        return float((ball * one).sum()), float((ball * other).sum())
-
-    own, neighbour = shares(1.2 * losses.blob_radius(m, 0.5))
-    assert own > 0.55 and neighbour < 0.1
-    own, neighbour = shares(5.0)
-    assert (neighbour > 0.1) if unit == 1.0 else (neighbour < 0.1)
-    assert (own < 0.55) if unit == 5.0 else (own > 0.55)
+def test_the_first_peak_region_scales_with_the_subjects_only_with_the_blobs_radius():
+    """Two subjects of size ``unit`` side by side (4 ``unit`` apart), at three sizes: with the
+    adaptive radius (the default factor times ``blob_radius``) the ball around the first peak holds
+    the same share of its subject at every size and nothing of the neighbour. A fixed radius suits
+    one size only: 8 cells take in the neighbour of the smallest pair and a fraction of the largest
+    subject."""
+    size = 96
+    peak = torch.tensor([[24.0, 48.0]])
+    adaptive, fixed = [], []
+    for unit in (2.0, 4.0, 8.0):
+        one, other = blob((24.0, 48.0), size, sigma=unit), blob((24.0 + 4 * unit, 48.0), size, sigma=unit)
+        radius = CFG.aggregation_factor * losses.blob_radius((1.5 * one + other)[None], CFG.radius_level)
+        for r, out in ((radius, adaptive), (8.0, fixed)):
+            ball = losses.ball_mask(peak, size, size, r)[0]
+            out.append((float((ball * one).sum()), float((ball * other).sum())))
+    own = [o for o, _ in adaptive]
+    assert max(own) - min(own) < 0.1 and min(own) > 0.3
+    assert all(n < 0.01 for _, n in adaptive)
+    assert fixed[0][1] > 0.3  # the small pair: the neighbour is inside
+    assert fixed[0][0] > 0.95 and fixed[2][0] < 0.5  # all of a small subject, part of a large one

@@ -183,8 +183,9 @@ def test_radii_scale_with_map_size():
     attn[0, 2:4, 2:4, DOG.main] = 1.0
     attn[0, 12:14, 12:14, DOG.main] = 0.5
     big = attn.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
-    small = compute_losses(attn, [DOG], EOT, LossConfig()).aggregation
-    large = compute_losses(big, [DOG], EOT, LossConfig()).aggregation
+    fixed = LossConfig(radius_mode="fixed")
+    small = compute_losses(attn, [DOG], EOT, fixed).aggregation
+    large = compute_losses(big, [DOG], EOT, fixed).aggregation
     torch.testing.assert_close(small, large, atol=0.03, rtol=0)
 
 
@@ -193,7 +194,7 @@ def test_batched_terms_equal_the_per_group_sums():
     torch.manual_seed(0)
     attn = torch.rand(3, 16, 16, 20).softmax(-1)
     groups = [TokenGroup("a", 2, (3,)), TokenGroup("b", 5, ()), TokenGroup("c", 8, (9, 10))]
-    cfg = LossConfig()
+    cfg = LossConfig(radius_mode="fixed")
     terms = compute_losses(attn, groups, 12, cfg)
     main = group_maps(attn, groups)
     agg = sum(losses.aggregation_loss(main[:, g], cfg.top_k, cfg.aggregation_radius) for g in range(3))
@@ -236,7 +237,7 @@ def _two_subjects(cat_side: int, dog_side: int) -> torch.Tensor:
 
 def test_adaptive_radii_follow_each_subjects_blob_and_fixed_radii_do_not():
     main = group_maps(_two_subjects(2, 6), [CAT, DOG])
-    fixed = group_radii(main, LossConfig(aggregation_radius=2.5, alignment_radius=3.0))
+    fixed = group_radii(main, LossConfig(radius_mode="fixed", aggregation_radius=2.5, alignment_radius=3.0))
     assert fixed[0].tolist() == [[2.5, 2.5]] and fixed[1].tolist() == [[3.0, 3.0]]
     cfg = LossConfig(radius_mode="adaptive", aggregation_factor=1.0, alignment_factor=1.5)
     aggregation, alignment = group_radii(main, cfg)
@@ -263,7 +264,9 @@ def test_adaptive_mode_gives_the_per_group_sums_with_each_groups_radius():
     )
     torch.testing.assert_close(terms.aggregation, agg)
     torch.testing.assert_close(terms.alignment, align)
-    assert not torch.equal(terms.aggregation, compute_losses(attn, [CAT, DOG], EOT, LossConfig()).aggregation)
+    assert not torch.equal(
+        terms.aggregation, compute_losses(attn, [CAT, DOG], EOT, LossConfig(radius_mode="fixed")).aggregation
+    )
 
 
 @pytest.mark.parametrize(
