@@ -29,11 +29,13 @@ GLIGEN_MAX_BOXES = 30  # StableDiffusionGLIGENPipeline's max_objs
 #: its adapter (``adapter.layout_route``), the CLI the route ``--box`` / ``--controlnet`` takes.
 #: Measured in docs/layout.md: boxes alone box the attribute words too and keep the existence term
 #: in the box-only updates (the box term is all they have to place the subjects, and alone it cost
-#: correctness); ControlNet did worse with that and keeps the library defaults, and so does GLIGEN
+#: correctness), descend layout guidance's squared box energy (the worst-placed map pulls most)
+#: and BoxDiff's inner/outer top-k term (no strong copy of a subject outside its box). ControlNet
+#: did worse with the second round's settings and keeps the library defaults, and so does GLIGEN
 #: (measured with them).
 ROUTE_SETTINGS: dict[str, dict[str, dict]] = {
     "boxes": {
-        "loss": {"box_members": True},
+        "loss": {"box_members": True, "box_power": 2.0, "w_box_topk": 1.0},
         "schedule": {"box_update_terms": ("box", "existence"), "box_iterations": 5},
     },
     "gligen": {},

@@ -46,8 +46,9 @@ class LossConfig:
     :func:`ait2i_ext.losses.peak_centroids`). ``existence_tokens`` picks the tokens the existence
     term's softmax runs over (``"words"``: the prompt's words only; ``"all"``: ``1:-1`` as
     Attend-and-Excite, padding included). ``box_members`` also pulls each boxed group's member
-    tokens (attributes, aliases) into its box, one map each. The defaults are the measured choices
-    (DEVELOPERS.md; the box settings: docs/layout.md).
+    tokens (attributes, aliases) into its box, one map each; ``box_existence`` makes the existence
+    term read a boxed group's map inside its box only (its strongest cell there). The defaults are
+    the measured choices (DEVELOPERS.md; the box settings: docs/layout.md).
     """
 
     w_isolation: float = 2.0
@@ -59,6 +60,7 @@ class LossConfig:
     box_power: float = 1.0
     w_box_topk: float = 0.0
     box_members: bool = False
+    box_existence: bool = False
     box_topk_fraction: float = 0.2
     isolation: IsolationMode = "euclidean"
     top_k: int = 3
@@ -131,6 +133,7 @@ class LossConfig:
         )
         _check(self.box_power >= 1, "box_power", self.box_power, "a number >= 1")
         _check(isinstance(self.box_members, bool), "box_members", self.box_members, "True or False")
+        _check(isinstance(self.box_existence, bool), "box_existence", self.box_existence, "True or False")
         _check(
             0 < self.box_topk_fraction <= 1,
             "box_topk_fraction",
@@ -154,7 +157,9 @@ class ScheduleConfig:
     ``box_guided_fraction`` of the steps, ``box_iterations`` extra updates with step ``box_step_scale``
     descend the sum of the raw terms named in ``box_update_terms`` (default: the box term alone;
     ``("box", "existence")`` with ``LossConfig(box_members=True)`` trades in-box for correctness on
-    boxes alone and loses on ControlNet: measured in docs/layout.md). Each layout route may start
+    boxes alone and loses on ControlNet: measured in docs/layout.md). An image whose box term is
+    at or below ``box_stop`` gets no more of these updates at that step (layout guidance's loss
+    threshold; ``None``: every image gets every update). Each layout route may start
     from its own box settings (``ait2i_ext.adapters.layout.ROUTE_SETTINGS``, applied by
     :func:`model_config`'s ``defaults``).
     Without boxes these fields do nothing.
@@ -172,6 +177,7 @@ class ScheduleConfig:
     box_guided_fraction: float = 0.2
     box_step_scale: float = 20.0
     box_update_terms: tuple[str, ...] = ("box",)
+    box_stop: float | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -189,6 +195,9 @@ class ScheduleConfig:
             "a fraction in [0, 1]",
         )
         _check(self.box_step_scale >= 0, "box_step_scale", self.box_step_scale, "a number >= 0")
+        _check(
+            self.box_stop is None or self.box_stop >= 0, "box_stop", self.box_stop, "None or a number >= 0"
+        )
         _check(
             0.0 <= self.guided_fraction <= 1.0,
             "guided_fraction",

@@ -92,6 +92,7 @@ def guidance_step(
     step_size: float | torch.Tensor,
     input_scale: float = 1.0,
     term: str | tuple[str, ...] = "total",
+    box_stop: float | None = None,
 ) -> tuple[torch.Tensor, LossTerms, torch.Tensor]:
     """One latent update ``z <- z - step_size * grad_z L``, taken in the UNet's input space.
 
@@ -102,7 +103,8 @@ def guidance_step(
     ``input_scale`` is the factor ``c`` the scheduler applies before the UNet (``scale_model_input``;
     1 for DDIM/PNDM/DPM, ``1/sqrt(sigma^2+1)`` for Euler-type). The step is taken on ``c * z`` so that
     ``step_size`` means the same for every scheduler: ``z <- z - step_size * grad_z L / c^2``.
-    ``step_size`` may be a ``(B,)`` tensor, one size per image (0 leaves an image as it is).
+    ``step_size`` may be a ``(B,)`` tensor, one size per image (0 leaves an image as it is). With
+    ``box_stop`` an image whose box term is at or below it is left as it is.
 
     Returns:
         The updated latents (detached, same dtype), the loss terms before the update, and the
@@ -117,6 +119,8 @@ def guidance_step(
         names = (term,) if isinstance(term, str) else term
         loss = sum(getattr(terms, name) for name in names)
         (grad,) = torch.autograd.grad(loss.sum(), z)
+    if box_stop is not None:
+        step_size = torch.as_tensor(step_size) * (terms.box.detach() > box_stop).float()
     if torch.is_tensor(step_size):
         step_size = step_size.to(grad.device, grad.dtype).view(-1, *[1] * (grad.ndim - 1))
     new = (z.detach() - (step_size / input_scale**2) * grad.to(z.dtype)).to(latents.dtype)
@@ -177,15 +181,22 @@ class Guide:
         t, alpha = self.timesteps[i], self.step_sizes[i]
         c = self.input_scale(t)
 
-        def step(z: torch.Tensor, size: float | torch.Tensor, term: str | tuple[str, ...] = "total"):
-            return guidance_step(self.unet, self.forward, z, t, self.targets, self.config, size, c, term)
+        def step(
+            z: torch.Tensor, size: float | torch.Tensor, term: str | tuple[str, ...] = "total", stop=None
+        ):
+            return guidance_step(
+                self.unet, self.forward, z, t, self.targets, self.config, size, c, term, stop
+            )
 
         latents, terms, _ = step(latents, alpha)
         iterations = 1
         if i < self.num_box_steps:  # the layout schedule: extra updates on the box term (+ box_update_terms)
-            box_alpha = self.config.schedule.box_step_scale
-            for _ in range(self.config.schedule.box_iterations):
-                latents, _, _ = step(latents, box_alpha, self.config.schedule.box_update_terms)
+            schedule = self.config.schedule
+            size, names, stop = schedule.box_step_scale, schedule.box_update_terms, schedule.box_stop
+            for _ in range(schedule.box_iterations):
+                latents, box_terms, _ = step(latents, size, names, stop)
+                if stop is not None and not bool((box_terms.box > stop).any()):
+                    break  # every image was at or below box_stop: this update left them as they were
                 iterations += 1
         if i in self.thresholds:
             target = 1.0 - self.thresholds[i]

@@ -163,7 +163,8 @@ def compute_losses(
     - box: :func:`~ait2i_ext.losses.box_loss` over the groups with a ``box`` (their main maps, and
       with ``cfg.box_members`` their member tokens' maps too, each with the group's box), plus
       ``cfg.w_box_topk`` x :func:`~ait2i_ext.losses.box_topk_loss` of their :func:`existence_maps`
-      (zero when no group has a box, or when ``boxes_enabled`` is ``False``).
+      (zero when no group has a box, or when ``boxes_enabled`` is ``False``). With
+      ``cfg.box_existence`` the existence term reads a boxed group's map inside its box only.
 
     Fixed radii are given for ``cfg.reference_resolution`` and scaled to the map's height. Everything is
     computed in float32 whatever the dtype of ``attn``.
@@ -210,12 +211,18 @@ def compute_losses(
 
     isolation = losses.isolation_loss(main, cfg.isolation)
     scaled = existence_maps(attn, groups, eot_index, cfg)
-    existence = losses.existence_loss(scaled)
-
     boxed = [g for g, group in enumerate(groups) if group.box is not None] if boxes_enabled else []
     if boxed:
         boxes = torch.tensor([groups[g].box for g in boxed], dtype=attn.dtype, device=attn.device)
         masks = losses.box_masks(boxes, height, width)
+    if boxed and cfg.box_existence:  # a boxed subject exists only by its attention inside its box
+        inside = scaled.clone()
+        inside[:, boxed] = scaled[:, boxed] * masks
+        existence = losses.existence_loss(inside)
+    else:
+        existence = losses.existence_loss(scaled)
+
+    if boxed:
         # With ``box_members`` a group's attribute and other member tokens share its box: one map each.
         tokens = [(k, i) for k, g in enumerate(boxed) for i in _boxed_tokens(groups[g], cfg.box_members)]
         maps = attn[..., [i for _, i in tokens]].permute(0, 3, 1, 2)

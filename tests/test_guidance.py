@@ -408,3 +408,30 @@ def test_a_given_radius_means_a_fixed_radius(tmp_path):
     assert given["radius_mode"] == "adaptive"
     with pytest.raises(ValueError, match="radius_mode='auto' is invalid"):
         model_loss(tmp_path, radius_mode="auto")
+
+
+def test_box_only_updates_stop_for_an_image_whose_box_term_is_at_box_stop(tiny_sd):
+    """``box_stop``: an image at or below it gets no more box-only updates (a stop above any box term
+    equals no box-only updates at all); below every box term it changes nothing."""
+    from ait2i_ext import Subject
+
+    pipe = sharpen_attention(tiny_sd)
+    subjects = [
+        Subject("circle", ("red",), box=(0, 0, 0.5, 1)),
+        Subject("square", ("blue",), box=(0.5, 0, 1, 1)),
+    ]
+
+    def run(**fields):
+        schedule = dict(step_scale=0.0, box_guided_fraction=0.5, box_step_scale=100.0, **fields)
+        config = AIT2IConfig(schedule=ScheduleConfig(**schedule))
+        call = dict(generator=_gen(), num_inference_steps=4, output_type="latent")
+        return generate(pipe, PROMPT, subjects, config=config, **call)
+
+    pulled, never = run(), run(box_iterations=0)
+    stopped = run(box_stop=100.0)
+    assert [r.iterations for r in stopped.steps] == [1, 1]
+    torch.testing.assert_close(stopped.images, never.images)
+    assert not torch.equal(pulled.images, never.images)
+    assert torch.equal(run(box_stop=0.0).images, pulled.images)
+    with pytest.raises(ValueError, match="box_stop"):
+        ScheduleConfig(box_stop=-1.0)

@@ -593,12 +593,31 @@ def test_the_default_box_settings_are_the_measured_ones():
     assert not torch.equal(default, run({"box_members": True}, {"box_update_terms": ("box",)}))
 
 
-BOXES_ROUTE = {"box_members": True, "box_update_terms": ("box", "existence")}
-LIBRARY = {"box_members": False, "box_update_terms": ("box",)}
+BOXES_ROUTE = {
+    "box_members": True,
+    "box_power": 2.0,
+    "w_box_topk": 1.0,
+    "box_update_terms": ("box", "existence"),
+    "box_iterations": 5,
+}
+LIBRARY = {
+    "box_members": False,
+    "box_power": 1.0,
+    "w_box_topk": 0.0,
+    "box_update_terms": ("box",),
+    "box_iterations": 3,
+}
 
 
 def _box_settings(config: AIT2IConfig) -> dict:
-    return {"box_members": config.loss.box_members, "box_update_terms": config.schedule.box_update_terms}
+    loss, schedule = config.loss, config.schedule
+    return {
+        "box_members": loss.box_members,
+        "box_power": loss.box_power,
+        "w_box_topk": loss.w_box_topk,
+        "box_update_terms": schedule.box_update_terms,
+        "box_iterations": schedule.box_iterations,
+    }
 
 
 def test_each_layout_route_runs_with_its_box_settings(gligen_pipe):

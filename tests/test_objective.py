@@ -281,3 +281,28 @@ def test_adaptive_mode_gives_the_per_group_sums_with_each_groups_radius():
 def test_radius_fields_are_validated(field, value, match):
     with pytest.raises(ValueError, match=match):
         LossConfig(**{field: value})
+
+
+def test_box_existence_reads_a_boxed_groups_map_inside_its_box_only():
+    """With ``box_existence`` a subject whose attention peaks outside its box does not exist for the
+    existence term; unboxed groups and the other terms read as before."""
+    cat_box, dog_box = (0, 0, 0.5, 1), (0.5, 0, 1, 1)
+    attn = torch.full((1, H, W, T), 0.01)
+    attn[0, 4, 12, 3] = 1.0  # the cat's peak, in the dog's half
+    attn[0, 4, 12, 6] = 1.0  # the dog's, in its own half
+    boxed = [dataclasses.replace(CAT, box=cat_box), dataclasses.replace(DOG, box=dog_box)]
+    on, off = LossConfig(box_existence=True), LossConfig()
+    inside = compute_losses(attn, boxed, EOT, on)
+    anywhere = compute_losses(attn, boxed, EOT, off)
+    assert inside.existence > anywhere.existence + 0.1
+    scaled = existence_maps(attn, boxed, EOT, on)
+    expected = 1 - (scaled[0, 0] * losses.box_masks([cat_box], H, W)[0]).max()
+    torch.testing.assert_close(inside.existence, expected.view(1))
+    for name in ("isolation", "aggregation", "alignment", "box"):
+        assert torch.equal(getattr(inside, name), getattr(anywhere, name))
+    unboxed = [CAT, DOG]
+    assert torch.equal(
+        compute_losses(attn, unboxed, EOT, on).existence, compute_losses(attn, unboxed, EOT, off).existence
+    )
+    with pytest.raises(ValueError, match="box_existence"):
+        LossConfig(box_existence=1)

@@ -33,6 +33,7 @@ RADII = dict(aggregation_radius=SHAPES_LOSS.aggregation_radius, alignment_radius
 # name -> (LossConfig overrides, ScheduleConfig overrides) on top of BASE; "plain" and "ait2i" get no
 # boxes, "default..." start from the route's settings as they are now (library defaults + ROUTE_SETTINGS).
 BASE = ({"box_members": False}, {"box_update_terms": ("box",)})  # the box settings of the first round
+MEX_IT5 = ({"box_members": True}, {"box_update_terms": ("box", "existence"), "box_iterations": 5})
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "plain": ({}, {}),
     "ait2i": ({}, {}),
@@ -76,7 +77,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
         {"box_members": True},
         {"box_update_terms": ("box", "existence"), "box_guided_fraction": 0.3},
     ),
-    "mex-it5": ({"box_members": True}, {"box_update_terms": ("box", "existence"), "box_iterations": 5}),
+    "mex-it5": MEX_IT5,
     "mex-s30": ({"box_members": True}, {"box_update_terms": ("box", "existence"), "box_step_scale": 30.0}),
     "default-it5": ({}, {"box_iterations": 5}),
     "mex-it5-s12": (
@@ -96,6 +97,22 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
         {"box_members": True, "box_centroid_weight": 3.0},
         {"box_update_terms": ("box", "existence")},
     ),
+    # issue 10, fourth round, from mex-it5 (the boxes route's settings before it): layout guidance's
+    # squared energy (the worst-placed map pulls most), with BoxDiff's inner/outer top-k or a stronger
+    # step, the existence term read inside the box, a longer box schedule, and a stronger pull whose
+    # box-only updates stop once an image is in its boxes
+    **{
+        f"mex-it5-{name}": ({**MEX_IT5[0], **loss}, {**MEX_IT5[1], **schedule})
+        for name, (loss, schedule) in {
+            "sq": ({"box_power": 2.0}, {}),
+            "sq-topk": ({"box_power": 2.0, "w_box_topk": 1.0}, {}),
+            "sq-s30": ({"box_power": 2.0}, {"box_step_scale": 30.0}),
+            "inex": ({"box_existence": True}, {}),
+            "frac4": ({}, {"box_guided_fraction": 0.4}),
+            # box term <= 0.85: about where both objects of a two-object prompt are in their boxes
+            "s40-stop": ({}, {"box_step_scale": 40.0, "box_stop": 0.85}),
+        }.items()
+    },
 }
 #: Variant names with this prefix run on the shipped ControlNet (control image: the edges of the
 #: prompt's objects at their boxes); "cn-plain" is the stock ControlNet pipeline.
@@ -119,8 +136,9 @@ def variant_config(name: str, route: str = "boxes") -> AIT2IConfig | None:
     )
 
 
-def run(pipe, name: str, prompt, seeds: list[int], steps: int) -> list[dict]:
-    """``pipe``: the plain shapes pipeline, or for a ``cn-`` variant the ControlNet one."""
+def run(pipe, name: str, prompt, seeds: list[int], steps: int, images_dir: Path | None = None) -> list[dict]:
+    """``pipe``: the plain shapes pipeline, or for a ``cn-`` variant the ControlNet one; the images
+    are saved under ``images_dir`` when given."""
     from ait2i_ext.shapes.evaluator import evaluate
     from ait2i_ext.shapes.model import scene_edges
 
@@ -153,8 +171,13 @@ def run(pipe, name: str, prompt, seeds: list[int], steps: int) -> list[dict]:
                 "correct": float(s.correct),
                 "in_box": sum(in_box) / len(in_box),
                 "seconds": seconds,
+                # per asked object: its count and best IoU; every detection, to see why one misses its box
+                "objects": [{"count": o.count, "iou": o.iou} for o in s.objects],
+                "detections": [[d.colour, d.shape, list(d.box)] for d in s.detections],
             }
         )
+        if images_dir is not None:
+            image.save(images_dir / f"{prompt.text.replace(' ', '_')}-{seed}.png")
     return rows
 
 
@@ -171,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--variants", default="plain,ait2i,boxes")
     parser.add_argument("--out", default="out/tune_boxes")
+    parser.add_argument("--save-images", action="store_true", help="keep each variant's images under --out")
     args = parser.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     for name in names:
@@ -198,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             rows = json.loads(cache.read_text())
         else:
             pipe = pipes[name.startswith(CONTROLNET)]
-            rows = [r for p in prompts for r in run(pipe, name, p, seeds, args.steps)]
+            images_dir = out / name if args.save_images else None
+            if images_dir is not None:
+                images_dir.mkdir(exist_ok=True)
+            rows = [r for p in prompts for r in run(pipe, name, p, seeds, args.steps, images_dir)]
             cache.write_text(json.dumps({"variant": VARIANTS[name.removeprefix(CONTROLNET)], "rows": rows}))
             rows = {"rows": rows}
         rows = rows["rows"]
