@@ -16,7 +16,7 @@ docs/layout.md, with the box settings of the "boxes" route; ``gligen-ait2i`` and
 ``controlnet-ait2i-boxes`` get their routes' settings, ``ait2i_ext.adapters.layout.ROUTE_SETTINGS``), ``ait2i-lagged`` (the approximate ``"lagged"`` mode), ``gligen`` (the GLIGEN
 model of ``--gligen``, by default the shipped GLIGEN shapes model, grounded on the layout boxes)
 ``gligen-ait2i`` (the same with ait2i guidance and the box term),
-``controlnet`` / ``controlnet-ait2i`` (the shipped
+``controlnet`` / ``controlnet-ait2i`` (the ControlNet of ``--controlnet``, by default the shipped
 Canny ControlNet, plain / with ``ait2i``; ``controlnet-ait2i-boxes`` also gives each subject its
 layout box, where its edges are; the control image is the edges of the prompt's objects
 drawn at their layout boxes, ``ait2i_ext.shapes.scene_edges``); ``--methods`` picks. The
@@ -278,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         "--gligen",
         help="GLIGEN pipeline folder for the gligen methods (default: the shipped GLIGEN shapes model)",
     )
+    parser.add_argument(
+        "--controlnet",
+        help="ControlNet folder for the controlnet methods (default: the shipped Canny shapes ControlNet)",
+    )
     parser.add_argument("--batch", type=int, default=32, help="seeds sampled together")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
@@ -358,9 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         keys = StableDiffusionControlNetPipeline._get_signature_keys(StableDiffusionControlNetPipeline)[0]
         cn_pipe = StableDiffusionControlNetPipeline(
             **{k: v for k, v in pipe.components.items() if k in keys},
-            controlnet=ControlNetModel.from_pretrained(default_controlnet_path(), torch_dtype=dtype).to(
-                device
-            ),
+            controlnet=ControlNetModel.from_pretrained(
+                args.controlnet or default_controlnet_path(), torch_dtype=dtype
+            ).to(device),
         )
         cn_pipe.set_progress_bar_config(disable=True)
     ae_pipe = None

@@ -178,3 +178,21 @@ def test_alignment_benchmark_controlnet_methods_on_the_shipped_model(random_shap
             ["--model", str(random_shapes_model), "--methods", "controlnet", "--out", str(tmp_path)]
         )
     assert alignment.method_config("controlnet", "truncated") is None
+
+
+def test_alignment_benchmark_controlnet_option_names_the_folder(random_shapes_model, tmp_path):
+    alignment = _load("alignment")
+    argv = [
+        "--sets",
+        "two",
+        "--prompts-per-set",
+        "1",
+        "--seeds",
+        "1",
+        "--steps",
+        "1",
+        "--methods",
+        "controlnet",
+    ]
+    with pytest.raises(OSError, match="no_such_controlnet"):  # the folder is loaded, not the shipped one
+        alignment.main([*argv, "--controlnet", str(tmp_path / "no_such_controlnet"), "--out", str(tmp_path)])

@@ -1,10 +1,18 @@
 """training/train_controlnet.py on a tiny base: it trains only the ControlNet, exports a stock
 ``ControlNetModel`` folder in fp16 whose downsampling matches the base, and resumes exactly."""
 
+import json
+
 import pytest
 import torch
 from ait2i_ext.adapters.controlnet import check_downsampling
-from ait2i_ext.training.train_controlnet import conditioning_channels, control_rate, main
+from ait2i_ext.training.train_controlnet import (
+    conditioning_channels,
+    control_rate,
+    load_controlnet_weights,
+    main,
+    parse_args,
+)
 from diffusers import ControlNetModel
 from safetensors.torch import load_file
 
@@ -46,6 +54,54 @@ def test_trains_exports_and_resumes_to_the_same_weights(base_dir, tmp_path):
     resumed = ControlNetModel.from_pretrained(run(base_dir, tmp_path / "b", 3, "--resume", "latest"))
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
+def test_init_from_starts_from_the_folder_and_continues_its_scenes(base_dir, tmp_path, monkeypatch):
+    from ait2i_ext.training import train_controlnet
+
+    first = run(base_dir, tmp_path / "a", 2)
+    seeds = []
+    example = train_controlnet.training_example
+    monkeypatch.setattr(
+        train_controlnet, "training_example", lambda seed, drop: seeds.append(seed) or example(seed, drop)
+    )
+    # One step at a negligible learning rate: the export is the folder's ControlNet (fp16 -> fp32 -> fp16)
+    export = run(base_dir, tmp_path / "b", 1, "--lr", "1e-12", "--init-from", str(first), "--init-step", "2")
+    folder, continued = (load_file(p / "diffusion_pytorch_model.safetensors") for p in (first, export))
+    assert folder.keys() == continued.keys()
+    for key, value in folder.items():
+        torch.testing.assert_close(continued[key], value, rtol=0, atol=0, msg=key)
+    # the folder trained steps 0-1 on scenes 0-3 (batch 2): this run's first step draws scenes 4-5
+    assert seeds == [train_controlnet.TRAIN_SEED_OFFSET + 4, train_controlnet.TRAIN_SEED_OFFSET + 5]
+    recorded = json.loads((tmp_path / "b" / "train_args.json").read_text())
+    assert recorded["init_from"] == str(first) and recorded["init_step"] == 2
+
+
+def test_init_from_refuses_what_is_not_a_controlnet_of_the_base(base_dir, tmp_path, capsys):
+    from ait2i_ext.training.train_controlnet import build_controlnet
+    from diffusers import StableDiffusionPipeline
+
+    from ait2i_ext.testing import tiny_unet_config
+
+    with pytest.raises(SystemExit):
+        parse_args(["--base", str(base_dir), "--init-from", str(base_dir)])
+    assert (
+        "is not a ControlNet folder: expected a config.json naming ControlNetModel" in capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):
+        parse_args(["--base", str(base_dir), "--init-from", str(base_dir / "unet")])
+    assert "found 'UNet2DConditionModel'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--base", str(base_dir), "--init-step", "5"])
+    assert "--init-step 5 needs --init-from" in capsys.readouterr().err
+    base = StableDiffusionPipeline.from_pretrained(base_dir)
+    wider = ControlNetModel.from_unet(
+        type(base.unet)(**tiny_unet_config(cross_attention_dim=16)),
+        conditioning_embedding_out_channels=(16, 32),
+    )
+    wider.save_pretrained(tmp_path / "wider")
+    with pytest.raises(ValueError, match="does not fit the ControlNet of --base"):
+        load_controlnet_weights(build_controlnet(base.unet, base.vae_scale_factor), tmp_path / "wider")
 
 
 def test_control_rate_reads_shape_and_place():

@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 import torch
+from ait2i_ext.adapters.controlnet import load_controlnet_pipeline
 from ait2i_ext.adapters.layout import ROUTE_SETTINGS
 
 from ait2i_ext import AIT2IConfig, LossConfig, ScheduleConfig, Subject, generate
-from ait2i_ext.shapes.model import SHAPES_LOSS, default_model_path, load_controlnet_pipeline
+from ait2i_ext.shapes.model import SHAPES_LOSS, default_controlnet_path, default_model_path
 from ait2i_ext.shapes.prompts import prompt_set
 
 logger = logging.getLogger(__name__)
@@ -193,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed-offset", type=int, default=0)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--variants", default="plain,ait2i,boxes")
+    parser.add_argument(
+        "--controlnet", help="ControlNet folder for the cn- variants (default: the shipped one)"
+    )
     parser.add_argument("--out", default="out/tune_boxes")
     parser.add_argument("--save-images", action="store_true", help="keep each variant's images under --out")
     args = parser.parse_args(argv)
@@ -212,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     pipes = {False: DiffusionPipeline.from_pretrained(default_model_path(), safety_checker=None)}
     if any(n.startswith(CONTROLNET) for n in names):
-        pipes[True] = load_controlnet_pipeline()
+        pipes[True] = load_controlnet_pipeline(
+            default_model_path(), args.controlnet or default_controlnet_path(), torch.float32
+        )
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
     table = []

@@ -18,6 +18,7 @@ ControlNet is exported in fp16 (``--export-dir``), loadable with ``ControlNetMod
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import random
@@ -37,6 +38,12 @@ from ait2i_ext.training.train_shapes import (
     lr_factor,
     resume_state,
     v_loss,
+)
+from ait2i_ext.training.warm_start import (
+    add_init_arguments,
+    check_init_arguments,
+    check_same_tensors,
+    first_scene_seed,
 )
 from tqdm.auto import tqdm
 
@@ -80,6 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    add_init_arguments(
+        p,
+        "continue an exported ControlNet folder (e.g. the shipped one): its weights (fp16 -> fp32) start "
+        "the training; the frozen base still comes from --base",
+    )
     p.add_argument("--cpu-threads", type=int, default=1, help="torch threads when training on a CPU")
     args = p.parse_args(argv)
     for name in ("batch_size", "steps", "eval_scenes", "eval_steps", "cpu_threads"):
@@ -91,6 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--caption-dropout {args.caption_dropout} is invalid: expected in [0, 1)")
     if args.base is not None and not Path(args.base).is_dir():
         p.error(f"--base {args.base!r} does not exist: expected a StableDiffusionPipeline folder")
+    check_init_arguments(p, args, "config.json", "ControlNetModel", "ControlNet")
     return args
 
 
@@ -150,6 +163,20 @@ def build_controlnet(unet, vae_scale_factor: int):
     )
 
 
+def load_controlnet_weights(controlnet, folder) -> None:
+    """Copy the weights of the exported ControlNet ``folder`` into ``controlnet`` (cast to its dtype).
+
+    Raises:
+        ValueError: ``folder``'s ControlNet has other keys or shapes than ``controlnet`` (the
+            ControlNet of ``--base``), e.g. one trained for another base model.
+    """
+    from diffusers import ControlNetModel
+
+    found = ControlNetModel.from_pretrained(folder).state_dict()
+    check_same_tensors(controlnet.state_dict(), found, folder, "ControlNet")
+    controlnet.load_state_dict(found)
+
+
 def main(argv: list[str] | None = None) -> Path:
     from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
@@ -157,6 +184,9 @@ def main(argv: list[str] | None = None) -> Path:
     output_dir = Path(args.output_dir)
     export_dir = Path(args.export_dir) if args.export_dir else output_dir / "controlnet"
     accelerator = Accelerator()
+    if accelerator.is_main_process:  # the recipe, next to its checkpoints
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "train_args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(args.cpu_threads)
@@ -175,6 +205,9 @@ def main(argv: list[str] | None = None) -> Path:
     for module in (vae, unet, text_encoder):
         module.requires_grad_(False).eval().to(accelerator.device)
     controlnet = build_controlnet(unet, base.vae_scale_factor)
+    if args.init_from:
+        load_controlnet_weights(controlnet, args.init_from)
+        logger.info("ControlNet weights from %s (trained %d steps)", args.init_from, args.init_step)
     opt = torch.optim.AdamW(controlnet.parameters(), lr=args.lr, weight_decay=0.0)
     controlnet, opt = accelerator.prepare(controlnet, opt)
     progress = Progress()
@@ -236,10 +269,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     while progress.unet_step < args.steps:
         step = progress.unet_step
-        first = (
-            TRAIN_SEED_OFFSET
-            + (step * accelerator.num_processes + accelerator.process_index) * args.batch_size
-        )
+        first = first_scene_seed(TRAIN_SEED_OFFSET, args.init_step + step, accelerator, args.batch_size)
         items = [training_example(first + i, args.caption_dropout) for i in range(args.batch_size)]
         pixels = torch.stack([it["pixel_values"] for it in items]).to(accelerator.device)
         control = torch.stack([it["control"] for it in items]).to(accelerator.device)
@@ -271,7 +301,8 @@ def main(argv: list[str] | None = None) -> Path:
         if accelerator.is_main_process and progress.unet_step % 25 == 0:
             logger.info("step %d loss %.4f", progress.unet_step, loss.item())
         if accelerator.is_main_process and args.eval_every and progress.unet_step % args.eval_every == 0:
-            logger.info("step %d control %.3f", progress.unet_step, measure_control())
+            total = args.init_step + progress.unet_step
+            logger.info("step %d (%d in all) control %.3f", progress.unet_step, total, measure_control())
         if args.max_minutes is not None and time.monotonic() - start > args.max_minutes * 60:
             break
         if time.monotonic() - last_ckpt > args.checkpoint_minutes * 60:

@@ -37,6 +37,7 @@ from ait2i_ext.shapes.data import DEFAULT_OBJECT_WEIGHTS, image_to_tensor, rende
 from ait2i_ext.shapes.model import SHAPES_LOSS, default_model_path
 
 from .train_shapes import EMA, _checkpoints, caption_ids, export_pipeline, lr_factor, resume_state, v_loss
+from .warm_start import add_init_arguments, check_init_arguments, check_same_tensors, first_scene_seed
 
 logger = logging.getLogger(__name__)
 
@@ -101,18 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
-    p.add_argument(
-        "--init-from",
-        default=None,
-        help="continue an exported GLIGEN pipeline folder (e.g. the shipped one): its fusers and position "
-        "net (fp16 -> fp32) start the training and the EMA; the base UNet still comes from --base",
-    )
-    p.add_argument(
-        "--init-step",
-        type=int,
-        default=0,
-        help="steps the --init-from model has trained: its scenes are skipped (this run's step counter and "
-        "learning-rate schedule start at 0)",
+    add_init_arguments(
+        p,
+        "continue an exported GLIGEN pipeline folder (e.g. the shipped one): its fusers and position net "
+        "(fp16 -> fp32) start the training and the EMA; the base UNet still comes from --base",
     )
     p.add_argument("--cpu-threads", type=int, default=1, help="torch threads when training on a CPU")
     args = p.parse_args(argv)
@@ -134,7 +127,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--gate-init": (-3 <= args.gate_init <= 3, "in [-3, 3]"),
         "--probe-every": (args.probe_every >= 0, ">= 0"),
         "--box-attention-weight": (args.box_attention_weight >= 0, ">= 0"),
-        "--init-step": (args.init_step >= 0, ">= 0"),
     }
     for name, (ok, expected) in checks.items():
         if not ok:
@@ -144,19 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not (base / "model_index.json").exists():
         p.error(f"--base {str(base)!r} is not a diffusers pipeline folder (no model_index.json)")
     args.base = str(base)
-    if args.init_from is not None:
-        index = Path(args.init_from) / "model_index.json"
-        kind = json.loads(index.read_text()).get("_class_name") if index.exists() else None
-        if kind != "StableDiffusionGLIGENPipeline":
-            p.error(
-                f"--init-from {args.init_from!r} is not a GLIGEN pipeline folder: expected a model_index.json "
-                f"naming StableDiffusionGLIGENPipeline, found "
-                + (f"{kind!r}" if index.exists() else "no model_index.json")
-            )
-        if args.gate_init:
-            p.error("--gate-init would reset the fusers of --init-from: give one of them")
-    elif args.init_step:
-        p.error(f"--init-step {args.init_step} needs --init-from (the model that trained those steps)")
+    check_init_arguments(p, args, "model_index.json", "StableDiffusionGLIGENPipeline", "GLIGEN pipeline")
+    if args.init_from is not None and args.gate_init:
+        p.error("--gate-init would reset the fusers of --init-from: give one of them")
     return args
 
 
@@ -204,13 +186,7 @@ def load_grounding(unet, folder) -> int:
     from diffusers import UNet2DConditionModel
 
     found = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict()
-    own = unet.state_dict()
-    wrong = sorted(set(own) ^ set(found)) or [k for k in own if own[k].shape != found[k].shape]
-    if wrong:
-        raise ValueError(
-            f"--init-from {str(folder)!r} does not fit the GLIGEN UNet of --base: keys or shapes differ "
-            f"at {wrong[:3]} ({len(wrong)} in all)"
-        )
+    check_same_tensors(unet.state_dict(), found, folder, "GLIGEN UNet")
     new = {k: v for k, v in found.items() if k.startswith("position_net.") or ".fuser." in k}
     unet.load_state_dict(new, strict=False)
     return len(new)
@@ -495,10 +471,8 @@ def main(argv: list[str] | None = None) -> Path:
     )
     finished = progress.step >= args.steps
     while not finished:
-        first = (
-            GLIGEN_SEED_OFFSET
-            + ((args.init_step + progress.step) * accelerator.num_processes + accelerator.process_index)
-            * args.batch_size
+        first = first_scene_seed(
+            GLIGEN_SEED_OFFSET, args.init_step + progress.step, accelerator, args.batch_size
         )
         pixels, captions, layouts = scene_batch(
             first, args.batch_size, args.caption_dropout, args.grounding_dropout, args.object_weights
