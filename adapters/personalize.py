@@ -360,6 +360,38 @@ def load_loras(
     return names
 
 
+LORA_PARTS = ("unet", "text_encoder")
+
+
+def parse_lora_scale(text: str) -> float | dict[str, float]:
+    """A LoRA weight as written on a command line: ``"0.7"`` -> ``0.7`` (every part of the LoRA), or
+    ``"unet=0.5"`` / ``"unet=0.5,text_encoder=1"`` -> ``{"unet": 0.5, "text_encoder": 1.0}`` (one weight
+    per part, parts not named at 1.0): what ``pipe.set_adapters(..., adapter_weights=...)`` takes.
+
+    Raises:
+        ValueError: not a number, a part other than ``unet`` / ``text_encoder``, or a negative weight.
+    """
+    expected = "expected a weight >= 0 like '0.7' or per part like 'unet=0.5,text_encoder=1'"
+    parts: dict[str, float] = {}
+    try:
+        if "=" not in text:
+            weight = float(text)
+            if weight < 0:
+                raise ValueError
+            return weight
+        for item in text.split(","):
+            part, _, value = item.partition("=")
+            part = part.strip()
+            if part not in LORA_PARTS or part in parts:
+                raise ValueError
+            parts[part] = float(value)
+            if parts[part] < 0:
+                raise ValueError
+    except ValueError:
+        raise ValueError(f"LoRA scale {text!r} is invalid: {expected}") from None
+    return {part: parts.get(part, 1.0) for part in LORA_PARTS}
+
+
 def personalized_subjects(
     prompt: str, identifier: str | Sequence[str], subjects: Sequence[SubjectSpec] | None = None
 ) -> list[Subject]:
@@ -396,6 +428,7 @@ __all__ = [
     "load_lora",
     "load_loras",
     "lora_file",
+    "parse_lora_scale",
     "personalized_subjects",
     "unload_lora",
 ]
