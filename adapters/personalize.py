@@ -244,7 +244,9 @@ def unload_lora(pipe, adapter_name: str) -> None:
         pipe.delete_adapters(adapter_name)
 
 
-def load_lora(pipe, path: str | Path, adapter_name: str | None = None, scale: float = 1.0) -> str:
+def load_lora(
+    pipe, path: str | Path, adapter_name: str | None = None, scale: float | dict[str, float] = 1.0
+) -> str:
     """Load a LoRA (e.g. from ``training/train_lora.py``) into ``pipe`` as the active adapter.
 
     The file's peft metadata is honoured, so a LoRA trained with ``lora_alpha != rank`` loads at its
@@ -256,7 +258,8 @@ def load_lora(pipe, path: str | Path, adapter_name: str | None = None, scale: fl
         path (`str` or `Path`): a ``.safetensors`` file, or a folder holding
             ``pytorch_lora_weights.safetensors`` (a training run's ``output_dir`` or ``checkpoint-N``).
         adapter_name (`str`, *optional*): name of the adapter; default ``default_<i>``, the first free one.
-        scale (`float`): the adapter's weight (``pipe.set_adapters``); 1.0 is the trained strength.
+        scale (`float` or `dict`): the adapter's weight (``pipe.set_adapters``), or one per part
+            (``{"unet": 0.5, "text_encoder": 1.0}``, :func:`parse_lora_scale`); 1.0 is the trained strength.
 
     Returns:
         The adapter's name.
@@ -322,7 +325,7 @@ def load_loras(
     pipe,
     paths: Sequence[str | Path],
     adapter_names: Sequence[str] | None = None,
-    scales: Sequence[float] | None = None,
+    scales: Sequence[float | dict[str, float]] | None = None,
 ) -> list[str]:
     """Load several LoRAs (one per concept) into ``pipe``, all active at once (diffusers' peft
     multi-adapter: ``load_lora_weights(..., adapter_name=...)`` then ``set_adapters``).
@@ -331,7 +334,7 @@ def load_loras(
         pipe: a diffusers pipeline with LoRA support.
         paths: one ``.safetensors`` file or run folder per LoRA (see :func:`load_lora`).
         adapter_names: their adapter names; default ``default_<i>``.
-        scales: their weights; default 1.0 each.
+        scales: their weights (a number or one per part, as ``load_lora``'s ``scale``); default 1.0 each.
 
     Returns:
         The adapter names, in the order of ``paths``.

@@ -7,8 +7,8 @@
    ("a sks star") and a red heart ("a xyz heart"), ``--with-other`` of them beside one other shape
    ("a sks star and a blue square"; ``ait2i_ext.shapes.concepts``).
 2. Train one LoRA per concept with ``training/train_lora.py``: its defaults for this model plus prior
-   preservation on class images the base model draws from training-world captions (the documented
-   command of docs/lora.md), or reuse ``--lora-star`` / ``--lora-heart``.
+   preservation on 2000 rendered scenes of the training world (the documented command of
+   docs/lora.md), or reuse ``--lora-star`` / ``--lora-heart``.
 3. On the same seeds for every method, generate
    - the concept alone ("a sks star") and next to a second subject ("a sks star and a blue square",
      ...), with the star LoRA;
@@ -38,7 +38,7 @@ from PIL import Image
 
 from ait2i_ext import AIT2IConfig, LossConfig, generate
 from ait2i_ext.config import model_loss
-from ait2i_ext.shapes.concepts import class_prompts, concept_scenes, write_concept
+from ait2i_ext.shapes.concepts import class_scenes, concept_scenes, write_concept
 from ait2i_ext.shapes.model import default_model_path
 
 # identifier -> (shape, colour): the concepts, drawn in one colour each.
@@ -160,12 +160,12 @@ def run_job(job: dict) -> dict:
 # --- the run ------------------------------------------------------------------------------------
 
 
-NUM_CLASS_IMAGES = 100
+NUM_CLASS_IMAGES = 2000
 
 
 def train_concept(model: str, ident: str, images: Path, class_dir: Path, out: Path) -> tuple[Path, float]:
-    """Train the concept's LoRA with train_lora.py's defaults and prior preservation on class images of
-    the training world's captions (``class_dir``, made once from ``class_dir``.txt and shared)."""
+    """Train the concept's LoRA with train_lora.py's defaults and prior preservation on the rendered
+    scenes of the training world in ``class_dir`` (captioned, written once and shared)."""
     try:
         from ait2i_ext.training import train_lora
     except ImportError:
@@ -177,7 +177,7 @@ def train_concept(model: str, ident: str, images: Path, class_dir: Path, out: Pa
         ["--pretrained_model", model, "--instance_data_dir", str(images),
          "--instance_prompt", f"a {ident} {shape}", "--output_dir", str(out),
          "--with_prior_preservation", "--class_data_dir", str(class_dir),
-         "--class_prompts_file", f"{class_dir}.txt", "--num_class_images", str(NUM_CLASS_IMAGES)]
+         "--num_class_images", str(NUM_CLASS_IMAGES)]
     )  # fmt: skip
     return out, time.process_time() - start
 
@@ -302,8 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         images = out / f"instance-{shape}"
         scenes = concept_scenes(shape, colour, ident, args.images, args.with_other, seed=len(train_seconds))
         write_concept(images, scenes, shape)
-        class_dir = out / "class-images"
-        Path(f"{class_dir}.txt").write_text("\n".join(class_prompts(NUM_CLASS_IMAGES)) + "\n")
+        class_dir = out / "class-scenes"
+        if not class_dir.is_dir():
+            write_concept(class_dir, class_scenes(NUM_CLASS_IMAGES), "scene")
         folder, train_seconds[shape] = train_concept(model, ident, images, class_dir, out / f"lora-{shape}")
         lora_paths[shape] = str(folder)
 

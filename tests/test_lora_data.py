@@ -12,6 +12,7 @@ from PIL import Image
 
 from ait2i_ext.shapes.concepts import (
     class_prompts,
+    class_scenes,
     concept_scenes,
     cut_mix,
     main,
@@ -192,3 +193,20 @@ def test_cut_mixes_join_the_scenes_that_have_room_and_are_written_with_their_cap
               "--cut-mix-from", str(classes), "--cut-mix", "3"])  # fmt: skip
     assert "has 2 of its 3 scenes the concept can join" in capsys.readouterr().err
     assert not (tmp_path / "again").exists()
+
+
+def test_class_scenes_are_the_rendered_world_with_its_captions(tmp_path):
+    scenes = class_scenes(40)
+    assert scenes == class_scenes(40) and scenes != class_scenes(40, seed=1)
+    assert {len(s.objects) for s in scenes} == {1, 2, 3}
+    assert not any(o.shape in ("star", "heart") for s in scenes for o in s.objects)
+    out = tmp_path / "world"
+    assert main(["--shape", "star", "--colour", "yellow", "--identifier", "sks", "--out", str(tmp_path / "star"),
+                 "--class-scenes", str(out), "--num-class-scenes", "3"]) == 0  # fmt: skip
+    images = list_images(out)
+    assert [p.name for p in images] == ["scene-00.png", "scene-01.png", "scene-02.png"]
+    assert read_captions(images, None) == [s.caption for s in scenes[:3]]
+    for image, scene in zip(images, scenes):
+        assert evaluate(
+            Image.open(image).convert("RGB"), [(o.colour, o.shape) for o in scene.objects]
+        ).all_present

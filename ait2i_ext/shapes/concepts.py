@@ -1,12 +1,17 @@
 """Training data for personalisation on the shapes world: a new concept's instance images and the
-prompts of its prior-preservation class images.
+class images of its prior preservation.
 
-    python -m ait2i_ext.shapes.concepts --shape star --colour yellow --identifier sks --out data/star
+    python -m ait2i_ext.shapes.concepts --shape star --colour yellow --identifier sks --out data/star \
+        --class-scenes data/shapes-world
 
 writes ten images of a yellow star (``NEW_SHAPES``: the shipped model never saw one), some of them
 beside one other shape of the world, with their captions ("a sks star and a blue square") in
-``metadata.jsonl``, and ``--class-prompts FILE``: captions of the training world ("a red circle and a
-green square") for ``train_lora.py --class_prompts_file`` (class images drawn by the base model).
+``metadata.jsonl``, and with ``--class-scenes DIR`` 2000 rendered scenes of the training world with
+their captions, the class images of the shipped model's recipe (``train_lora.py --class_data_dir DIR
+--num_class_images 2000``). ``--class-prompts FILE`` instead writes captions of the world for class
+images the base model draws (``--class_prompts_file``), and ``--cut-mix-from DIR`` adds SVDiff-style
+cut-mix images (the concept pasted beside the objects of DIR's class images); both measured worse
+(docs/personalization.md).
 """
 
 from __future__ import annotations
@@ -79,6 +84,16 @@ def concept_scenes(
         phrases = [concept if o.shape == shape and o.colour == colour else o.phrase for o in placed]
         scenes.append(Scene(tuple(placed), caption_for(phrases, rng)))
     return scenes
+
+
+CLASS_SCENE_SEED = 100_000  # the scenes of the world used as class images start here
+
+
+def class_scenes(count: int = 2000, seed: int = 0) -> list[Scene]:
+    """``count`` rendered scenes of the training world (1-3 objects, ``sample_scene``) from
+    ``CLASS_SCENE_SEED + seed``: the prior-preservation class images of the shipped model's recipe
+    (the world as the base model learned it, instead of images the base model draws)."""
+    return [sample_scene(CLASS_SCENE_SEED + seed + i) for i in range(count)]
 
 
 def class_prompts(count: int = 200, seed: int = 0) -> list[str]:
@@ -202,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--num-class-prompts", type=int, default=200)
     parser.add_argument(
+        "--class-scenes",
+        metavar="DIR",
+        help="also write rendered scenes of the training world with their captions (metadata.jsonl) into DIR, "
+        "as class images for train_lora.py --class_data_dir",
+    )
+    parser.add_argument("--num-class-scenes", type=int, default=2000)
+    parser.add_argument(
         "--cut-mix-from",
         metavar="CLASS_DIR",
         help="class images the base model drew (train_lora.py's --class_data_dir, with metadata.jsonl): "
@@ -219,8 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as err:
         parser.error(str(err))
-    if args.num_class_prompts < 1:
-        parser.error(f"--num-class-prompts={args.num_class_prompts} is invalid: expected an integer >= 1")
+    for flag in ("num_class_prompts", "num_class_scenes"):
+        if getattr(args, flag) < 1:
+            parser.error(
+                f"--{flag.replace('_', '-')}={getattr(args, flag)} is invalid: expected an integer >= 1"
+            )
     mixes = []
     if args.cut_mix_from:
         try:
@@ -230,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             parser.error(str(err))
     write_concept(args.out, scenes, args.shape, mixes)
+    if args.class_scenes:
+        write_concept(args.class_scenes, class_scenes(args.num_class_scenes, args.seed), "scene")
     if args.class_prompts:
         path = Path(args.class_prompts)
         path.parent.mkdir(parents=True, exist_ok=True)
