@@ -244,7 +244,9 @@ def unload_lora(pipe, adapter_name: str) -> None:
         pipe.delete_adapters(adapter_name)
 
 
-def load_lora(pipe, path: str | Path, adapter_name: str | None = None, scale: float = 1.0) -> str:
+def load_lora(
+    pipe, path: str | Path, adapter_name: str | None = None, scale: float | dict[str, float] = 1.0
+) -> str:
     """Load a LoRA (e.g. from ``training/train_lora.py``) into ``pipe`` as the active adapter.
 
     The file's peft metadata is honoured, so a LoRA trained with ``lora_alpha != rank`` loads at its
@@ -256,7 +258,8 @@ def load_lora(pipe, path: str | Path, adapter_name: str | None = None, scale: fl
         path (`str` or `Path`): a ``.safetensors`` file, or a folder holding
             ``pytorch_lora_weights.safetensors`` (a training run's ``output_dir`` or ``checkpoint-N``).
         adapter_name (`str`, *optional*): name of the adapter; default ``default_<i>``, the first free one.
-        scale (`float`): the adapter's weight (``pipe.set_adapters``); 1.0 is the trained strength.
+        scale (`float` or `dict`): the adapter's weight (``pipe.set_adapters``), or one per part
+            (``{"unet": 0.5, "text_encoder": 1.0}``, :func:`parse_lora_scale`); 1.0 is the trained strength.
 
     Returns:
         The adapter's name.
@@ -322,7 +325,7 @@ def load_loras(
     pipe,
     paths: Sequence[str | Path],
     adapter_names: Sequence[str] | None = None,
-    scales: Sequence[float] | None = None,
+    scales: Sequence[float | dict[str, float]] | None = None,
 ) -> list[str]:
     """Load several LoRAs (one per concept) into ``pipe``, all active at once (diffusers' peft
     multi-adapter: ``load_lora_weights(..., adapter_name=...)`` then ``set_adapters``).
@@ -331,7 +334,7 @@ def load_loras(
         pipe: a diffusers pipeline with LoRA support.
         paths: one ``.safetensors`` file or run folder per LoRA (see :func:`load_lora`).
         adapter_names: their adapter names; default ``default_<i>``.
-        scales: their weights; default 1.0 each.
+        scales: their weights (a number or one per part, as ``load_lora``'s ``scale``); default 1.0 each.
 
     Returns:
         The adapter names, in the order of ``paths``.
@@ -358,6 +361,38 @@ def load_loras(
             unload_lora(pipe, name)
         raise
     return names
+
+
+LORA_PARTS = ("unet", "text_encoder")
+
+
+def parse_lora_scale(text: str) -> float | dict[str, float]:
+    """A LoRA weight as written on a command line: ``"0.7"`` -> ``0.7`` (every part of the LoRA), or
+    ``"unet=0.5"`` / ``"unet=0.5,text_encoder=1"`` -> ``{"unet": 0.5, "text_encoder": 1.0}`` (one weight
+    per part, parts not named at 1.0): what ``pipe.set_adapters(..., adapter_weights=...)`` takes.
+
+    Raises:
+        ValueError: not a number, a part other than ``unet`` / ``text_encoder``, or a negative weight.
+    """
+    expected = "expected a weight >= 0 like '0.7' or per part like 'unet=0.5,text_encoder=1'"
+    parts: dict[str, float] = {}
+    try:
+        if "=" not in text:
+            weight = float(text)
+            if weight < 0:
+                raise ValueError
+            return weight
+        for item in text.split(","):
+            part, _, value = item.partition("=")
+            part = part.strip()
+            if part not in LORA_PARTS or part in parts:
+                raise ValueError
+            parts[part] = float(value)
+            if parts[part] < 0:
+                raise ValueError
+    except ValueError:
+        raise ValueError(f"LoRA scale {text!r} is invalid: {expected}") from None
+    return {part: parts.get(part, 1.0) for part in LORA_PARTS}
 
 
 def personalized_subjects(
@@ -396,6 +431,7 @@ __all__ = [
     "load_lora",
     "load_loras",
     "lora_file",
+    "parse_lora_scale",
     "personalized_subjects",
     "unload_lora",
 ]

@@ -141,7 +141,7 @@ def load_pipeline(args: argparse.Namespace):
     if args.lora:
         from .adapters.personalize import load_loras
 
-        load_loras(pipe, args.lora)
+        load_loras(pipe, args.lora, scales=_lora_scales(args))
     if device == "cpu":
         # The shipped and tiny models are small: on a CPU one thread is fastest and never
         # oversubscribes a busy machine; large checkpoints get torch's default or --threads.
@@ -224,6 +224,23 @@ def _as_list(value) -> list:
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def _lora_scales(args) -> list | None:
+    """``--lora-scale``: one weight for every ``--lora``, or one per ``--lora`` in order (None: 1.0 each)."""
+    from .adapters.personalize import parse_lora_scale
+
+    texts = _as_list(args.lora_scale)
+    if not texts:
+        return None
+    loras = _as_list(args.lora)
+    if len(texts) not in (1, len(loras)) or not loras:
+        raise ValueError(
+            f"--lora-scale given {len(texts)} time(s) for {len(loras)} --lora: expected once (every LoRA) "
+            "or once per --lora"
+        )
+    scales = [parse_lora_scale(text) for text in texts]
+    return scales * len(loras) if len(scales) == 1 else scales
+
+
 def _missing_local_path(value: str) -> bool:
     """``value`` is written as a local path (not a hub id ``org/name``) and does not exist."""
     if Path(value).expanduser().exists():
@@ -270,6 +287,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         path = spec.partition(":")[2]
         if path and not Path(path).expanduser().exists():
             raise ValueError(f"--control {spec!r}: the image {path!r} does not exist")
+    _lora_scales(args)
     _device_and_dtype(args.device, args.dtype)
     if args.evaluate:
         _shapes_objects(args.prompt)
@@ -397,6 +415,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "control": args.control,
         },
         "lora": args.lora,
+        "lora_scale": args.lora_scale,
         "identifier": args.identifier,
         "evaluator": "ait2i_ext.shapes.evaluator" if objects else None,
         "images": [],
@@ -643,6 +662,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         action="append",
         help="a LoRA (.safetensors file or folder) to load (repeatable: all are active together; default: none)",
+    )
+    g.add_argument(
+        "--lora-scale",
+        metavar="WEIGHT",
+        action="append",
+        help="the LoRAs' weight: '0.7', or per part 'unet=0.5,text_encoder=1'; once for every --lora or "
+        "once per --lora (default: 1, as trained)",
     )
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
     g.add_argument(

@@ -7,8 +7,8 @@
    ("a sks star") and a red heart ("a xyz heart"), ``--with-other`` of them beside one other shape
    ("a sks star and a blue square"; ``ait2i_ext.shapes.concepts``).
 2. Train one LoRA per concept with ``training/train_lora.py``: its defaults for this model plus prior
-   preservation on class images the base model draws from training-world captions (the documented
-   command of docs/lora.md), or reuse ``--lora-star`` / ``--lora-heart``.
+   preservation on 2000 rendered scenes of the training world (the documented command of
+   docs/lora.md), or reuse ``--lora-star`` / ``--lora-heart``.
 3. On the same seeds for every method, generate
    - the concept alone ("a sks star") and next to a second subject ("a sks star and a blue square",
      ...), with the star LoRA;
@@ -33,12 +33,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from ait2i_ext.adapters.personalize import load_loras, personalized_subjects
+from ait2i_ext.adapters.personalize import load_loras, parse_lora_scale, personalized_subjects
 from PIL import Image
 
 from ait2i_ext import AIT2IConfig, LossConfig, generate
 from ait2i_ext.config import model_loss
-from ait2i_ext.shapes.concepts import class_prompts, concept_scenes, write_concept
+from ait2i_ext.shapes.concepts import class_scenes, concept_scenes, write_concept
 from ait2i_ext.shapes.model import default_model_path
 
 # identifier -> (shape, colour): the concepts, drawn in one colour each.
@@ -110,16 +110,17 @@ def requested_objects(case: dict) -> list[tuple[str, str]]:
 _STATE: dict = {}
 
 
-def _pipeline(model: str, loras: tuple[str, ...]):
+def _pipeline(model: str, loras: tuple[str, ...], scale: float | dict[str, float] = 1.0):
     from diffusers import StableDiffusionPipeline
 
-    if _STATE.get("loras") != loras:
+    if _STATE.get("loras") != (loras, scale):
         torch.set_num_threads(1)
         pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, safety_checker=None)
         pipe.set_progress_bar_config(disable=True)
         if loras:
-            pipe.fuse_lora(adapter_names=load_loras(pipe, list(loras)))  # same images, no LoRA overhead
-        _STATE.update(pipe=pipe, loras=loras)
+            names = load_loras(pipe, list(loras), scales=[scale] * len(loras))
+            pipe.fuse_lora(adapter_names=names)  # same images (at the adapters' weights), no LoRA overhead
+        _STATE.update(pipe=pipe, loras=(loras, scale))
     return _STATE["pipe"]
 
 
@@ -128,7 +129,7 @@ def run_job(job: dict) -> dict:
     from ait2i_ext.shapes.evaluator import evaluate
 
     case, method, seeds = job["case"], job["method"], job["seeds"]
-    pipe = _pipeline(job["model"], tuple(job["lora_paths"]))
+    pipe = _pipeline(job["model"], tuple(job["lora_paths"]), job["lora_scale"])
     call = dict(
         num_inference_steps=job["steps"],
         guidance_scale=job["guidance_scale"],
@@ -159,12 +160,12 @@ def run_job(job: dict) -> dict:
 # --- the run ------------------------------------------------------------------------------------
 
 
-NUM_CLASS_IMAGES = 100
+NUM_CLASS_IMAGES = 2000
 
 
 def train_concept(model: str, ident: str, images: Path, class_dir: Path, out: Path) -> tuple[Path, float]:
-    """Train the concept's LoRA with train_lora.py's defaults and prior preservation on class images of
-    the training world's captions (``class_dir``, made once from ``class_dir``.txt and shared)."""
+    """Train the concept's LoRA with train_lora.py's defaults and prior preservation on the rendered
+    scenes of the training world in ``class_dir`` (captioned, written once and shared)."""
     try:
         from ait2i_ext.training import train_lora
     except ImportError:
@@ -176,7 +177,7 @@ def train_concept(model: str, ident: str, images: Path, class_dir: Path, out: Pa
         ["--pretrained_model", model, "--instance_data_dir", str(images),
          "--instance_prompt", f"a {ident} {shape}", "--output_dir", str(out),
          "--with_prior_preservation", "--class_data_dir", str(class_dir),
-         "--class_prompts_file", f"{class_dir}.txt", "--num_class_images", str(NUM_CLASS_IMAGES)]
+         "--num_class_images", str(NUM_CLASS_IMAGES)]
     )  # fmt: skip
     return out, time.process_time() - start
 
@@ -228,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         "--base-loras", default="star,star+heart", help="LoRA sets the base prompts run with (besides none)"
     )
     parser.add_argument(
+        "--lora-scale",
+        default="1",
+        help="every LoRA's weight: '0.7', or per part 'unet=0.5,text_encoder=1' (default: 1, as trained)",
+    )
+    parser.add_argument(
         "--seeds", type=int, default=64, help="seeds --first-seed.. for every prompt and method"
     )
     parser.add_argument("--first-seed", type=int, default=0)
@@ -253,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as e:
         raise SystemExit(f"--aggregation-radius / --alignment-radius: {e}") from None
+    try:
+        lora_scale = parse_lora_scale(args.lora_scale)
+    except ValueError as e:
+        raise SystemExit(f"--lora-scale: {e}") from None
     for flag in ("seeds", "images", "steps", "workers"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag}={getattr(args, flag)} is invalid: expected an integer >= 1")
@@ -292,8 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         images = out / f"instance-{shape}"
         scenes = concept_scenes(shape, colour, ident, args.images, args.with_other, seed=len(train_seconds))
         write_concept(images, scenes, shape)
-        class_dir = out / "class-images"
-        Path(f"{class_dir}.txt").write_text("\n".join(class_prompts(NUM_CLASS_IMAGES)) + "\n")
+        class_dir = out / "class-scenes"
+        if not class_dir.is_dir():
+            write_concept(class_dir, class_scenes(NUM_CLASS_IMAGES), "scene")
         folder, train_seconds[shape] = train_concept(model, ident, images, class_dir, out / f"lora-{shape}")
         lora_paths[shape] = str(folder)
 
@@ -303,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     all_cases = cases(others, base_prompts, base_loras)
     jobs = [
         {"case_id": i, "case": case, "method": method, "seeds": chunk, "model": model, "radii": radii,
-         "lora_paths": [lora_paths[name] for name in case["loras"]], "steps": args.steps,
-         "guidance_scale": args.guidance_scale, "example_seeds": example_seeds}
+         "lora_paths": [lora_paths[name] for name in case["loras"]], "lora_scale": lora_scale,
+         "steps": args.steps, "guidance_scale": args.guidance_scale, "example_seeds": example_seeds}
         for i, case in enumerate(all_cases) for method in case["methods"] for chunk in chunks
     ]  # fmt: skip
     # Case by case (the concept alone first), so that a partial run still holds whole prompts.
@@ -339,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"model: {model}; LoRAs: {lora_paths} (trained in CPU s: "
-        f"{', '.join(f'{k} {v:.0f}' for k, v in train_seconds.items()) or 'reused'}); seeds "
-        f"{seeds[0]}..{seeds[-1]}; {args.steps} steps; guidance scale {args.guidance_scale}; radii {radii}"
+        f"{', '.join(f'{k} {v:.0f}' for k, v in train_seconds.items()) or 'reused'}); LoRA scale {lora_scale}; "
+        f"seeds {seeds[0]}..{seeds[-1]}; {args.steps} steps; guidance scale {args.guidance_scale}; radii {radii}"
     )
     print(format_table(rows))
     out.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from ait2i_ext.shapes.concepts import class_prompts, concept_scenes, main, write_concept
-from ait2i_ext.shapes.data import render_scene
+from ait2i_ext.shapes.concepts import (
+    class_prompts,
+    class_scenes,
+    concept_scenes,
+    cut_mix,
+    main,
+    write_concept,
+)
+from ait2i_ext.shapes.data import Scene, ShapeObject, render_scene
 from ait2i_ext.shapes.evaluator import evaluate
 
 try:
@@ -136,3 +143,70 @@ def test_the_command_refuses_bad_input_before_writing(tmp_path, capsys):
         )
     assert err.value.code == 2 and "with_other=20 is invalid" in capsys.readouterr().err
     assert not out.exists()
+
+
+def _scene(*objects: tuple[str, str, tuple[float, float, float, float]]) -> Image.Image:
+    return render_scene(Scene(tuple(ShapeObject(c, s, b) for c, s, b in objects), ""))
+
+
+def test_cut_mix_pastes_the_concept_beside_the_scene_and_names_both():
+    import random
+
+    image = _scene(("red", "circle", (0.05, 0.05, 0.4, 0.4)))
+    for seed in range(5):
+        mixed, caption = cut_mix(image, "a red circle", "star", "yellow", "sks", random.Random(seed))
+        assert "sks star" in caption and "red circle" in caption
+        # the scene's object is untouched and the concept is drawn: the evaluator reads both
+        assert evaluate(mixed, [("red", "circle"), ("yellow", "star")]).all_present
+        assert np.array_equal(np.asarray(mixed)[:24, :24], np.asarray(image)[:24, :24])
+
+
+def test_cut_mix_skips_scenes_without_room_or_not_showing_their_caption():
+    import random
+
+    full = _scene(("blue", "square", (0.0, 0.0, 1.0, 1.0)))
+    assert cut_mix(full, "a blue square", "star", "yellow", "sks", random.Random(0)) is None
+    circle = _scene(("red", "circle", (0.05, 0.05, 0.4, 0.4)))
+    assert cut_mix(circle, "a green square", "star", "yellow", "sks", random.Random(0)) is None
+
+
+def test_cut_mixes_join_the_scenes_that_have_room_and_are_written_with_their_captions(tmp_path, capsys):
+    classes, out = tmp_path / "class", tmp_path / "star"
+    classes.mkdir()
+    rows = [("a red circle", ("red", "circle", (0.05, 0.05, 0.4, 0.4))),
+            ("a blue square", ("blue", "square", (0.0, 0.0, 1.0, 1.0))),  # no room: skipped
+            ("a green triangle", ("green", "triangle", (0.5, 0.5, 0.9, 0.9)))]  # fmt: skip
+    lines = []
+    for i, (caption, obj) in enumerate(rows):
+        _scene(obj).save(classes / f"class-{i:05d}.png")
+        lines.append(json.dumps({"file_name": f"class-{i:05d}.png", "text": caption}))
+    (classes / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["--shape", "star", "--colour", "yellow", "--identifier", "sks", "--out", str(out),
+                 "--count", "2", "--with-other", "0", "--cut-mix-from", str(classes), "--cut-mix", "2"]) == 0  # fmt: skip
+    images = list_images(out)
+    assert [p.name for p in images] == ["mix-00.png", "mix-01.png", "star-00.png", "star-01.png"]
+    captions = read_captions(images, None)
+    assert "red circle" in captions[0] and "green triangle" in captions[1]
+    assert all("sks star" in c for c in captions)
+    with pytest.raises(SystemExit):
+        main(["--shape", "star", "--colour", "yellow", "--identifier", "sks", "--out", str(tmp_path / "again"),
+              "--cut-mix-from", str(classes), "--cut-mix", "3"])  # fmt: skip
+    assert "has 2 of its 3 scenes the concept can join" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
+
+
+def test_class_scenes_are_the_rendered_world_with_its_captions(tmp_path):
+    scenes = class_scenes(40)
+    assert scenes == class_scenes(40) and scenes != class_scenes(40, seed=1)
+    assert {len(s.objects) for s in scenes} == {1, 2, 3}
+    assert not any(o.shape in ("star", "heart") for s in scenes for o in s.objects)
+    out = tmp_path / "world"
+    assert main(["--shape", "star", "--colour", "yellow", "--identifier", "sks", "--out", str(tmp_path / "star"),
+                 "--class-scenes", str(out), "--num-class-scenes", "3"]) == 0  # fmt: skip
+    images = list_images(out)
+    assert [p.name for p in images] == ["scene-00.png", "scene-01.png", "scene-02.png"]
+    assert read_captions(images, None) == [s.caption for s in scenes[:3]]
+    for image, scene in zip(images, scenes):
+        assert evaluate(
+            Image.open(image).convert("RGB"), [(o.colour, o.shape) for o in scene.objects]
+        ).all_present

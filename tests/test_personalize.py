@@ -4,6 +4,7 @@ generate from Python and the CLI, and refuse bad LoRAs without touching the pipe
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from ait2i_ext.adapters.personalize import (
     load_lora,
     load_loras,
     lora_file,
+    parse_lora_scale,
     personalized_subjects,
     unload_lora,
 )
@@ -104,6 +106,36 @@ def test_scale_zero_is_the_base_model_and_unload_restores_it(trained):
         load_lora(pipe, trained, adapter_name="concept")
     unload_lora(pipe, "concept")
     assert pipe.get_list_adapters() == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("0.7", 0.7), ("1", 1.0), ("unet=0.5", {"unet": 0.5, "text_encoder": 1.0}),
+     ("text_encoder=0, unet=0.25", {"unet": 0.25, "text_encoder": 0.0})],
+)  # fmt: skip
+def test_parse_lora_scale(text, expected):
+    assert parse_lora_scale(text) == expected
+
+
+@pytest.mark.parametrize("text", ["x", "-1", "vae=0.5", "unet=", "unet=0.5,unet=1", "unet=-0.1"])
+def test_parse_lora_scale_names_a_bad_value(text):
+    with pytest.raises(ValueError, match=rf"LoRA scale '{text}' is invalid: expected a weight >= 0"):
+        parse_lora_scale(text)
+
+
+def test_a_per_part_scale_weights_the_unet_and_text_encoder_apart(trained):
+    """UNet weight 0 keeps only the text-encoder part: the images of the base UNet with the LoRA's
+    text encoder, not those of the full LoRA or of the base model."""
+    pipe = tiny_sd_pipeline()
+    base = _images(pipe)
+    load_loras(pipe, [trained], scales=[parse_lora_scale("unet=0")])
+    text_only = _images(pipe)
+    reference = tiny_sd_pipeline()
+    reference.load_lora_weights(str(trained))
+    full = _images(reference)
+    reference.unet.disable_adapters()
+    np.testing.assert_allclose(text_only, _images(reference), atol=1e-6)
+    assert np.abs(text_only - base).max() > 1e-4 and np.abs(text_only - full).max() > 1e-4
 
 
 # --- grouping ------------------------------------------------------------------------------------
@@ -233,6 +265,23 @@ def test_cli_generate_with_two_loras_and_two_identifiers(model_dir, trained, tmp
     assert record["lora"] == [str(trained), str(other)] and record["identifier"] == ["sks", "xyz"]
 
 
+def test_cli_lora_scale_weights_every_lora(model_dir, trained, tmp_path):
+    def run(name: str, *extra: str) -> np.ndarray:
+        argv = ["generate", "--model", str(model_dir), *extra, "--prompt", PROMPT, "--steps", "2",
+                "--no-guidance", "--out", str(tmp_path / name), "--device", "cpu", "--quiet"]  # fmt: skip
+        assert cli.main(argv) == 0
+        record = json.loads((tmp_path / name / "run.json").read_text())
+        return np.asarray(Image.open(tmp_path / name / record["images"][0]["file"]), dtype=np.int16)
+
+    from PIL import Image
+
+    base, full = run("base"), run("full", "--lora", str(trained))
+    assert np.abs(full - base).max() > 2, "the LoRA had no effect: the comparison proves nothing"
+    np.testing.assert_array_equal(run("zero", "--lora", str(trained), "--lora-scale", "0"), base)
+    record = json.loads((tmp_path / "zero" / "run.json").read_text())
+    assert record["lora_scale"] == ["0"]
+
+
 # --- bad input -----------------------------------------------------------------------------------
 
 
@@ -241,6 +290,20 @@ def test_cli_identifier_not_in_prompt_exits_2(model_dir, trained, tmp_path, caps
             "--prompt", PROMPT, "--steps", "2", "--out", str(tmp_path), "--device", "cpu", "--quiet"]  # fmt: skip
     assert cli.main(argv) == 2
     assert "identifier 'zzz' is not in the prompt 'a sks dog and a cat'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("scales", "match"),
+    [(["1", "1"], r"--lora-scale given 2 time\(s\) for 1 --lora: expected once"),
+     (["unet=x"], r"LoRA scale 'unet=x' is invalid")],
+)  # fmt: skip
+def test_cli_bad_lora_scale_exits_2(model_dir, trained, tmp_path, capsys, scales, match):
+    argv = ["generate", "--model", str(model_dir), "--lora", str(trained), "--prompt", PROMPT,
+            "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet"]  # fmt: skip
+    for scale in scales:
+        argv += ["--lora-scale", scale]
+    assert cli.main(argv) == 2
+    assert re.search(match, capsys.readouterr().err) and not (tmp_path / "out").exists()
 
 
 def test_cli_pickle_lora_exits_2(model_dir, tmp_path, capsys):

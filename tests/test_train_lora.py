@@ -309,6 +309,25 @@ def test_an_empty_class_prompts_file_is_refused(model_dir, instance_dir, tmp_pat
     assert not (tmp_path / "c").exists()
 
 
+def test_captioned_class_images_need_no_class_prompt(model_dir, instance_dir, tmp_path):
+    """Class images given ready-made (the shapes world's rendered scenes, captioned in metadata.jsonl)
+    train without a class prompt; a folder short of --num_class_images still needs one to draw the rest."""
+    import json
+
+    class_dir = _write_images(tmp_path / "class", 2, seed=1)
+    (class_dir / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"{i}.png", "text": f"a photo of dog {i}"}) + "\n" for i in range(2))
+    )
+    extra = ["--with_prior_preservation", "--class_data_dir", str(class_dir), "--num_class_images", "2"]
+    result = train_lora.main(argv(model_dir, instance_dir, tmp_path / "out", *extra))
+    assert result.global_step == 1 and sorted(p.name for p in class_dir.iterdir()) == [
+        "0.png", "1.png", "metadata.jsonl"
+    ]  # fmt: skip
+    extra[-1] = "3"
+    with pytest.raises(ValueError, match=r"--class_prompt=None is invalid: expected a prompt .* unless"):
+        train_lora.parse_args(argv(model_dir, instance_dir, tmp_path / "out2", *extra))
+
+
 # --- defaults from the model (issue 15) ----------------------------------------------------------
 
 

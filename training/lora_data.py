@@ -255,9 +255,20 @@ class EpochShuffleSampler(Sampler[int]):
         return self.num_items
 
 
+def class_images_present(folder: str | Path) -> int:
+    """How many image files ``folder`` holds (0 if it does not exist); not checked like `list_images`."""
+    path = Path(folder)
+    if not path.is_dir():
+        return 0
+    extensions = _image_extensions()
+    return sum(
+        p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions for p in path.iterdir()
+    )
+
+
 def ensure_class_images(
     class_dir: str | Path,
-    class_prompt: str | Sequence[str],
+    class_prompt: str | Sequence[str] | None,
     num_class_images: int,
     make_pipeline: Callable[[], object],
     seed: int,
@@ -273,7 +284,8 @@ def ensure_class_images(
 
     Args:
         class_dir (`str` or `Path`): the class image folder (created if missing).
-        class_prompt (`str` or `list[str]`): prompt(s) of the generated images, e.g. ``"a photo of dog"``.
+        class_prompt (`str` or `list[str]`, *optional*): prompt(s) of the generated images, e.g. ``"a photo
+            of dog"``; needed only when images are missing.
         num_class_images (`int`): how many class images training needs.
         make_pipeline (`Callable`): builds the base pipeline; called only when images are missing.
         seed (`int`): base seed of the generated images.
@@ -283,13 +295,16 @@ def ensure_class_images(
     Returns:
         `list[Path]`: the first ``num_class_images`` images of the folder, sorted by name.
     """
-    prompts = [class_prompt] if isinstance(class_prompt, str) else list(class_prompt)
-    if not prompts:
-        raise ValueError("class_prompt=[] is invalid: expected at least one prompt")
+    prompts = [class_prompt] if isinstance(class_prompt, str) else list(class_prompt or [])
     folder = Path(class_dir)
     folder.mkdir(parents=True, exist_ok=True)
     existing = list_images(folder, "--class_data_dir") if any(folder.iterdir()) else []
     missing = num_class_images - len(existing)
+    if missing > 0 and not prompts:
+        raise ValueError(
+            f"class_prompt={class_prompt!r} is invalid: {missing} class image(s) are missing, expected at "
+            "least one prompt to draw them"
+        )
     if missing > 0:
         logger.info("Generating %d class images of %d prompt(s) into %s", missing, len(prompts), folder)
         pipeline = make_pipeline()

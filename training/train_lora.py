@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .lora_data import (
     DreamBoothDataset,
     EpochShuffleSampler,
+    class_images_present,
     collate,
     ensure_class_images,
     list_images,
@@ -97,7 +98,11 @@ class Recipe:
 ALL_UNET_TARGETS = "to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2,proj_in,proj_out,conv1,conv2,conv_shortcut"
 # Models up to this side (the shipped 64 px shapes model) are small enough for the small-model recipe.
 SMALL_MODEL_MAX_RESOLUTION = 128
-# Measured on the shipped shapes model (docs/lora.md, "Choosing the recipe").
+# Measured on the shipped shapes model (docs/lora.md, "Choosing the recipe"). Its prior preservation is
+# data, not a flag: the documented command uses 2000 rendered scenes of the training world as class images
+# (``python -m ait2i_ext.shapes.concepts --class-scenes``), which kept the world where 100 base-drawn ones
+# did not; a LoRA weight below 1 and cut-mix instance images measured worse (docs/personalization.md,
+# fourth round).
 SMALL_MODEL_RECIPE = Recipe(
     name="small-model recipe",
     rank=16,
@@ -324,10 +329,13 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             "a folder with --with_prior_preservation",
         )
         check(
-            bool(args.class_prompt) or args.class_prompts_file is not None,
+            bool(args.class_prompt)
+            or args.class_prompts_file is not None
+            or class_images_present(args.class_data_dir) >= args.num_class_images,
             "--class_prompt",
             args.class_prompt,
-            "a prompt (or --class_prompts_file) with --with_prior_preservation",
+            "a prompt (or --class_prompts_file) with --with_prior_preservation, unless --class_data_dir "
+            "already holds --num_class_images images (captioned in its metadata.jsonl)",
         )
         if args.class_prompts_file is not None:
             check(

@@ -1,12 +1,17 @@
 """Training data for personalisation on the shapes world: a new concept's instance images and the
-prompts of its prior-preservation class images.
+class images of its prior preservation.
 
-    python -m ait2i_ext.shapes.concepts --shape star --colour yellow --identifier sks --out data/star
+    python -m ait2i_ext.shapes.concepts --shape star --colour yellow --identifier sks --out data/star \
+        --class-scenes data/shapes-world
 
 writes ten images of a yellow star (``NEW_SHAPES``: the shipped model never saw one), some of them
 beside one other shape of the world, with their captions ("a sks star and a blue square") in
-``metadata.jsonl``, and ``--class-prompts FILE``: captions of the training world ("a red circle and a
-green square") for ``train_lora.py --class_prompts_file`` (class images drawn by the base model).
+``metadata.jsonl``, and with ``--class-scenes DIR`` 2000 rendered scenes of the training world with
+their captions, the class images of the shipped model's recipe (``train_lora.py --class_data_dir DIR
+--num_class_images 2000``). ``--class-prompts FILE`` instead writes captions of the world for class
+images the base model draws (``--class_prompts_file``), and ``--cut-mix-from DIR`` adds SVDiff-style
+cut-mix images (the concept pasted beside the objects of DIR's class images); both measured worse
+(docs/personalization.md).
 """
 
 from __future__ import annotations
@@ -14,12 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from .data import (
     ALL_SHAPES,
     COLOURS,
     IMAGE_SIZE,
+    MARGIN,
     MAX_SIZE,
     MIN_SIZE,
     Scene,
@@ -76,20 +86,119 @@ def concept_scenes(
     return scenes
 
 
+CLASS_SCENE_SEED = 100_000  # the scenes of the world used as class images start here
+
+
+def class_scenes(count: int = 2000, seed: int = 0) -> list[Scene]:
+    """``count`` rendered scenes of the training world (1-3 objects, ``sample_scene``) from
+    ``CLASS_SCENE_SEED + seed``: the prior-preservation class images of the shipped model's recipe
+    (the world as the base model learned it, instead of images the base model draws)."""
+    return [sample_scene(CLASS_SCENE_SEED + seed + i) for i in range(count)]
+
+
 def class_prompts(count: int = 200, seed: int = 0) -> list[str]:
     """Captions of ``count`` scenes of the training world (1-3 objects, ``sample_scene``), from ``seed``."""
     return [sample_scene(seed + i).caption for i in range(count)]
 
 
-def write_concept(folder: str | Path, scenes: list[Scene], stem: str) -> list[Path]:
-    """Render ``scenes`` into ``folder`` as ``{stem}-{i:02d}.png`` with their captions in ``metadata.jsonl``."""
+MAX_MIXED_OBJECTS = 2  # scenes of the base the concept joins (the world shows at most three objects)
+INK_THRESHOLD = 230  # a pixel whose darkest channel is below this is part of a drawn object
+
+
+def free_box(
+    image: Image.Image, side: int, rng: random.Random, tries: int = 200
+) -> tuple[int, int, int, int] | None:
+    """A random ``side`` x ``side`` box of ``image`` that keeps ``MARGIN`` pixels from every drawn
+    pixel and from the border, or None when ``tries`` random boxes found none."""
+    ink = np.asarray(image.convert("RGB")).min(axis=2) < INK_THRESHOLD
+    size = ink.shape[0]
+    for _ in range(tries):
+        x0 = rng.randint(MARGIN, size - MARGIN - side)
+        y0 = rng.randint(MARGIN, size - MARGIN - side)
+        if not ink[max(0, y0 - MARGIN) : y0 + side + MARGIN, max(0, x0 - MARGIN) : x0 + side + MARGIN].any():
+            return (x0, y0, x0 + side, y0 + side)
+    return None
+
+
+def cut_mix(
+    image: Image.Image, caption: str, shape: str, colour: str, identifier: str, rng: random.Random
+) -> tuple[Image.Image, str] | None:
+    """SVDiff's cut-mix for the shapes world: the concept (a ``colour`` ``shape``, rendered) pasted into a
+    free spot of ``image``, a scene the base model drew for ``caption``, and the caption naming both
+    ("a red circle" -> "a sks star and a red circle", the concept first or last at random). None when
+    the scene leaves no room, its caption names no object or more than ``MAX_MIXED_OBJECTS``, or the
+    base model's image does not show what its caption names (``ait2i_ext.shapes.evaluator``).
+    """
+    from .evaluator import evaluate
+    from .prompts import parse_prompt
+
+    objects = parse_prompt(caption)
+    if not 1 <= len(objects) <= MAX_MIXED_OBJECTS:
+        return None
+    if not evaluate(image.convert("RGB"), [(o.colour, o.shape) for o in objects]).all_present:
+        return None
+    side = rng.randint(*PAIRED_CONCEPT_SIDES)
+    box = free_box(image, side, rng)
+    if box is None:
+        return None
+    concept = ShapeObject(colour, shape, tuple(v / image.width for v in box))
+    drawn = render_scene(Scene((concept,), ""), size=image.width)
+    mask = Image.fromarray(((np.asarray(drawn).min(axis=2) < INK_THRESHOLD) * 255).astype(np.uint8))
+    mixed = image.convert("RGB").copy()
+    mixed.paste(drawn, (0, 0), mask)
+    phrases = [f"{o.colour} {o.shape}" for o in objects]
+    phrases.insert(0 if rng.random() < 0.5 else len(phrases), f"{identifier} {shape}")
+    return mixed, caption_for(phrases, rng)
+
+
+def cut_mixes(
+    class_dir: str | Path, count: int, shape: str, colour: str, identifier: str, seed: int = 0
+) -> list[tuple[Image.Image, str]]:
+    """``count`` cut-mix images (:func:`cut_mix`) of the concept in the base model's scenes of
+    ``class_dir`` (class images with their captions in ``metadata.jsonl``, as ``train_lora.py`` draws
+    them), with their captions. Scenes are taken in order; one the concept cannot join is skipped.
+
+    Raises:
+        ValueError: ``count < 0``, or ``class_dir`` has fewer than ``count`` scenes the concept can join.
+    """
+    from ait2i_ext.training.lora_data import list_images, read_captions
+
+    if count < 0:
+        raise ValueError(f"count={count} is invalid: expected an integer >= 0")
+    images = list_images(class_dir, "--cut-mix-from")
+    captions = read_captions(images, None, "--cut-mix-from")
+    rng = random.Random(seed)
+    mixes = []
+    for path, caption in zip(images, captions, strict=True):
+        if len(mixes) == count:
+            break
+        with Image.open(path) as image:
+            mixed = cut_mix(image, caption, shape, colour, identifier, rng)
+        if mixed is not None:
+            mixes.append(mixed)
+    if len(mixes) < count:
+        raise ValueError(
+            f"--cut-mix-from={str(class_dir)!r} has {len(mixes)} of its {len(images)} scenes the concept can "
+            f"join (room for it, <= {MAX_MIXED_OBJECTS} objects, drawn as captioned): expected at least "
+            f"{count} (--cut-mix)"
+        )
+    return mixes
+
+
+def write_concept(
+    folder: str | Path, scenes: list[Scene], stem: str, mixes: Sequence[tuple[Image.Image, str]] = ()
+) -> list[Path]:
+    """Render ``scenes`` into ``folder`` as ``{stem}-{i:02d}.png``, and save the cut-mix images ``mixes``
+    (:func:`cut_mixes`) as ``mix-{i:02d}.png``, with every caption in ``metadata.jsonl``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    images = [(f"{stem}-{i:02d}.png", render_scene(s), s.caption) for i, s in enumerate(scenes)]
+    images += [(f"mix-{i:02d}.png", image, caption) for i, (image, caption) in enumerate(mixes)]
     paths, lines = [], []
-    for i, scene in enumerate(scenes):
-        paths.append(folder / f"{stem}-{i:02d}.png")
-        render_scene(scene).save(paths[-1])
-        lines.append(json.dumps({"file_name": paths[-1].name, "text": scene.caption}))
+    for name, image, caption in images:
+        paths.append(folder / name)
+        image.save(paths[-1])
+        lines.append(json.dumps({"file_name": name, "text": caption}))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return paths
 
@@ -107,6 +216,22 @@ def main(argv: list[str] | None = None) -> int:
         "--class-prompts", help="also write a file of training-world captions (for --class_prompts_file)"
     )
     parser.add_argument("--num-class-prompts", type=int, default=200)
+    parser.add_argument(
+        "--class-scenes",
+        metavar="DIR",
+        help="also write rendered scenes of the training world with their captions (metadata.jsonl) into DIR, "
+        "as class images for train_lora.py --class_data_dir",
+    )
+    parser.add_argument("--num-class-scenes", type=int, default=2000)
+    parser.add_argument(
+        "--cut-mix-from",
+        metavar="CLASS_DIR",
+        help="class images the base model drew (train_lora.py's --class_data_dir, with metadata.jsonl): "
+        "also write --cut-mix images of the concept pasted beside their objects",
+    )
+    parser.add_argument(
+        "--cut-mix", type=int, default=20, help="how many cut-mix images (with --cut-mix-from)"
+    )
     args = parser.parse_args(argv)
     if not args.identifier.strip() or " " in args.identifier.strip():
         parser.error(f"--identifier={args.identifier!r} is invalid: expected one word")
@@ -116,9 +241,22 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as err:
         parser.error(str(err))
-    if args.num_class_prompts < 1:
-        parser.error(f"--num-class-prompts={args.num_class_prompts} is invalid: expected an integer >= 1")
-    write_concept(args.out, scenes, args.shape)
+    for flag in ("num_class_prompts", "num_class_scenes"):
+        if getattr(args, flag) < 1:
+            parser.error(
+                f"--{flag.replace('_', '-')}={getattr(args, flag)} is invalid: expected an integer >= 1"
+            )
+    mixes = []
+    if args.cut_mix_from:
+        try:
+            mixes = cut_mixes(
+                args.cut_mix_from, args.cut_mix, args.shape, args.colour, args.identifier, args.seed
+            )
+        except ValueError as err:
+            parser.error(str(err))
+    write_concept(args.out, scenes, args.shape, mixes)
+    if args.class_scenes:
+        write_concept(args.class_scenes, class_scenes(args.num_class_scenes, args.seed), "scene")
     if args.class_prompts:
         path = Path(args.class_prompts)
         path.parent.mkdir(parents=True, exist_ok=True)
