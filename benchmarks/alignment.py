@@ -127,12 +127,16 @@ class Case:
     boxed: tuple = ()  # the subjects with their layout boxes (shapes model)
 
 
-def shapes_cases(sets: list[str], per_set: int) -> list[Case]:
+def shapes_cases(sets: list[str], per_set: int, first: int = 0) -> list[Case]:
+    """Prompts ``first .. first+per_set-1`` of each named set (a split of prompts not tuned on)."""
     from ait2i_ext.shapes.prompts import prompt_set
 
     cases = []
     for name in sets:
-        for p in prompt_set(name)[:per_set]:
+        prompts = prompt_set(name)
+        if not 0 <= first < len(prompts):
+            raise ValueError(f"prompt offset {first} is outside set {name!r}: expected 0..{len(prompts) - 1}")
+        for p in prompts[first : first + per_set]:
             subjects = tuple(f"{o.colour} {o.shape}" for o in p.objects)
             boxed = tuple(Subject(o.shape, attributes=(o.colour,), box=o.box) for o in p.objects)
             cases.append(Case(name, p.text, subjects, p.objects, boxed))
@@ -265,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         "the phrasings training never uses: phrase_comma, phrase_the, phrase_plus, phrase_one)",
     )
     parser.add_argument("--prompts-per-set", type=int, default=4)
+    parser.add_argument(
+        "--prompt-offset", type=int, default=0, help="first prompt of each set: prompts OFFSET..OFFSET+N-1"
+    )
     parser.add_argument("--seeds", type=int, default=64, help="N seeds for every prompt and method")
     parser.add_argument(
         "--first-seed",
@@ -350,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     if family == "animals":
         cases = animal_cases(args.prompts_per_set)
     else:
-        cases = shapes_cases([s.strip() for s in args.sets.split(",")], args.prompts_per_set)
+        sets = [s.strip() for s in args.sets.split(",")]
+        cases = shapes_cases(sets, args.prompts_per_set, args.prompt_offset)
     pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None).to(device)
     pipe.set_progress_bar_config(disable=True)
     cn_pipe = None

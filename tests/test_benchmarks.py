@@ -196,3 +196,13 @@ def test_alignment_benchmark_controlnet_option_names_the_folder(random_shapes_mo
     ]
     with pytest.raises(OSError, match="no_such_controlnet"):  # the folder is loaded, not the shipped one
         alignment.main([*argv, "--controlnet", str(tmp_path / "no_such_controlnet"), "--out", str(tmp_path)])
+
+
+def test_alignment_prompt_offset_picks_a_later_split_and_rejects_one_outside_the_set():
+    from ait2i_ext.shapes.prompts import prompt_set
+
+    alignment = _load("alignment")
+    cases = alignment.shapes_cases(["two", "three"], 2, first=12)
+    assert [c.text for c in cases] == [p.text for p in prompt_set("two")[12:14] + prompt_set("three")[12:14]]
+    with pytest.raises(ValueError, match="prompt offset 40 is outside set 'two'"):
+        alignment.shapes_cases(["two"], 1, first=40)
