@@ -147,9 +147,8 @@ class ScheduleConfig:
     """When and how far the latents move (``docs/method.md``, Schedule).
 
     ``alpha_i = step_scale * sqrt(s_i)`` with ``s = linspace(scale_start, scale_end, num_steps)``,
-    applied once per step on the first ``guided_fraction`` of the steps, or with ``guided_stride``
-    k > 1 on every k-th of them (steps 0, k, 2k, ...: each guided step is one more UNet pass with
-    its backward, so the stride sets the cost; :meth:`guided_steps`). Iterative refinement
+    applied once per step on the first ``guided_fraction`` of the steps (:meth:`guided_steps`; each is
+    one more UNet pass with its backward, so their number sets the cost). Iterative refinement
     (Attend-and-Excite's) runs extra updates at the steps in ``refinement_thresholds`` until the
     existence loss falls below ``1 - threshold``, at most ``max_refinement_iters`` times; with
     ``refinement_scope="image"`` each image of a batch stops on its own (its result does not depend
@@ -171,7 +170,6 @@ class ScheduleConfig:
     scale_start: float = 1.0
     scale_end: float = 0.5
     guided_fraction: float = 0.5
-    guided_stride: int = 1
     refinement: bool = False
     refinement_thresholds: tuple[tuple[int, float], ...] = ((0, 0.05), (10, 0.5), (20, 0.8))
     max_refinement_iters: int = 20
@@ -207,12 +205,6 @@ class ScheduleConfig:
             self.guided_fraction,
             "a fraction in [0, 1]",
         )
-        _check(
-            isinstance(self.guided_stride, int) and self.guided_stride >= 1,
-            "guided_stride",
-            self.guided_stride,
-            "an integer >= 1",
-        )
         _check(self.max_refinement_iters >= 1, "max_refinement_iters", self.max_refinement_iters, ">= 1")
         _check(
             self.refinement_scope in ("image", "batch"),
@@ -238,9 +230,8 @@ class ScheduleConfig:
         return math.floor(num_steps * self.guided_fraction + 1e-9)
 
     def guided_steps(self, num_steps: int) -> tuple[int, ...]:
-        """The steps that get a latent update: every ``guided_stride``-th of the first
-        :meth:`num_guided_steps`, from step 0 (20 steps at ``guided_fraction=0.4``, stride 2: 0, 2, 4, 6)."""
-        return tuple(range(0, self.num_guided_steps(num_steps), self.guided_stride))
+        """The steps that get a latent update: the first :meth:`num_guided_steps`."""
+        return tuple(range(self.num_guided_steps(num_steps)))
 
     def num_box_steps(self, num_steps: int) -> int:
         """Number of leading denoising steps that get the extra box-term updates."""
@@ -371,12 +362,13 @@ def _from_json(values: dict) -> dict:
 #: ``ait2i generate --preset reference``): per preset, the :class:`ScheduleConfig` fields
 #: (``"schedule"``) and other :class:`AIT2IConfig` fields (``"options"``) it sets.
 #: ``"reference"`` is the authors' schedule (the :class:`ScheduleConfig` defaults), for a model
-#: whose ``ait2i.json`` sets another. No ``"fast"`` preset: the candidates measured so far
-#: (``map_blocks="down"``; 3 of 25 guided steps at step scale 60) lost most of the default's gain
-#: on the held-out split (docs/performance.md).
+#: whose ``ait2i.json`` sets another (the shipped shapes model: 5 of 25 steps at step scale 40).
+#: ``"fast"``: 2 of 25 guided steps (8 %) at step scale 60, about 1.1x plain time on the shapes
+#: model (docs/performance.md).
 PRESETS: dict[str, dict[str, dict]] = {
     "default": {},
-    "reference": {"schedule": {"guided_fraction": 0.5, "guided_stride": 1, "step_scale": 20.0}},
+    "reference": {"schedule": {"guided_fraction": 0.5, "step_scale": 20.0}},
+    "fast": {"schedule": {"guided_fraction": 0.08, "step_scale": 60.0}},
 }
 
 

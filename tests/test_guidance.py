@@ -199,19 +199,6 @@ def test_refinement_option_runs_extra_iterations(tiny_sd):
     assert out.steps[0].iterations == 3 and out.steps[1].iterations == 1
 
 
-def test_a_stride_guides_only_every_k_th_step_of_the_window(tiny_sd):
-    calls = []
-    hook = tiny_sd.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
-    try:
-        strided = _run(tiny_sd, AIT2IConfig(schedule=ScheduleConfig(guided_fraction=1.0, guided_stride=2)))
-        guided_calls = len(calls) - 6  # one sampling pass per step besides the guided ones
-    finally:
-        hook.remove()
-    assert [r.step for r in strided.steps] == [0, 2, 4]
-    assert guided_calls == 3  # a skipped step runs no guided pass
-    assert all(r.step_size > 0 for r in strided.steps)
-
-
 def test_refinement_per_image_does_not_depend_on_the_batch(tiny_sd):
     """Each image stops refining on its own: in a batch it comes out as it does alone. With the
     batch maximum an image that met the threshold keeps moving while another has not."""
