@@ -628,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(PRESETS),
         default="default",
         help="default: the model's schedule (its ait2i.json, else the authors'); reference: the authors' "
-        "schedule whatever the model's ait2i.json says. --step-scale wins over it",
+        "schedule whatever the model's ait2i.json says; fast: 8%% of the steps guided at step scale 60 "
+        "(about 1.1x plain time). --step-scale wins over it",
     )
     g.add_argument(
         "--refinement",

@@ -164,15 +164,16 @@ class Guide:
         self.input_scale = input_scale or (lambda t: 1.0)
         self.timesteps = list(timesteps)
         self.step_sizes = config.schedule.step_sizes(len(self.timesteps))
-        self.num_guided = config.schedule.num_guided_steps(len(self.timesteps))
+        self.guided_steps = frozenset(config.schedule.guided_steps(len(self.timesteps)))
         self.thresholds = dict(config.schedule.refinement_thresholds) if config.schedule.refinement else {}
         has_boxes = any(g.box is not None for target in self.targets for g in target.groups)
         self.num_box_steps = config.schedule.num_box_steps(len(self.timesteps)) if has_boxes else 0
         self.records: list[StepRecord] = []
 
     def is_guided(self, i: int) -> bool:
-        """Step ``i`` is on the schedule (with ``step_scale=0`` its losses are still recorded)."""
-        return 0 <= i < max(self.num_guided, self.num_box_steps)
+        """Step ``i`` is on the schedule: a guided step (``ScheduleConfig.guided_steps``) or a box step
+        (with ``step_scale=0`` its losses are still recorded)."""
+        return i in self.guided_steps or 0 <= i < self.num_box_steps
 
     def update(self, i: int, latents: torch.Tensor) -> torch.Tensor:
         """The latents for denoising step ``i``: guided when ``i`` is on the schedule, else unchanged."""

@@ -23,9 +23,10 @@ Methods:
     truncated-frozen    ``truncated`` with the UNet's parameters not requiring grad during the call
                         (``ait2i_ext.fast.frozen_parameters``): what skipping weight-gradient
                         bookkeeping saves
-    reference           ``truncated`` with the preset ``"reference"`` of ``ait2i_ext.config.PRESETS``
-                        (the authors' schedule) on top of the model's settings; ``truncated`` is
-                        the model's own schedule (its ``ait2i.json``, e.g. of ``--settings-from``)
+    reference, fast     ``truncated`` with that preset of ``ait2i_ext.config.PRESETS`` (``reference``:
+                        the authors' schedule; ``fast``: fewer guided steps) on top of the model's
+                        settings; ``truncated`` is the model's own schedule (its ``ait2i.json``,
+                        e.g. of ``--settings-from``)
     down-maps           ``truncated`` with ``map_blocks="down"``: the guided pass reads the down-block
                         maps only and stops before the mid block (a fast-preset candidate that lost
                         to plain sampling on quality: docs/performance.md)
@@ -83,6 +84,7 @@ METHODS = (
     "truncated-frozen",
     "down-maps",
     "reference",
+    "fast",
 )
 COMPILED = ("truncated+compiled", "lagged+compiled")  # opt-in: compiling takes minutes on a small CPU
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -239,10 +241,10 @@ def make_runner(method: str, pipe, ae, steps: int, batch: int = 1, settings=None
 
         return run_ae
     blocks = "down" if method == "down-maps" else "down_up"
-    preset = "reference" if method == "reference" else "default"
+    preset = method if method in ("reference", "fast") else "default"
     mode = (
         "truncated"
-        if method in ("down-maps", "reference")
+        if method in ("down-maps", "reference", "fast")
         else method.split("-")[0].removesuffix("+compiled")
     )
     frozen, split, compiled = (

@@ -329,6 +329,7 @@ def test_preset_sets_the_schedule_on_top_of_the_models_and_step_scale_wins(tmp_p
             ([], (0.25, 7.0)),  # the model's schedule
             (["--preset", "reference"], (0.5, 20.0)),  # the authors', whatever the model's says
             (["--preset", "reference", "--step-scale", "3"], (0.5, 3.0)),
+            (["--preset", "fast"], (0.08, 60.0)),  # 2 of 25 guided steps at a larger step
         ]
     ):
         out = tmp_path / f"out{k}"

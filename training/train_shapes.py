@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ait2i_ext.config import write_model_settings
 from ait2i_ext.shapes.data import DEFAULT_OBJECT_WEIGHTS, ShapesDataset
-from ait2i_ext.shapes.model import SHAPES_LOSS, build_shapes_pipeline
+from ait2i_ext.shapes.model import SHAPES_LOSS, SHAPES_SCHEDULE, build_shapes_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -224,9 +224,11 @@ def export_pipeline(
         if key in config:
             config[key] = "float32"
     te_config.write_text(json.dumps(config, indent=2) + "\n")
-    # The model's ait2i settings travel with it: loss radii sized to its objects.
+    # The model's ait2i settings travel with it: loss radii sized to its objects, its schedule.
     write_model_settings(
-        tmp, loss={k: getattr(SHAPES_LOSS, k) for k in ("aggregation_radius", "alignment_radius")}
+        tmp,
+        loss={k: getattr(SHAPES_LOSS, k) for k in ("aggregation_radius", "alignment_radius")},
+        schedule={k: getattr(SHAPES_SCHEDULE, k) for k in ("guided_fraction", "step_scale")},
     )
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
