@@ -29,11 +29,14 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ait2i_ext.capture import capture_attention
 from ait2i_ext.tokens import Subject, SubjectSpec, infer_subjects, with_identifier
 
 logger = logging.getLogger(__name__)
@@ -425,13 +428,320 @@ def personalized_subjects(
     return result
 
 
+# --- regional LoRA: each concept's LoRA acts only where its concept is -------------------------
+
+
+@dataclass(frozen=True)
+class RegionalConfig:
+    """How :func:`regional_loras` confines each concept's LoRA to its region.
+
+    The noise prediction is ``eps = eps_base + sum_k m_k * (eps_k - eps_base)``: ``eps_base`` the UNet with
+    every LoRA disabled, ``eps_k`` with concept ``k``'s LoRA alone, ``m_k`` a soft mask from the
+    cross-attention of concept ``k``'s group (identifier + noun) in the ``eps_k`` pass.
+
+    Args:
+        threshold: where the mask is 0.5, on the group map normalised to [0, 1] per image.
+        softness: width of the ramp from 0 to 1 around ``threshold`` (0: a hard mask).
+        dilation: map cells the mask grows by (a max filter), so the concept's thin parts (a star's tips),
+            weaker in its map than its core, stay in the region.
+        layout_fraction: the first part of the denoising, by timestep (``t > (1 - layout_fraction) * T``),
+            runs each LoRA everywhere (``m_k = 1``: the concept's layout), the rest masked.
+        mask_source: ``"current"`` the mask from this step's maps; ``"mean"`` from the maps averaged over
+            the steps so far (steadier, as aggregation over steps is).
+    """
+
+    # Tuned on the shapes model (docs/personalization.md, fifth round): seeds 1000-1031.
+    threshold: float = 0.3
+    softness: float = 0.2
+    dilation: int = 1
+    layout_fraction: float = 0.0
+    mask_source: str = "mean"
+
+    def __post_init__(self):
+        checks = (
+            ("threshold", 0.0 <= self.threshold <= 1.0, "a number in [0, 1]"),
+            ("softness", 0.0 <= self.softness <= 1.0, "a number in [0, 1]"),
+            ("dilation", isinstance(self.dilation, int) and self.dilation >= 0, "an integer >= 0"),
+            ("layout_fraction", 0.0 <= self.layout_fraction <= 1.0, "a number in [0, 1]"),
+            ("mask_source", self.mask_source in ("current", "mean"), "'current' or 'mean'"),
+        )
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(
+                    f"RegionalConfig({name}={getattr(self, name)!r}) is invalid: expected {expected}"
+                )
+
+
+def group_level(maps: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
+    """The group's map (``(B, h, w, T)`` maps summed over ``tokens``), normalised to [0, 1] per image: ``(B, h, w)``."""
+    group = maps[..., list(tokens)].sum(-1)
+    low = group.amin(dim=(1, 2), keepdim=True)
+    high = group.amax(dim=(1, 2), keepdim=True)
+    return (group - low) / (high - low).clamp_min(1e-8)
+
+
+def concept_mask(
+    maps: torch.Tensor,
+    tokens: Sequence[int],
+    size: tuple[int, int],
+    threshold: float,
+    softness: float,
+    dilation: int = 0,
+) -> torch.Tensor:
+    """Soft mask of one concept from its group's cross-attention.
+
+    Args:
+        maps (`torch.Tensor` of shape `(B, h, w, T)`): cross-attention maps (softmax over the ``T`` keys).
+        tokens: the token indices of the concept's group (identifier and noun).
+        size: ``(H, W)`` of the latents the mask applies to.
+        threshold, softness, dilation: see :class:`RegionalConfig`.
+
+    Returns:
+        `torch.Tensor` of shape `(B, 1, H, W)` in [0, 1]: the group map (summed over its tokens),
+        normalised to [0, 1] per image, ramped around ``threshold``, grown by ``dilation`` cells and
+        upsampled bilinearly.
+    """
+    level = group_level(maps, tokens)
+    if softness > 0:
+        mask = ((level - threshold) / softness + 0.5).clamp(0.0, 1.0)
+    else:
+        mask = (level >= threshold).to(level.dtype)
+    mask = mask.unsqueeze(1)
+    if dilation:
+        mask = torch.nn.functional.max_pool2d(mask, 2 * dilation + 1, stride=1, padding=dilation)
+    if tuple(mask.shape[-2:]) != tuple(size):
+        mask = torch.nn.functional.interpolate(mask, size=size, mode="bilinear", align_corners=False)
+    return mask
+
+
+def regional_prediction(
+    base: torch.Tensor, concepts: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """``base + sum_k m_k * (concepts[k] - base)``, the masks scaled down where they sum above 1.
+
+    Args:
+        base (`torch.Tensor` of shape `(B, C, H, W)`): the prediction with no LoRA.
+        concepts: per concept, the prediction with its LoRA alone, shaped as ``base``.
+        masks: per concept, `(B, 1, H, W)` in [0, 1].
+
+    Returns:
+        The combined prediction: ``base`` wherever every mask is 0, ``concepts[k]`` where only mask ``k``
+        is 1.
+    """
+    if len(concepts) != len(masks):
+        raise ValueError(f"got {len(concepts)} predictions and {len(masks)} masks: expected one mask each")
+    if not masks:
+        return base
+    total = torch.stack(list(masks)).sum(0).clamp_min(1.0)
+    out = base
+    for eps, mask in zip(concepts, masks):
+        out = out + (mask / total).to(base.dtype) * (eps - base)
+    return out
+
+
+def concept_tokens(tokenizer, prompt: str, identifiers: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Per identifier of ``prompt``, the token indices of its group (identifier + the noun it precedes)."""
+    from ait2i_ext.tokens import resolve_groups
+
+    subjects = personalized_subjects(prompt, list(identifiers))
+    groups = resolve_groups(tokenizer, prompt, subjects)
+    by_ident = {}
+    for subject, group in zip(subjects, groups):
+        if getattr(subject, "identifier", None) is not None:
+            by_ident[subject.identifier] = group.indices
+    return by_ident
+
+
+def _sample(output) -> torch.Tensor:
+    return output.sample if hasattr(output, "sample") else output[0]
+
+
+def _with_sample(output, sample: torch.Tensor):
+    if hasattr(output, "sample"):
+        return type(output)(sample=sample)
+    return sample if torch.is_tensor(output) else (sample, *output[1:])
+
+
+def _own_text(args: tuple, kwargs: dict, embeds: torch.Tensor, num_images: int) -> tuple[tuple, dict]:
+    """The UNet call's arguments with the prompt's rows of ``encoder_hidden_states`` (the last
+    ``num_images``: with CFG the batch is [negative, prompt]) replaced by ``embeds`` ``(1, L, D)``."""
+    given = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
+    if given.shape[1:] != embeds.shape[1:]:
+        return args, kwargs  # another text length (e.g. an explicit prompt_embeds): leave as given
+    rows = embeds.to(given.device, given.dtype).expand(num_images, -1, -1)
+    states = torch.cat([given[: given.shape[0] - num_images], rows])
+    if len(args) > 2:
+        return (*args[:2], states, *args[3:]), kwargs
+    return args, {**kwargs, "encoder_hidden_states": states}
+
+
+class _RegionalHook:
+    """UNet hooks of :func:`regional_loras`: the pipeline's pass runs with no LoRA (``eps_base``), then one
+    pass per concept with its LoRA alone, under attention capture; the output is their masked sum."""
+
+    def __init__(self, pipe, adapters: dict[str, str], tokens: dict[str, tuple[int, ...]], num_images: int,
+                 config: RegionalConfig, weights: dict[str, float], embeds: dict[str, torch.Tensor]):  # fmt: skip
+        self.pipe, self.adapters, self.tokens, self.embeds = pipe, adapters, tokens, embeds
+        self.num_images, self.config, self.weights = num_images, config, weights
+        self.inside = False  # in one of our own passes
+        self.sums: dict[str, torch.Tensor] = {}  # running sums of the group maps ("mean")
+        self.counts: dict[str, int] = {}
+        self.last_t = float("inf")  # a timestep above the last one starts a new sampling run
+        self.passes = 0  # UNet passes with a LoRA, for tests and cost reports
+
+    def applies(self) -> bool:
+        # Guidance passes (grad enabled) keep every concept's LoRA on: their maps are the LoRA's.
+        return not self.inside and not torch.is_grad_enabled()
+
+    def before(self, unet, args, kwargs):
+        if self.applies():
+            unet.disable_lora()  # the pipeline's own pass is eps_base
+
+    def after(self, unet, args, kwargs, output):
+        if not self.applies():
+            return None
+        base = _sample(output)
+        batch = base.shape[0]
+        if batch not in (self.num_images, 2 * self.num_images):
+            unet.enable_lora()
+            raise ValueError(
+                f"regional LoRA: the UNet got a batch of {batch}, expected num_images={self.num_images} "
+                f"(or twice that with classifier-free guidance)"
+            )
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        if t > self.last_t:  # a new call inside the same context: its mean starts afresh
+            self.sums.clear()
+            self.counts.clear()
+        self.last_t = t
+        everywhere = t > (1.0 - self.config.layout_fraction) * self.pipe.scheduler.config.num_train_timesteps
+        predictions, group_maps = [], []
+        self.inside = True
+        try:
+            unet.enable_lora()
+            for ident, name in self.adapters.items():
+                unet.set_adapters([name], [self.weights.get(ident, 1.0)])
+                size = tuple(base.shape[-2:])
+                with capture_attention(
+                    unet, size, detach=True, vae_scale_factor=getattr(self.pipe, "vae_scale_factor", None)
+                ) as store:
+                    own_args, own_kwargs = _own_text(args, kwargs, self.embeds[ident], self.num_images)
+                    eps = _sample(unet.forward(*own_args, **own_kwargs))
+                    maps = store.maps()[-self.num_images :]  # with CFG the batch is [uncond, cond]
+                self.passes += 1
+                if self.config.mask_source == "mean":
+                    self.sums[ident] = maps if ident not in self.sums else self.sums[ident] + maps
+                    self.counts[ident] = self.counts.get(ident, 0) + 1
+                    maps = self.sums[ident] / self.counts[ident]
+                predictions.append(eps)
+                group_maps.append(maps)
+        finally:
+            self.inside = False
+            unet.set_adapters(list(self.adapters.values()), [self.weights.get(i, 1.0) for i in self.adapters])
+            unet.enable_lora()
+        if everywhere:
+            masks = [torch.ones_like(base[:, :1]) for _ in predictions]
+        else:
+            masks = self.masks(group_maps, tuple(base.shape[-2:]))
+            masks = [m.repeat(batch // self.num_images, 1, 1, 1).to(base.device, base.dtype) for m in masks]
+        return _with_sample(output, regional_prediction(base, predictions, masks))
+
+    def masks(self, group_maps: list[torch.Tensor], size: tuple[int, int]) -> list[torch.Tensor]:
+        c = self.config
+        tokens = [self.tokens[ident] for ident in self.adapters]
+        return [
+            concept_mask(m, t, size, c.threshold, c.softness, c.dilation) for m, t in zip(group_maps, tokens)
+        ]
+
+
+@contextmanager
+def regional_loras(
+    pipe,
+    prompt: str,
+    adapters: Mapping[str, str],
+    num_images: int = 1,
+    config: RegionalConfig | None = None,
+    weights: Mapping[str, float] | None = None,
+) -> Iterator[_RegionalHook | None]:
+    """Run ``pipe`` (or :func:`ait2i_ext.generate` on it) with each concept's LoRA acting only where its
+    concept is (regional LoRA, as Mix-of-Show's regional sampling, with the region from ait2i's maps).
+
+    Every sampling step's noise prediction is ``eps_base + sum_k m_k * (eps_k - eps_base)`` (see
+    :class:`RegionalConfig`): one extra UNet pass per concept of the prompt per step. A prompt naming no
+    identifier runs with every LoRA disabled (text encoder and UNet): the stock model's images, by
+    construction. Guidance passes (grad enabled) keep the prompt's LoRAs on, so ait2i's maps are the
+    LoRA-loaded UNet's, as without this mode. The pipeline encodes the prompt with the text-encoder LoRAs of
+    the prompt's concepts; concept ``k``'s pass reads it as encoded with LoRA ``k`` alone.
+
+        with regional_loras(pipe, prompt, {"sks": "default_0", "xyz": "default_1"}, num_images=4):
+            out = generate(pipe, prompt, personalized_subjects(prompt, ["sks", "xyz"]),
+                           num_images_per_prompt=4)
+
+    Args:
+        pipe: a pipeline with the LoRAs loaded (:func:`load_loras`), not fused.
+        prompt: the one prompt the calls inside will use.
+        adapters: identifier -> adapter name, for every loaded concept.
+        num_images: images per call (``num_images_per_prompt``).
+        config: the mask; default :class:`RegionalConfig`.
+        weights: identifier -> LoRA weight in the UNet passes (default 1.0, as trained).
+
+    Yields:
+        The hook (its ``passes`` counts the LoRA passes), or ``None`` for a prompt without identifiers.
+
+    Raises:
+        ValueError: an adapter that is not loaded, or ``num_images < 1``. On exit the given adapters are all
+            active again at their weights.
+    """
+    config = config or RegionalConfig()
+    weights = dict(weights or {})
+    loaded = _adapter_names(pipe)
+    missing = sorted(set(adapters.values()) - loaded)
+    if missing:
+        raise ValueError(f"adapters {missing} are not loaded in this pipeline: loaded are {sorted(loaded)}")
+    if num_images < 1:
+        raise ValueError(f"num_images={num_images!r} is invalid: expected an integer >= 1")
+    words = set(re.findall(r"[\w-]+", prompt.lower()))
+    present = {i: name for i, name in adapters.items() if i.lower() in words}
+    everything = [adapters[i] for i in adapters]
+    restore = [weights.get(i, 1.0) for i in adapters]
+    try:
+        if not present:
+            pipe.disable_lora()  # no concept named: no LoRA at all
+            yield None
+            return
+        pipe.set_adapters(list(present.values()), [weights.get(i, 1.0) for i in present])
+        tokens = concept_tokens(pipe.tokenizer, prompt, list(present))
+        embeds = {}  # each concept's pass reads the prompt as its own text-encoder LoRA alone encodes it
+        for ident, name in present.items():
+            pipe.set_adapters([name], [weights.get(ident, 1.0)])
+            embeds[ident] = pipe.encode_prompt(prompt, pipe._execution_device, 1, False)[0]
+        pipe.set_adapters(list(present.values()), [weights.get(i, 1.0) for i in present])
+        hook = _RegionalHook(pipe, present, tokens, num_images, config, weights, embeds)
+        pre = pipe.unet.register_forward_pre_hook(hook.before, with_kwargs=True)
+        post = pipe.unet.register_forward_hook(hook.after, with_kwargs=True)
+        try:
+            yield hook
+        finally:
+            pre.remove()
+            post.remove()
+    finally:
+        pipe.enable_lora()
+        pipe.set_adapters(everything, restore)
+
+
 __all__ = [
     "LORA_WEIGHT_NAME",
+    "RegionalConfig",
     "check_lora_fits",
+    "concept_mask",
+    "concept_tokens",
+    "group_level",
     "load_lora",
     "load_loras",
     "lora_file",
     "parse_lora_scale",
     "personalized_subjects",
+    "regional_loras",
+    "regional_prediction",
     "unload_lora",
 ]

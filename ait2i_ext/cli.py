@@ -12,6 +12,7 @@ it (``--attention-maps``), a side-by-side plain vs guided picture for the same s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -224,6 +225,19 @@ def _as_list(value) -> list:
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def _regional(args, pipe):
+    """``--regional-lora``: each LoRA confined to its concept's region (``regional_loras``), else nothing."""
+    if not getattr(args, "regional_lora", False):
+        return contextlib.nullcontext()
+    from .adapters.personalize import regional_loras
+
+    names = pipe.get_list_adapters()["unet"]  # in --lora order (load_loras' default_0, default_1, ...)
+    adapters = dict(zip(_as_list(args.identifier), names))
+    scales = _lora_scales(args) or [1.0] * len(names)
+    weights = {i: s["unet"] if isinstance(s, dict) else s for i, s in zip(adapters, scales)}
+    return regional_loras(pipe, args.prompt, adapters, num_images=1, weights=weights)
+
+
 def _lora_scales(args) -> list | None:
     """``--lora-scale``: one weight for every ``--lora``, or one per ``--lora`` in order (None: 1.0 each)."""
     from .adapters.personalize import parse_lora_scale
@@ -288,6 +302,11 @@ def check_arguments(args: argparse.Namespace) -> None:
         if path and not Path(path).expanduser().exists():
             raise ValueError(f"--control {spec!r}: the image {path!r} does not exist")
     _lora_scales(args)
+    if args.regional_lora and (not args.lora or len(_as_list(args.identifier)) != len(_as_list(args.lora))):
+        raise ValueError(
+            f"--regional-lora needs one --identifier per --lora (got {len(_as_list(args.lora))} --lora, "
+            f"{len(_as_list(args.identifier))} --identifier): the i-th identifier names the i-th LoRA's concept"
+        )
     _device_and_dtype(args.device, args.dtype)
     if args.evaluate:
         _shapes_objects(args.prompt)
@@ -416,6 +435,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         },
         "lora": args.lora,
         "lora_scale": args.lora_scale,
+        "regional_lora": args.regional_lora,
         "identifier": args.identifier,
         "evaluator": "ait2i_ext.shapes.evaluator" if objects else None,
         "images": [],
@@ -431,16 +451,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
             for label, guided in runs:
                 generator = torch.Generator(device="cpu").manual_seed(seed)
                 t0 = time.perf_counter()
-                result = generate(
-                    pipe,
-                    args.prompt,
-                    subjects,
-                    config=config,
-                    guidance=guided,
-                    return_maps=args.attention_maps,
-                    generator=generator,
-                    **call,
-                )
+                with _regional(args, pipe):
+                    result = generate(
+                        pipe,
+                        args.prompt,
+                        subjects,
+                        config=config,
+                        guidance=guided,
+                        return_maps=args.attention_maps,
+                        generator=generator,
+                        **call,
+                    )
                 seconds = time.perf_counter() - t0
                 image = result.images[0]
                 name = f"{stem}_{seed}_{label}.png"
@@ -670,6 +691,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="the LoRAs' weight: '0.7', or per part 'unet=0.5,text_encoder=1'; once for every --lora or "
         "once per --lora (default: 1, as trained)",
+    )
+    g.add_argument(
+        "--regional-lora",
+        action="store_true",
+        help="each --lora acts only where its concept is (the i-th --identifier names the i-th --lora's "
+        "concept; one extra UNet pass per concept per step); a prompt without identifier runs no LoRA",
     )
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
     g.add_argument(

@@ -14,26 +14,38 @@
      ...), with the star LoRA;
    - two concepts at once ("a sks star and a xyz heart"), both LoRAs active (peft multi-adapter);
    - base prompts without an identifier ("a red circle", ...), with no LoRA, the star LoRA and both;
-   three ways: ``plain`` (the pipeline untouched), ``ait2i`` with the identifiers in no group (subjects
-   are the nouns and the other subjects' words) and ``ait2i+id`` with each identifier in the group of
-   the noun it precedes (:func:`personalized_subjects`).
+   the ``--methods`` of: ``plain`` (the pipeline untouched), ``ait2i`` with the identifiers in no group
+   (subjects are the nouns and the other subjects' words), ``ait2i+id`` with each identifier in the
+   group of the noun it precedes (:func:`personalized_subjects`), and ``regional`` / ``ait2i+id+regional``:
+   plain / ait2i+id with each LoRA only where its concept is (:func:`regional_loras`, ``--regional``
+   for its :class:`RegionalConfig` fields; base prompts then run no LoRA).
 4. Score each image with ``ait2i_ext.shapes.evaluator``: every requested object (the concept in its
    colour and shape, the other subject) present.
 
-Prints one table and writes ``--out``/table.json and ``--out``/examples.png.
+Prints one table, the paired counts against plain with each method's CPU time per image relative to
+plain's, and writes ``--out``/table.json (with the per-seed results) and ``--out``/examples.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from ait2i_ext.adapters.personalize import load_loras, parse_lora_scale, personalized_subjects
+from ait2i_ext.adapters.personalize import (
+    RegionalConfig,
+    load_loras,
+    parse_lora_scale,
+    personalized_subjects,
+    regional_loras,
+)
 from PIL import Image
 
 from ait2i_ext import AIT2IConfig, LossConfig, generate
@@ -51,12 +63,18 @@ BASE_PROMPTS = (
     "a red circle and a blue square",
     "a green triangle and a purple circle",
 )
-METHODS = ("plain", "ait2i", "ait2i+id")
+METHODS = ("plain", "ait2i", "ait2i+id", "regional", "ait2i+id+regional")
+#: Methods run by default ("regional", plain sampling with each LoRA confined to its concept's place,
+#: only on request: docs/personalization.md measured it below ait2i + regional).
+DEFAULT_METHODS = ("plain", "ait2i", "ait2i+id", "ait2i+id+regional")
 
 
-def cases(others: list[str], base_prompts: list[str], base_loras: list[list[str]]) -> list[dict]:
+def cases(
+    others: list[str], base_prompts: list[str], base_loras: list[list[str]], methods: Sequence[str] = METHODS
+) -> list[dict]:
     """Every prompt of the study: its LoRAs, identifiers, requested objects and methods. ``ait2i`` without
-    the identifier in a group runs on the concept + other subject prompts (where isolation matters)."""
+    the identifier in a group runs on the concept + other subject prompts (where isolation matters); base
+    prompts run ``plain`` and ``regional`` (which runs no LoRA on them: the stock model's images)."""
     star = {"identifiers": ["sks"], "loras": ["star"]}
     rows = [{"group": "concept alone", "prompt": "a sks star", "nouns": ["star"], **star}]
     for other in others:
@@ -83,10 +101,11 @@ def cases(others: list[str], base_prompts: list[str], base_loras: list[list[str]
                 {"group": "base prompt", "prompt": prompt, "nouns": None, "identifiers": [], "loras": loras}
             )
     for row in rows:
-        row["methods"] = {"concept + other": list(METHODS), "base prompt": ["plain"]}.get(
-            row["group"], ["plain", "ait2i+id"]
+        allowed = {"concept + other": METHODS, "base prompt": ("plain", "regional")}.get(
+            row["group"], ("plain", "ait2i+id", "regional", "ait2i+id+regional")
         )
-    return rows
+        row["methods"] = [m for m in methods if m in allowed]
+    return [row for row in rows if row["methods"]]
 
 
 def requested_objects(case: dict) -> list[tuple[str, str]]:
@@ -110,18 +129,25 @@ def requested_objects(case: dict) -> list[tuple[str, str]]:
 _STATE: dict = {}
 
 
-def _pipeline(model: str, loras: tuple[str, ...], scale: float | dict[str, float] = 1.0):
+def _pipeline(model: str, loras: tuple[str, ...], scale: float | dict[str, float] = 1.0, fuse: bool = True):
+    """The pipeline with ``loras`` loaded: fused (same images, no LoRA overhead), or as separate adapters
+    ``default_0``, ``default_1``, ... for the regional methods."""
     from diffusers import StableDiffusionPipeline
 
-    if _STATE.get("loras") != (loras, scale):
+    if _STATE.get("loras") != (loras, scale, fuse):
         torch.set_num_threads(1)
         pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, safety_checker=None)
         pipe.set_progress_bar_config(disable=True)
         if loras:
             names = load_loras(pipe, list(loras), scales=[scale] * len(loras))
-            pipe.fuse_lora(adapter_names=names)  # same images (at the adapters' weights), no LoRA overhead
-        _STATE.update(pipe=pipe, loras=(loras, scale))
+            if fuse:
+                pipe.fuse_lora(adapter_names=names)
+        _STATE.update(pipe=pipe, loras=(loras, scale, fuse))
     return _STATE["pipe"]
+
+
+def _unet_scale(scale: float | dict[str, float]) -> float:
+    return scale["unet"] if isinstance(scale, dict) else scale
 
 
 def run_job(job: dict) -> dict:
@@ -129,7 +155,8 @@ def run_job(job: dict) -> dict:
     from ait2i_ext.shapes.evaluator import evaluate
 
     case, method, seeds = job["case"], job["method"], job["seeds"]
-    pipe = _pipeline(job["model"], tuple(job["lora_paths"]), job["lora_scale"])
+    regional = method.endswith("regional")
+    pipe = _pipeline(job["model"], tuple(job["lora_paths"]), job["lora_scale"], fuse=not regional)
     call = dict(
         num_inference_steps=job["steps"],
         guidance_scale=job["guidance_scale"],
@@ -137,14 +164,23 @@ def run_job(job: dict) -> dict:
         generator=[torch.Generator().manual_seed(s) for s in seeds],
     )
     start = time.process_time()
-    if method == "plain":
-        images = pipe(case["prompt"], **call).images
+    if regional:  # adapters default_<i> in the order of the case's LoRAs
+        adapters = {ident: f"default_{case['loras'].index(LORA_OF[ident])}" for ident in case["identifiers"]}
+        context = regional_loras(
+            pipe, case["prompt"], adapters, len(seeds), RegionalConfig(**job["regional"]),
+            weights={ident: _unet_scale(job["lora_scale"]) for ident in adapters},
+        )  # fmt: skip
     else:
-        subjects = case["nouns"]
-        if method == "ait2i+id":
-            subjects = personalized_subjects(case["prompt"], case["identifiers"], subjects)
-        config = AIT2IConfig(loss=LossConfig(**job["radii"]))
-        images = generate(pipe, case["prompt"], subjects, config=config, **call).images
+        context = contextlib.nullcontext()
+    with context:
+        if method in ("plain", "regional"):
+            images = pipe(case["prompt"], **call).images
+        else:
+            subjects = case["nouns"]
+            if method.startswith("ait2i+id"):
+                subjects = personalized_subjects(case["prompt"], case["identifiers"], subjects)
+            config = AIT2IConfig(loss=LossConfig(**job["radii"]))
+            images = generate(pipe, case["prompt"], subjects, config=config, **call).images
     seconds = (time.process_time() - start) / len(seeds)
     objects = requested_objects(case)
     present = [evaluate(image, objects).all_present for image in images]
@@ -161,6 +197,24 @@ def run_job(job: dict) -> dict:
 
 
 NUM_CLASS_IMAGES = 2000
+
+
+def parse_regional(text: str) -> dict:
+    """``"threshold=0.2,dilation=1,mask_source=mean"`` -> the :class:`RegionalConfig` fields (validated)."""
+    fields = {f.name: f.type for f in dataclasses.fields(RegionalConfig)}
+    values: dict = {}
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in fields or not value:
+            raise ValueError(f"{item!r} is invalid: expected name=value with a name of {sorted(fields)}")
+        kind = {"int": int, "float": float}.get(fields[name], str)
+        try:
+            values[name] = kind(value.strip())
+        except ValueError:
+            raise ValueError(f"{item!r} is invalid: expected a {fields[name]} value") from None
+    RegionalConfig(**values)
+    return values
 
 
 def train_concept(model: str, ident: str, images: Path, class_dir: Path, out: Path) -> tuple[Path, float]:
@@ -182,12 +236,18 @@ def train_concept(model: str, ident: str, images: Path, class_dir: Path, out: Pa
     return out, time.process_time() - start
 
 
-def format_table(rows: list[dict]) -> str:
-    header = f"{'group':<16}{'prompt':<40}{'LoRAs':<12}" + "".join(f"{m:>10}" for m in METHODS) + f"{'n':>5}"
+def format_table(rows: list[dict], methods: Sequence[str] = METHODS) -> str:
+    width = {m: max(10, len(m) + 2) for m in methods}
+    header = (
+        f"{'group':<16}{'prompt':<40}{'LoRAs':<12}"
+        + "".join(f"{m:>{width[m]}}" for m in methods)
+        + f"{'n':>5}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         cells = "".join(
-            f"{100 * r['present'][m]:>9.1f}%" if m in r["present"] else f"{'':>10}" for m in METHODS
+            f"{100 * r['present'][m]:>{width[m] - 1}.1f}%" if m in r["present"] else f"{'':>{width[m]}}"
+            for m in methods
         )
         lines.append(
             f"{r['group']:<16}{r['prompt']:<40}{'+'.join(r['loras']) or 'none':<12}{cells}{r['n']:>5}"
@@ -195,18 +255,49 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def examples_grid(examples: dict, seeds: list[int]) -> Image.Image:
-    """The figure of the docs: concept alone, next to a square, two concepts; plain vs ait2i."""
+def paired(flags: list[bool], reference: list[bool]) -> tuple[int, int]:
+    """Seeds right with ``flags`` and wrong with ``reference``, and the reverse (same seeds)."""
+    return (sum(a and not b for a, b in zip(flags, reference, strict=True)),
+            sum(b and not a for a, b in zip(flags, reference, strict=True)))  # fmt: skip
+
+
+def paired_table(rows: list[dict], methods: Sequence[str]) -> str:
+    """Per row and method: +wins / -losses against plain (and against ait2i+id for the regional one), and
+    the CPU seconds per image relative to plain's."""
+    lines = ["paired counts (+right/-wrong vs plain, same seeds) and CPU time per image relative to plain:"]
+    for r in rows:
+        if "plain" not in r["flags"]:
+            continue
+        cells = []
+        for m in methods:
+            if m == "plain" or m not in r["flags"]:
+                continue
+            win, loss = paired(r["flags"][m], r["flags"]["plain"])
+            cell = f"{m} +{win}/-{loss}"
+            if m == "ait2i+id+regional" and "ait2i+id" in r["flags"]:
+                cell += " (vs ait2i+id +{}/-{})".format(*paired(r["flags"][m], r["flags"]["ait2i+id"]))
+            cells.append(f"{cell} x{r['seconds'][m] / r['seconds']['plain']:.2f}")
+        lines.append(f"  {r['prompt']} [{'+'.join(r['loras']) or 'none'}]: " + "; ".join(cells))
+    return "\n".join(lines)
+
+
+def examples_grid(examples: dict, seeds: list[int]) -> Image.Image | None:
+    """The figure of the docs: concept alone, next to a square, two concepts; plain vs ait2i (and ait2i +
+    regional LoRA when it ran)."""
     from ait2i_ext.viz import side_by_side
 
     strips = []
     for prompt in ("a sks star", "a sks star and a blue square", "a sks star and a xyz heart"):
         for seed in seeds:
             tiles = {
-                m: examples[(prompt, m, seed)] for m in ("plain", "ait2i+id") if (prompt, m, seed) in examples
+                m: examples[(prompt, m, seed)]
+                for m in ("plain", "ait2i+id", "ait2i+id+regional")
+                if (prompt, m, seed) in examples
             }
             if tiles:
                 strips.append(side_by_side(tiles, title=f"{prompt} (seed {seed})", cell=128))
+    if not strips:
+        return None
     grid = Image.new("RGB", (max(s.width for s in strips) * 2, sum(s.height for s in strips[::2])), "white")
     for i, strip in enumerate(strips):
         grid.paste(strip, ((i % 2) * strip.width, sum(s.height for s in strips[: i - i % 2 : 2])))
@@ -237,6 +328,15 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds", type=int, default=64, help="seeds --first-seed.. for every prompt and method"
     )
     parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, of {', '.join(METHODS)}"
+    )
+    parser.add_argument(
+        "--regional",
+        default="",
+        help="RegionalConfig fields for the regional methods, e.g. 'threshold=0.2,dilation=1,mask_source=mean' "
+        "(default: RegionalConfig's)",
+    )
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--workers", type=int, default=2, help="processes, one CPU thread each")
@@ -268,6 +368,15 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--{flag}={getattr(args, flag)} is invalid: expected an integer >= 1")
     if not 0 <= args.with_other <= args.images:
         raise SystemExit(f"--with-other={args.with_other} is invalid: expected 0..--images ({args.images})")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or any(m not in METHODS for m in methods):
+        raise SystemExit(
+            f"--methods={args.methods!r} is invalid: expected a comma-separated subset of {METHODS}"
+        )
+    try:
+        regional = parse_regional(args.regional)
+    except ValueError as e:
+        raise SystemExit(f"--regional: {e}") from None
     others = [o.strip() for o in args.others.split(",") if o.strip()]
     from ait2i_ext.shapes.data import COLOURS, SHAPES
 
@@ -311,11 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     chunks = [seeds[i : i + 16] for i in range(0, len(seeds), 16)]
     example_seeds = seeds[:2]
-    all_cases = cases(others, base_prompts, base_loras)
+    all_cases = cases(others, base_prompts, base_loras, methods)
     jobs = [
         {"case_id": i, "case": case, "method": method, "seeds": chunk, "model": model, "radii": radii,
          "lora_paths": [lora_paths[name] for name in case["loras"]], "lora_scale": lora_scale,
-         "steps": args.steps, "guidance_scale": args.guidance_scale, "example_seeds": example_seeds}
+         "steps": args.steps, "guidance_scale": args.guidance_scale, "example_seeds": example_seeds,
+         "regional": regional}
         for i, case in enumerate(all_cases) for method in case["methods"] for chunk in chunks
     ]  # fmt: skip
     # Case by case (the concept alone first), so that a partial run still holds whole prompts.
@@ -339,8 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         row["present"], row["seconds"] = {}, {}
         for method in case["methods"]:
             mine = [r for r in results if r["job"] == {"case_id": i, "method": method}]
-            flags = [p for r in mine for p in r["present"]]
+            flags = [p for r in mine for p in r["present"]]  # in seed order (jobs and chunks are)
             row["present"][method] = sum(flags) / len(flags)
+            row.setdefault("flags", {})[method] = flags
             row["seconds"][method] = sum(r["seconds"] for r in mine) / len(mine)
             row["n"] = len(flags)
             for r in mine:
@@ -353,9 +464,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{', '.join(f'{k} {v:.0f}' for k, v in train_seconds.items()) or 'reused'}); LoRA scale {lora_scale}; "
         f"seeds {seeds[0]}..{seeds[-1]}; {args.steps} steps; guidance scale {args.guidance_scale}; radii {radii}"
     )
-    print(format_table(rows))
+    print(f"regional: {RegionalConfig(**regional)}")
+    print(format_table(rows, [m for m in METHODS if m in methods]))
+    print(paired_table(rows, [m for m in METHODS if m in methods]))
     out.mkdir(parents=True, exist_ok=True)
-    examples_grid(examples, example_seeds).save(out / "examples.png")
+    grid = examples_grid(examples, example_seeds)
+    if grid is not None:
+        grid.save(out / "examples.png")
     (out / "table.json").write_text(
         json.dumps(
             {

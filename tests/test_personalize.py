@@ -13,11 +13,15 @@ import torch
 from ait2i_ext.adapters import personalize
 from ait2i_ext.adapters.layout import subjects_with_boxes
 from ait2i_ext.adapters.personalize import (
+    RegionalConfig,
+    concept_mask,
     load_lora,
     load_loras,
     lora_file,
     parse_lora_scale,
     personalized_subjects,
+    regional_loras,
+    regional_prediction,
     unload_lora,
 )
 
@@ -280,6 +284,142 @@ def test_cli_lora_scale_weights_every_lora(model_dir, trained, tmp_path):
     np.testing.assert_array_equal(run("zero", "--lora", str(trained), "--lora-scale", "0"), base)
     record = json.loads((tmp_path / "zero" / "run.json").read_text())
     assert record["lora_scale"] == ["0"]
+
+
+# --- regional LoRA: each LoRA only where its concept is ------------------------------------------
+
+
+def test_concept_mask_covers_the_group_map_peak_and_grows_with_dilation():
+    maps = torch.full((2, 4, 4, 5), 0.01)
+    maps[0, 1, 1, 2], maps[0, 1, 2, 3] = 0.9, 0.5  # image 0: identifier peak and noun next to it
+    maps[1, 3, 3, 3] = 0.9  # image 1: the noun in the corner
+    maps[:, 0, 3, 4] = 0.9  # another token's peak: not the group's
+    hard = concept_mask(maps, (2, 3), (4, 4), threshold=0.3, softness=0.0)
+    assert hard.shape == (2, 1, 4, 4)
+    assert hard[0, 0].nonzero().tolist() == [[1, 1], [1, 2]] and hard[1, 0].nonzero().tolist() == [[3, 3]]
+    grown = concept_mask(maps, (2, 3), (4, 4), threshold=0.3, softness=0.0, dilation=1)
+    assert (grown >= hard).all() and grown[1, 0].sum() == 4 and grown[0, 0, 3, 3] == 0
+    soft = concept_mask(maps, (2, 3), (8, 8), threshold=0.3, softness=0.2)
+    assert soft.shape == (2, 1, 8, 8) and soft.min() >= 0 and soft.max() <= 1
+    assert soft[1, 0, 7, 7] > 0.9 and soft[1, 0, 0, 0] == 0
+
+
+def test_regional_prediction_is_the_base_outside_every_mask():
+    base, star, heart = torch.randn(3, 2, 4, 6, 6)
+    left = torch.zeros(2, 1, 6, 6)
+    left[..., :3] = 1.0
+    out = regional_prediction(base, [star], [left])
+    torch.testing.assert_close(out[..., 3:], base[..., 3:])
+    torch.testing.assert_close(out[..., :3], star[..., :3])
+    both = regional_prediction(base, [star, heart], [left, left])  # overlapping masks share the region
+    torch.testing.assert_close(both[..., :3], (star[..., :3] + heart[..., :3]) / 2)
+    torch.testing.assert_close(regional_prediction(base, [], []), base)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("threshold", 1.5), ("softness", -0.1), ("dilation", -1), ("mask_source", "next")]
+)
+def test_regional_config_names_a_bad_value(field, value):
+    with pytest.raises(ValueError, match=rf"RegionalConfig\({field}=.*\) is invalid: expected"):
+        RegionalConfig(**{field: value})
+
+
+def _unet_call(pipe, prompt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Latents, timestep and the prompt's embeddings for one UNet call, as the pipeline makes them."""
+    embeds, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+    latents = torch.randn(1, pipe.unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    return latents, torch.tensor(500), embeds
+
+
+def test_regional_lora_confines_the_lora_to_its_mask(tmp_path, monkeypatch):
+    """Outside the mask the prediction is the base UNet's (no LoRA), inside it the LoRA's."""
+    pipe = tiny_sd_pipeline()
+    name = load_lora(pipe, _save_random_lora(tmp_path / "concept"))
+    x, t, embeds = _unet_call(pipe, "a sks dog")
+    with torch.no_grad():
+        lora = pipe.unet(x, t, encoder_hidden_states=embeds).sample
+        pipe.unet.disable_lora()
+        base = pipe.unet(x, t, encoder_hidden_states=embeds).sample
+        pipe.unet.enable_lora()
+    assert (lora - base).abs().max() > 1e-4, "the LoRA had no effect: the comparison proves nothing"
+
+    def right_half(maps, tokens, size, *args):
+        mask = torch.zeros(maps.shape[0], 1, *size)
+        mask[..., size[1] // 2 :] = 1.0
+        return mask
+
+    monkeypatch.setattr(personalize, "concept_mask", right_half)
+    with regional_loras(pipe, "a sks dog", {"sks": name}) as hook, torch.no_grad():
+        out = pipe.unet(x, t, encoder_hidden_states=embeds).sample
+    assert hook.passes == 1
+    torch.testing.assert_close(out[..., :8], base[..., :8])
+    torch.testing.assert_close(out[..., 8:], lora[..., 8:])
+    with torch.no_grad():  # on exit the LoRA is active everywhere again
+        torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=embeds).sample, lora)
+
+
+def test_regional_lora_runs_one_lora_pass_per_concept_and_step(trained, tmp_path):
+    other = _save_random_lora(tmp_path / "other")
+    pipe = tiny_sd_pipeline()
+    names = load_loras(pipe, [trained, other])
+    with regional_loras(pipe, TWO, dict(zip(["sks", "xyz"], names)), num_images=2) as hook:
+        out = generate(pipe, TWO, personalized_subjects(TWO, ["sks", "xyz"]), num_inference_steps=3,
+                       num_images_per_prompt=2, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert hook.passes == 2 * 3 and len(out.images) == 2
+    assert set(pipe.get_active_adapters()) == set(names)
+    with pytest.raises(ValueError, match=r"UNet got a batch of 2, expected num_images=3"):
+        with regional_loras(pipe, TWO, dict(zip(["sks", "xyz"], names)), num_images=3):
+            pipe(TWO, num_inference_steps=1, guidance_scale=1.0, num_images_per_prompt=2)
+
+
+def test_a_prompt_without_identifier_runs_no_lora_at_all(trained):
+    """Zero drift by construction: no LoRA pass, the text encoder's LoRA off too: the stock images."""
+    stock = tiny_sd_pipeline()
+    expected = stock(
+        "a dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+    )
+    pipe = tiny_sd_pipeline()
+    name = load_lora(pipe, trained)
+    call = dict(num_inference_steps=2, output_type="np")
+    with_lora = pipe("a dog", generator=torch.Generator().manual_seed(0), **call).images
+    assert np.abs(with_lora - expected.images).max() > 1e-4, "the LoRA had no effect: the test proves nothing"
+    with regional_loras(pipe, "a dog", {"sks": name}) as hook:
+        images = pipe("a dog", generator=torch.Generator().manual_seed(0), **call).images
+    assert hook is None
+    np.testing.assert_allclose(images, expected.images, atol=1e-6)
+    again = pipe("a dog", generator=torch.Generator().manual_seed(0), **call).images
+    np.testing.assert_allclose(again, with_lora, atol=1e-6)  # restored on exit
+
+
+def test_regional_lora_refuses_an_adapter_that_is_not_loaded(trained):
+    pipe = tiny_sd_pipeline()
+    load_lora(pipe, trained, adapter_name="dog")
+    with pytest.raises(
+        ValueError, match=r"adapters \['cat'\] are not loaded in this pipeline: loaded are \['dog'\]"
+    ):
+        with regional_loras(pipe, PROMPT, {"sks": "cat"}):
+            pass
+
+
+def test_cli_generate_with_regional_lora(model_dir, trained, tmp_path):
+    other = _save_random_lora(tmp_path / "other")
+    out = tmp_path / "out"
+    argv = ["generate", "--model", str(model_dir), "--lora", str(trained), "--lora", str(other),
+            "--identifier", "sks", "--identifier", "xyz", "--regional-lora", "--prompt", TWO, "--steps", "2",
+            "--out", str(out), "--device", "cpu", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["regional_lora"] is True and (out / record["images"][0]["file"]).is_file()
+
+
+def test_cli_regional_lora_needs_one_identifier_per_lora(model_dir, trained, tmp_path, capsys):
+    argv = ["generate", "--model", str(model_dir), "--lora", str(trained), "--regional-lora",
+            "--prompt", PROMPT, "--steps", "2", "--out", str(tmp_path), "--device", "cpu", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert (
+        "--regional-lora needs one --identifier per --lora (got 1 --lora, 0 --identifier)"
+        in capsys.readouterr().err
+    )
 
 
 # --- bad input -----------------------------------------------------------------------------------
