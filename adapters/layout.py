@@ -39,7 +39,11 @@ ROUTE_SETTINGS: dict[str, dict[str, dict]] = {
         "schedule": {"box_update_terms": ("box", "existence"), "box_iterations": 5},
     },
     "gligen": {},
-    "controlnet": {},
+    # the boxes route's settings, measured separately on the shipped ControlNet (docs/layout.md)
+    "controlnet": {
+        "loss": {"box_members": True, "box_power": 2.0, "w_box_topk": 1.0},
+        "schedule": {"box_update_terms": ("box", "existence"), "box_iterations": 5},
+    },
 }
 
 

@@ -24,7 +24,8 @@ drawn at their layout boxes, ``ait2i_ext.shapes.scene_edges``); ``--methods`` pi
 ``ait2i_ext.shapes.evaluator``: all subjects present (colour and shape), colours bound, fully
 correct; plus seconds per image. With ``--model`` (a Stable Diffusion checkpoint) the prompts are
 Attend-and-Excite's "a {animal} and a {animal}" pairs, scored with CLIP when ``--clip-model`` is given.
-Prints one table and writes ``--out``/table.json and a PNG grid of examples.
+Prints one table and writes ``--out``/table.json, ``--out``/records.json (one record per image:
+set, method, prompt, seed and its scores, for paired counts between methods) and a PNG grid of examples.
 """
 
 from __future__ import annotations
@@ -232,6 +233,45 @@ def example_grid(rows: list[tuple[str, dict]], methods: list[str]):
     return stack_rows(
         [side_by_side({m: images[m] for m in methods}, title=text, cell=160) for text, images in rows]
     )
+
+
+#: The method each layout / guided method is paired with (same prompt and seed) in the paired counts.
+PAIRED_WITH = {
+    "gligen-ait2i": "gligen",
+    "controlnet-ait2i": "controlnet",
+    "controlnet-ait2i-boxes": "controlnet",
+}
+
+
+def paired_counts(records: list[dict], method: str, base: str, key: str) -> tuple[int, int]:
+    """``(wins, losses)`` of ``method`` over ``base`` on ``key`` across the images both have (same
+    set, prompt and seed): a win is an image where ``method`` scores higher."""
+    scores = {(r["set"], r["prompt"], r["seed"]): r[key] for r in records if r["method"] == base}
+    diffs = [
+        r[key] - scores[(r["set"], r["prompt"], r["seed"])]
+        for r in records
+        if r["method"] == method and (r["set"], r["prompt"], r["seed"]) in scores
+    ]
+    return sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+
+
+def format_paired(records: list[dict], methods: list[str]) -> list[str]:
+    """One line per set and guided method whose base (:data:`PAIRED_WITH`, else ``plain``) ran too."""
+    lines = []
+    keys = [k for k in ("correct", "in_box") if k in records[0]]
+    for set_name in list(dict.fromkeys(r["set"] for r in records)) + ["all"]:
+        rs = [r for r in records if set_name == "all" or r["set"] == set_name]
+        for method in methods:
+            base = PAIRED_WITH.get(method, "plain")
+            if method == base or base not in methods or method in ("gligen", "controlnet"):
+                continue
+            counts = ", ".join(
+                f"{k} +{wins}/-{losses}"
+                for k in keys
+                for wins, losses in [paired_counts(rs, method, base, k)]
+            )
+            lines.append(f"paired {set_name}: {method} vs {base}: {counts}")
+    return lines
 
 
 def format_table(rows: list[dict], keys: list[str]) -> str:
@@ -460,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         f"guidance scale {args.guidance_scale}; device {device}"
     )
     print(table)
+    for line in format_paired(records, methods) if keys else []:
+        print(line)
     merged = {k: v for part in examples for k, v in part.items()}
     texts = list(dict.fromkeys(t for t, _ in merged))
     grid_rows = [
@@ -470,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "table.json").write_text(
         json.dumps({"args": vars(args), "num_processes": state.num_processes, "rows": rows}, indent=2)
     )
-    print(f"wrote {out / 'table.json'} and {out / 'examples.png'}")
+    (out / "records.json").write_text(json.dumps(records))  # one per image: paired counts between methods
+    print(f"wrote {out / 'table.json'}, {out / 'records.json'} and {out / 'examples.png'}")
     return 0
 
 

@@ -4,7 +4,9 @@
 
 scene.png is the layout drawn as a shapes scene; its Canny edges are the control image (the same as
 ``ait2i generate ... --controlnet shapes --control canny:scene.png``). Each row is one seed: control
-image | plain ControlNet | ControlNet + ait2i, each marked right or wrong by the shapes evaluator.
+image | plain ControlNet | ControlNet + ait2i with the scene's boxes (each subject's box is where its
+edges are: the ControlNet route's box settings apply, as ``benchmarks/alignment.py``'s
+``controlnet-ait2i-boxes``), each marked right or wrong by the shapes evaluator.
 """
 
 import argparse
@@ -12,7 +14,7 @@ import argparse
 import torch
 from PIL import Image
 
-from ait2i_ext import generate
+from ait2i_ext import Subject, generate
 from ait2i_ext.shapes import PromptObject, evaluate, load_controlnet_pipeline, render_scene, scene_edges
 from ait2i_ext.shapes.data import Scene, ShapeObject
 from ait2i_ext.viz import side_by_side
@@ -34,11 +36,11 @@ render_scene(Scene(tuple(ShapeObject(o.colour, o.shape, o.box) for o in objects)
 control = scene_edges(objects)
 pipe = load_controlnet_pipeline()
 pipe.set_progress_bar_config(disable=True)
-subjects = [f"{o.colour} {o.shape}" for o in objects]
+subjects = [Subject(o.shape, attributes=(o.colour,), box=o.box) for o in objects]
 rows = []
 for seed in args.seeds:
     tiles = {"control (canny)": control}
-    for label, guided in [("ControlNet", False), ("ControlNet + ait2i", True)]:
+    for label, guided in [("ControlNet", False), ("ControlNet + ait2i, boxes", True)]:
         image = generate(
             pipe,
             prompt,

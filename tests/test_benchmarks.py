@@ -72,6 +72,35 @@ def test_alignment_benchmark_gligen_methods_share_seeds(random_shapes_model, tmp
     assert {m for _, m in rows} == {"plain", "gligen", "gligen-ait2i"}
     assert all(r["n"] == 2 and 0.0 <= r["in_box"] <= 1.0 for r in rows.values())
     assert table["args"]["first_seed"] == 7
+    records = json.loads((out / "records.json").read_text())  # one per image, for paired counts
+    assert sorted((r["method"], r["seed"]) for r in records) == [
+        (m, s) for m in ("gligen", "gligen-ait2i", "plain") for s in (7, 8)
+    ]
+
+
+def test_paired_counts_compare_the_same_prompt_and_seed():
+    alignment = _load("alignment")
+
+    def record(method, seed, correct, prompt="p"):
+        return {
+            "set": "two",
+            "method": method,
+            "prompt": prompt,
+            "seed": seed,
+            "correct": correct,
+            "in_box": 0.5,
+        }
+
+    records = [record("controlnet", s, c) for s, c in enumerate([1.0, 0.0, 0.0, 1.0])]
+    records += [record("controlnet-ait2i-boxes", s, c) for s, c in enumerate([1.0, 1.0, 1.0, 0.0])]
+    records += [record("controlnet-ait2i-boxes", 0, 1.0, prompt="other")]  # no plain image to pair with
+    assert alignment.paired_counts(records, "controlnet-ait2i-boxes", "controlnet", "correct") == (2, 1)
+    assert alignment.paired_counts(records, "controlnet-ait2i-boxes", "controlnet", "in_box") == (0, 0)
+    lines = alignment.format_paired(records, ["controlnet", "controlnet-ait2i-boxes"])
+    assert lines == [
+        "paired two: controlnet-ait2i-boxes vs controlnet: correct +2/-1, in_box +0/-0",
+        "paired all: controlnet-ait2i-boxes vs controlnet: correct +2/-1, in_box +0/-0",
+    ]
 
 
 def test_alignment_benchmark_rejects_unknown_methods(random_shapes_model, tmp_path):

@@ -607,6 +607,13 @@ LIBRARY = {
     "box_update_terms": ("box",),
     "box_iterations": 3,
 }
+CONTROLNET_ROUTE = {  # the boxes route's values, measured separately on the shipped ControlNet (docs/layout.md)
+    "box_members": True,
+    "box_power": 2.0,
+    "w_box_topk": 1.0,
+    "box_update_terms": ("box", "existence"),
+    "box_iterations": 5,
+}
 
 
 def _box_settings(config: AIT2IConfig) -> dict:
@@ -622,8 +629,9 @@ def _box_settings(config: AIT2IConfig) -> dict:
 
 def test_each_layout_route_runs_with_its_box_settings(gligen_pipe):
     """Without a config, ``generate`` runs the box settings of its adapter's route: boxes alone the
-    measured ones of docs/layout.md (attributes boxed, existence in the box-only updates), GLIGEN and
-    ControlNet the library defaults; an explicit config is used as given."""
+    measured ones of docs/layout.md (attributes boxed, existence in the box-only updates, squared
+    energy with the top-k terms), ControlNet the same (measured on its own), GLIGEN the library
+    defaults; an explicit config is used as given."""
     from ait2i_ext.adapters.layout import ROUTE_SETTINGS
 
     subjects = [Subject("cat", ("red",), box=CAT), Subject("dog", ("blue",), box=DOG)]
@@ -634,10 +642,10 @@ def test_each_layout_route_runs_with_its_box_settings(gligen_pipe):
     explicit = generate(sd, prompt, subjects, config=AIT2IConfig(), **call)
     assert _box_settings(explicit.config) == LIBRARY
     cn = generate(controlnet_pipeline("sd"), prompt, subjects, image=edge_picture(), **call)
-    assert _box_settings(cn.config) == LIBRARY
+    assert _box_settings(cn.config) == CONTROLNET_ROUTE
     gligen = generate(gligen_pipe, prompt, subjects, adapter=GLIGENAdapter(gligen_pipe, subjects), **call)
     assert _box_settings(gligen.config) == LIBRARY
-    assert ROUTE_SETTINGS["gligen"] == ROUTE_SETTINGS["controlnet"] == {}
+    assert ROUTE_SETTINGS["gligen"] == {}
 
 
 def test_route_settings_lose_to_the_models_file_and_the_callers_fields(tmp_path):
@@ -647,7 +655,8 @@ def test_route_settings_lose_to_the_models_file_and_the_callers_fields(tmp_path)
     from ait2i_ext.config import write_model_settings
 
     assert _box_settings(route_config("boxes")) == BOXES_ROUTE
-    assert _box_settings(route_config("controlnet")) == LIBRARY
+    assert _box_settings(route_config("controlnet")) == CONTROLNET_ROUTE
+    assert _box_settings(route_config("gligen")) == LIBRARY
     write_model_settings(tmp_path, loss={"box_members": False}, schedule={"box_step_scale": 5.0})
     from_file = route_config("boxes", tmp_path)
     assert not from_file.loss.box_members and from_file.schedule.box_step_scale == 5.0

@@ -49,7 +49,9 @@ def test_controlnet_route(tmp_path):
     assert main(argv) == 0
     _check_run(tmp_path / "o")
     config = json.loads((tmp_path / "o" / "run.json").read_text())["config"]
-    assert not config["loss"]["box_members"] and list(config["schedule"]["box_update_terms"]) == ["box"]
+    # the ControlNet route's settings (ait2i_ext.adapters.layout.ROUTE_SETTINGS) are what ran
+    assert config["loss"]["box_members"] and config["loss"]["box_power"] == 2.0
+    assert list(config["schedule"]["box_update_terms"]) == ["box", "existence"]
 
 
 @pytest.mark.parametrize(
