@@ -24,7 +24,8 @@ drawn at their layout boxes, ``ait2i_ext.shapes.scene_edges``); ``--methods`` pi
 ``ait2i_ext.shapes.evaluator``: all subjects present (colour and shape), colours bound, fully
 correct; plus seconds per image. With ``--model`` (a Stable Diffusion checkpoint) the prompts are
 Attend-and-Excite's "a {animal} and a {animal}" pairs, scored with CLIP when ``--clip-model`` is given.
-Prints one table and writes ``--out``/table.json and a PNG grid of examples.
+Prints one table and writes ``--out``/table.json (the table and every image's record, for paired
+counts) and a PNG grid of examples.
 """
 
 from __future__ import annotations
@@ -116,6 +117,19 @@ def method_config(
     if loss is None:
         return None
     return AIT2IConfig(loss=loss, schedule=schedule, mode="lagged" if method == "ait2i-lagged" else mode)
+
+
+def schedule_overrides(model, preset: str) -> dict:
+    """The ``ScheduleConfig`` fields ``model``'s ``ait2i.json`` and the ``preset`` set, and only those:
+    a layout route's box schedule (``ROUTE_SETTINGS``) stays unless the model or preset sets it.
+
+    Raises ``ValueError`` for settings the config refuses (before any sampling).
+    """
+    from ait2i_ext.config import model_config, read_model_settings
+
+    schedule = model_config(model, preset=preset).schedule  # validated, JSON lists made tuples
+    names = {**read_model_settings(model).get("schedule", {}), **PRESETS[preset].get("schedule", {})}
+    return {name: getattr(schedule, name) for name in names}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--methods: {m!r} is invalid: expected some of {list(METHODS)}")
         if m.startswith("controlnet") and args.model:
             raise SystemExit(f"--methods: {m!r} runs on the shipped shapes model only (without --model)")
-    from ait2i_ext.config import model_config, model_loss
+    from ait2i_ext.config import model_loss
     from ait2i_ext.shapes.model import default_model_path
 
     try:  # the model's ait2i.json radii (the shapes model's fit its objects); bad radii fail here
@@ -340,8 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         raise SystemExit(f"--aggregation-radius / --alignment-radius: {e}") from None
     # the model's schedule (its ait2i.json), then the preset's; --step-scale on top (method_config)
-    args.schedule = model_config(args.model or default_model_path(), preset=args.preset).schedule
-    args.schedule = dataclasses.asdict(args.schedule)
+    args.schedule = schedule_overrides(args.model or default_model_path(), args.preset)
     # cpu=True lets `torchrun --nproc_per_node N` shard over CPU processes (gloo); `accelerate launch
     # --cpu` starts a single process whatever --num_processes says.
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -468,7 +481,10 @@ def main(argv: list[str] | None = None) -> int:
     if grid_rows:
         example_grid(grid_rows, methods).save(out / "examples.png")
     (out / "table.json").write_text(
-        json.dumps({"args": vars(args), "num_processes": state.num_processes, "rows": rows}, indent=2)
+        json.dumps(
+            {"args": vars(args), "num_processes": state.num_processes, "rows": rows, "records": records},
+            indent=2,
+        )
     )
     print(f"wrote {out / 'table.json'} and {out / 'examples.png'}")
     return 0
