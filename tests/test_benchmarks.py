@@ -121,20 +121,26 @@ def test_method_configs_take_the_models_schedule_and_step_scale_wins():
     assert alignment.method_config("ait2i", "truncated").schedule == alignment.ScheduleConfig()
 
 
-def test_boxes_method_runs_the_boxes_route_with_the_models_schedule(tmp_path):
-    # The model's schedule is only what its ait2i.json sets: library defaults must not replace the
+def test_boxes_method_runs_the_boxes_route_with_the_models_schedule(tmp_path, monkeypatch):
+    # The model's schedule is only what its ait2i.json sets: library defaults must not replace a
     # route's box schedule (they did: ait2i-boxes ran box_iterations 3 on the box term alone).
-    from ait2i_ext.adapters.layout import route_config
+    from ait2i_ext.adapters.layout import ROUTE_SETTINGS, route_config
 
     from ait2i_ext.config import model_loss, write_model_settings
 
     alignment = _load("alignment")
+    boxes = {
+        **ROUTE_SETTINGS["boxes"],
+        "schedule": {"box_update_terms": ("box", "existence"), "box_iterations": 5},
+    }
+    monkeypatch.setitem(ROUTE_SETTINGS, "boxes", boxes)
     write_model_settings(tmp_path, loss={"aggregation_radius": 2.5}, schedule={"step_scale": 30.0})
     schedule = alignment.schedule_overrides(tmp_path, "default")
     assert schedule == {"step_scale": 30.0}
     config = alignment.method_config("ait2i-boxes", "truncated", None, model_loss(tmp_path), schedule)
     assert config == route_config("boxes", tmp_path, mode="truncated")
-    assert config.schedule.box_update_terms == ("box", "existence") and config.schedule.step_scale == 30.0
+    assert (config.schedule.box_update_terms, config.schedule.box_iterations) == (("box", "existence"), 5)
+    assert config.schedule.step_scale == 30.0
     assert alignment.schedule_overrides(tmp_path, "reference") == {"step_scale": 20.0, "guided_fraction": 0.5}
 
 

@@ -209,7 +209,7 @@ def test_an_image_does_not_depend_on_its_batch_mates():
     torch.testing.assert_close(first_image(3), first_image(1), rtol=0, atol=tolerance)
     # the one documented coupling, refinement_scope="batch" (every image refined while one is
     # above its target), is well beyond that tolerance; "image" (the default) is not
-    refine = dict(refinement=True, refinement_thresholds=((0, 0.5), (2, 0.8)))
+    refine = dict(refinement=True, refinement_thresholds=((0, 0.8), (2, 0.9)))
     coupled = first_image(3, refinement_scope="batch", **refine) - first_image(
         1, refinement_scope="batch", **refine
     )
@@ -623,8 +623,8 @@ BOXES_ROUTE = {
     "box_members": True,
     "box_power": 2.0,
     "w_box_topk": 1.0,
-    "box_update_terms": ("box", "existence"),
-    "box_iterations": 5,
+    "box_update_terms": ("box",),
+    "box_iterations": 3,
 }
 LIBRARY = {
     "box_members": False,
@@ -674,11 +674,14 @@ def test_route_settings_lose_to_the_models_file_and_the_callers_fields(tmp_path)
 
     assert _box_settings(route_config("boxes")) == BOXES_ROUTE
     assert _box_settings(route_config("controlnet")) == LIBRARY
-    write_model_settings(tmp_path, loss={"box_members": False}, schedule={"box_step_scale": 5.0})
+    write_model_settings(
+        tmp_path, loss={"box_members": False, "box_power": 1.5}, schedule={"box_step_scale": 5.0}
+    )
     from_file = route_config("boxes", tmp_path)
-    assert not from_file.loss.box_members and from_file.schedule.box_step_scale == 5.0
-    assert from_file.schedule.box_update_terms == ("box", "existence")  # the route's, not in the file
-    given = route_config("boxes", tmp_path, schedule={"box_update_terms": ("box",)})
-    assert given.schedule.box_update_terms == ("box",)
+    assert (from_file.loss.box_members, from_file.loss.box_power) == (False, 1.5)
+    assert from_file.schedule.box_step_scale == 5.0
+    assert from_file.loss.w_box_topk == 1.0  # the route's, not in the file
+    given = route_config("boxes", tmp_path, loss={"w_box_topk": 0.0})
+    assert given.loss.w_box_topk == 0.0
     with pytest.raises(ValueError, match="layout route 'sketch' is unknown"):
         route_config("sketch")
