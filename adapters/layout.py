@@ -27,38 +27,40 @@ GLIGEN_MAX_BOXES = 30  # StableDiffusionGLIGENPipeline's max_objs
 #: "schedule": {...}}``): they replace library defaults, and lose to a model's ``ait2i.json`` and to
 #: the caller's fields (:func:`route_config`). ``generate`` without a ``config`` applies the route of
 #: its adapter (``adapter.layout_route``), the CLI the route ``--box`` / ``--controlnet`` takes.
-#: Measured in docs/layout.md: boxes alone box the attribute words too and keep the existence term
-#: in the box-only updates (the box term is all they have to place the subjects, and alone it cost
-#: correctness), descend layout guidance's squared box energy (the worst-placed map pulls most)
-#: and BoxDiff's inner/outer top-k term (no strong copy of a subject outside its box). ControlNet
-#: did worse with the second round's settings and keeps the library defaults, and so does GLIGEN
-#: (measured with them).
+#: Measured in docs/layout.md: boxes alone and ControlNet box the attribute words too, descend layout
+#: guidance's squared box energy (the worst-placed map pulls most) and BoxDiff's inner/outer top-k
+#: term (no strong copy of a subject outside its box), with the library's box schedule (3 box-only
+#: updates on the box term; boxes fifth round, ControlNet sitting 3). GLIGEN keeps the library
+#: defaults (measured with them).
+_BOXED_LOSS = {"box_members": True, "box_power": 2.0, "w_box_topk": 1.0}
 ROUTE_SETTINGS: dict[str, dict[str, dict]] = {
-    "boxes": {
-        "loss": {"box_members": True, "box_power": 2.0, "w_box_topk": 1.0},
-        "schedule": {"box_update_terms": ("box", "existence"), "box_iterations": 5},
-    },
+    "boxes": {"loss": dict(_BOXED_LOSS)},
     "gligen": {},
-    # the boxes route's settings, measured separately on the shipped ControlNet (docs/layout.md)
-    "controlnet": {
-        "loss": {"box_members": True, "box_power": 2.0, "w_box_topk": 1.0},
-        "schedule": {"box_update_terms": ("box", "existence"), "box_iterations": 5},
-    },
+    "controlnet": {"loss": dict(_BOXED_LOSS)},
 }
 
+#: The schedule preset (``ait2i_ext.config.PRESETS``) a layout route runs with when the caller names
+#: none: every layout figure in docs/layout.md was measured with the authors' schedule (12 of 25
+#: steps at step scale 20), not the shipped shapes model's faster one (5 of 25 at 40, chosen on
+#: prompts without boxes, docs/performance.md).
+ROUTE_PRESET = "reference"
 
-def route_config(route: str | None, model=None, **fields) -> AIT2IConfig:
+
+def route_config(route: str | None, model=None, *, preset: str | None = None, **fields) -> AIT2IConfig:
     """The configuration a layout ``route`` runs with on ``model``: the library defaults, the route's
-    :data:`ROUTE_SETTINGS` (none for ``route=None``: no layout), the model's ``ait2i.json``, then
-    ``fields`` (``loss=``, ``schedule=``, ``preset=`` and other options of
-    :func:`ait2i_ext.config.model_config`). ``generate`` and the CLI build their configs here.
+    :data:`ROUTE_SETTINGS` (none for ``route=None``: no layout), the model's ``ait2i.json``, the
+    ``preset`` (``None``: :data:`ROUTE_PRESET` for a route, ``"default"`` without one), then
+    ``fields`` (``loss=``, ``schedule=`` and other options of :func:`ait2i_ext.config.model_config`).
+    ``generate`` and the CLI build their configs here.
 
     Raises:
         ValueError: an unknown route, or settings the configs refuse.
     """
     if route is not None and route not in ROUTE_SETTINGS:
         raise ValueError(f"layout route {route!r} is unknown: expected one of {sorted(ROUTE_SETTINGS)}")
-    return model_config(model, defaults=ROUTE_SETTINGS.get(route), **fields)
+    if preset is None:
+        preset = "default" if route is None else ROUTE_PRESET
+    return model_config(model, defaults=ROUTE_SETTINGS.get(route), preset=preset, **fields)
 
 
 def parse_box_arg(text: str) -> tuple[str, Box]:
@@ -209,6 +211,7 @@ def load_gligen_pipeline(path: str, dtype: torch.dtype | str | None = None):
 
 __all__ = [
     "GLIGEN_MAX_BOXES",
+    "ROUTE_PRESET",
     "ROUTE_SETTINGS",
     "StepTracker",
     "boxed_subjects",

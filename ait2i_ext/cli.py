@@ -647,10 +647,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--preset",
         choices=sorted(PRESETS),
-        default="default",
         help="default: the model's schedule (its ait2i.json, else the authors'); reference: the authors' "
         "schedule whatever the model's ait2i.json says; fast: 8%% of the steps guided at step scale 60 "
-        "(about 1.1x plain time). --step-scale wins over it",
+        "(about 1.1x plain time). Unset: default, or reference with --box / --controlnet (the schedule "
+        "layout was measured with). --step-scale wins over it",
     )
     g.add_argument(
         "--refinement",

@@ -157,8 +157,8 @@ class ScheduleConfig:
     Layout boxes get their own schedule on top (layout guidance's, Chen et al. 2023): on the first
     ``box_guided_fraction`` of the steps, ``box_iterations`` extra updates with step ``box_step_scale``
     descend the sum of the raw terms named in ``box_update_terms`` (default: the box term alone;
-    ``("box", "existence")`` with ``LossConfig(box_members=True)`` trades in-box for correctness on
-    boxes alone and loses on ControlNet: measured in docs/layout.md). An image whose box term is
+    ``("box", "existence")`` with ``LossConfig(box_members=True)`` traded in-box for correctness on
+    boxes alone in earlier rounds and lost on ControlNet: measured in docs/layout.md). An image whose box term is
     at or below ``box_stop`` gets no more of these updates at that step (layout guidance's loss
     threshold; ``None``: every image gets every update). Each layout route may start
     from its own box settings (``ait2i_ext.adapters.layout.ROUTE_SETTINGS``, applied by

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from ait2i_ext.adapters.layout import ROUTE_SETTINGS
+from ait2i_ext.adapters.layout import ROUTE_PRESET, ROUTE_SETTINGS
 
 from ait2i_ext import AIT2IConfig, LossConfig, ScheduleConfig, Subject, generate
 from ait2i_ext.config import PRESETS
@@ -92,8 +92,7 @@ def method_config(
     """
     radii = {} if method in ("ait2i-reference", "ait2i-adaptive") else dict(radii or {})
     # The box methods run with their layout route's box settings (ait2i_ext.adapters.layout).
-    route = {"ait2i-boxes": "boxes", "gligen-ait2i": "gligen", "controlnet-ait2i-boxes": "controlnet"}
-    settings = ROUTE_SETTINGS[route[method]] if method in route else {}
+    settings = ROUTE_SETTINGS[ROUTE_METHODS[method]] if method in ROUTE_METHODS else {}
     radii = {**settings.get("loss", {}), **radii}
     schedule = ScheduleConfig(
         **{
@@ -117,6 +116,30 @@ def method_config(
     if loss is None:
         return None
     return AIT2IConfig(loss=loss, schedule=schedule, mode="lagged" if method == "ait2i-lagged" else mode)
+
+
+#: The ait2i methods that run a layout route (its ROUTE_SETTINGS, and ROUTE_PRESET unless --preset).
+ROUTE_METHODS = {"ait2i-boxes": "boxes", "gligen-ait2i": "gligen", "controlnet-ait2i-boxes": "controlnet"}
+
+
+def method_schedule(method: str, args: argparse.Namespace) -> dict:
+    """The schedule overrides ``method`` runs with: a layout route's (``args.route_schedule``: the
+    model's ``ait2i.json`` under :data:`~ait2i_ext.adapters.layout.ROUTE_PRESET`, as ``ait2i generate
+    --box`` runs) or the plain methods' (``args.schedule``), ``--preset`` winning over both."""
+    return args.route_schedule if method in ROUTE_METHODS else args.schedule
+
+
+def schedule_overrides(model, preset: str) -> dict:
+    """The ``ScheduleConfig`` fields ``model``'s ``ait2i.json`` and the ``preset`` set, and only those:
+    a layout route's box schedule (``ROUTE_SETTINGS``) stays unless the model or preset sets it.
+
+    Raises ``ValueError`` for settings the config refuses (before any sampling).
+    """
+    from ait2i_ext.config import model_config, read_model_settings
+
+    schedule = model_config(model, preset=preset).schedule  # validated, JSON lists made tuples
+    names = {**read_model_settings(model).get("schedule", {}), **PRESETS[preset].get("schedule", {})}
+    return {name: getattr(schedule, name) for name in names}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +194,9 @@ def run_method(
             gligen_pipe,
             case.text,
             list(case.boxed),
-            config=method_config("gligen-ait2i", args.mode, args.step_scale, args.radii, args.schedule),
+            config=method_config(
+                "gligen-ait2i", args.mode, args.step_scale, args.radii, method_schedule("gligen-ait2i", args)
+            ),
             guidance=method == "gligen-ait2i",
             generator=generators,
             **call,
@@ -187,7 +212,7 @@ def run_method(
             pipe,
             case.text,
             list(case.boxed if method.endswith("ait2i-boxes") else case.subjects),
-            config=method_config(method, args.mode, args.step_scale, args.radii, args.schedule),
+            config=method_config(method, args.mode, args.step_scale, args.radii, method_schedule(method, args)),
             generator=generators,
             **call,
         )
@@ -344,8 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
-        default="default",
-        help="ait2i schedule preset on top of the model's (ait2i_ext.config.PRESETS)",
+        help="ait2i schedule preset on top of the model's (ait2i_ext.config.PRESETS; unset: default, and "
+        "the layout routes' ROUTE_PRESET for ait2i-boxes / gligen-ait2i / controlnet-ait2i-boxes)",
     )
     parser.add_argument(
         "--aggregation-radius",
@@ -368,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--methods: {m!r} is invalid: expected some of {list(METHODS)}")
         if m.startswith("controlnet") and args.model:
             raise SystemExit(f"--methods: {m!r} runs on the shipped shapes model only (without --model)")
-    from ait2i_ext.config import model_config, model_loss
+    from ait2i_ext.config import model_loss
     from ait2i_ext.shapes.model import default_model_path
 
     try:  # the model's ait2i.json radii (the shapes model's fit its objects); bad radii fail here
@@ -380,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         raise SystemExit(f"--aggregation-radius / --alignment-radius: {e}") from None
     # the model's schedule (its ait2i.json), then the preset's; --step-scale on top (method_config)
-    args.schedule = model_config(args.model or default_model_path(), preset=args.preset).schedule
-    args.schedule = dataclasses.asdict(args.schedule)
+    args.schedule = schedule_overrides(args.model or default_model_path(), args.preset or "default")
+    args.route_schedule = schedule_overrides(args.model or default_model_path(), args.preset or ROUTE_PRESET)
     # cpu=True lets `torchrun --nproc_per_node N` shard over CPU processes (gloo); `accelerate launch
     # --cpu` starts a single process whatever --num_processes says.
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -510,7 +535,10 @@ def main(argv: list[str] | None = None) -> int:
     if grid_rows:
         example_grid(grid_rows, methods).save(out / "examples.png")
     (out / "table.json").write_text(
-        json.dumps({"args": vars(args), "num_processes": state.num_processes, "rows": rows}, indent=2)
+        json.dumps(
+            {"args": vars(args), "num_processes": state.num_processes, "rows": rows},
+            indent=2,
+        )
     )
     (out / "records.json").write_text(json.dumps(records))  # one per image: paired counts between methods
     print(f"wrote {out / 'table.json'}, {out / 'records.json'} and {out / 'examples.png'}")

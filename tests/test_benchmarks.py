@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end on tiny components (their figures are not checked here)."""
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -148,6 +149,36 @@ def test_method_configs_take_the_models_schedule_and_step_scale_wins():
     schedule = alignment.method_config("ait2i", "truncated", 5.0, None, model).schedule
     assert (schedule.guided_fraction, schedule.step_scale) == (0.32, 5.0)
     assert alignment.method_config("ait2i", "truncated").schedule == alignment.ScheduleConfig()
+
+
+def test_boxes_method_runs_the_boxes_route_with_the_models_schedule(tmp_path, monkeypatch):
+    # The model's schedule is only what its ait2i.json sets: library defaults must not replace a
+    # route's box schedule (they did: ait2i-boxes ran box_iterations 3 on the box term alone).
+    from ait2i_ext.adapters.layout import ROUTE_SETTINGS, route_config
+
+    from ait2i_ext.config import model_loss, write_model_settings
+
+    alignment = _load("alignment")
+    boxes = {
+        **ROUTE_SETTINGS["boxes"],
+        "schedule": {"box_update_terms": ("box", "existence"), "box_iterations": 5},
+    }
+    monkeypatch.setitem(ROUTE_SETTINGS, "boxes", boxes)
+    write_model_settings(tmp_path, loss={"aggregation_radius": 2.5}, schedule={"step_scale": 30.0})
+    assert alignment.schedule_overrides(tmp_path, "default") == {"step_scale": 30.0}
+    # a layout route runs ROUTE_PRESET ("reference") over the model's schedule, as `ait2i generate --box`
+    args = argparse.Namespace(
+        schedule=alignment.schedule_overrides(tmp_path, "default"),
+        route_schedule=alignment.schedule_overrides(tmp_path, "reference"),
+    )
+    assert alignment.method_schedule("ait2i", args) == {"step_scale": 30.0}
+    schedule = alignment.method_schedule("ait2i-boxes", args)
+    assert schedule == {"step_scale": 20.0, "guided_fraction": 0.5}
+    config = alignment.method_config("ait2i-boxes", "truncated", None, model_loss(tmp_path), schedule)
+    assert config == route_config("boxes", tmp_path, mode="truncated")
+    assert (config.schedule.box_update_terms, config.schedule.box_iterations) == (("box", "existence"), 5)
+    assert config.schedule.step_scale == 20.0
+    assert route_config(None, tmp_path).schedule.step_scale == 30.0  # no route: the model's own
 
 
 def test_alignment_benchmark_shards_seeds_over_two_cpu_processes(random_shapes_model, tmp_path):

@@ -25,10 +25,8 @@ def test_boxes_alone(tmp_path):
     _check_run(tmp_path / "o")
     config = json.loads((tmp_path / "o" / "run.json").read_text())["config"]
     # the boxes route's settings (ait2i_ext.adapters.layout.ROUTE_SETTINGS) are what ran
-    assert config["loss"]["box_members"] and list(config["schedule"]["box_update_terms"]) == [
-        "box",
-        "existence",
-    ]
+    assert config["loss"]["box_members"] and config["loss"]["box_power"] == 2.0
+    assert config["loss"]["w_box_topk"] == 1.0 and config["schedule"]["box_iterations"] == 3
 
 
 def test_gligen_route(tmp_path):
@@ -51,7 +49,8 @@ def test_controlnet_route(tmp_path):
     config = json.loads((tmp_path / "o" / "run.json").read_text())["config"]
     # the ControlNet route's settings (ait2i_ext.adapters.layout.ROUTE_SETTINGS) are what ran
     assert config["loss"]["box_members"] and config["loss"]["box_power"] == 2.0
-    assert list(config["schedule"]["box_update_terms"]) == ["box", "existence"]
+    assert list(config["schedule"]["box_update_terms"]) == ["box"] and config["schedule"]["box_iterations"] == 3
+    assert config["schedule"]["step_scale"] == 20.0  # the layout routes' preset: reference
 
 
 @pytest.mark.parametrize(

@@ -114,6 +114,10 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
             "s40-stop": ({}, {"box_step_scale": 40.0, "box_stop": 0.85}),
         }.items()
     },
+    # issue 10, fifth round: the fourth round's report row ran this by mistake (alignment.py's model
+    # schedule replaced the route's): the squared energy, top-k and boxed attributes with the library's
+    # box schedule (3 box-only updates on the box term alone)
+    "sq-topk-mem": ({"box_members": True, "box_power": 2.0, "w_box_topk": 1.0}, {}),
 }
 #: Variant names with this prefix run on the shipped ControlNet (control image: the edges of the
 #: prompt's objects at their boxes); "cn-plain" is the stock ControlNet pipeline.
