@@ -168,6 +168,15 @@ def boxed_subjects(subjects: Sequence[SubjectSpec] | None) -> list[Subject]:
     return [s for s in parsed if s.box is not None]
 
 
+def has_boxes(subjects) -> bool:
+    """Whether any subject of ``subjects`` (flat, or one list per prompt) carries a box."""
+    if subjects is None or isinstance(subjects, str):
+        return False
+    if isinstance(subjects, (Subject, Mapping)):
+        return Subject.parse(subjects).box is not None
+    return any(has_boxes(s) for s in subjects)
+
+
 class StepTracker:
     """Which denoising step the adapter's next guided UNet pass belongs to.
 
@@ -215,6 +224,7 @@ __all__ = [
     "ROUTE_SETTINGS",
     "StepTracker",
     "boxed_subjects",
+    "has_boxes",
     "load_gligen_pipeline",
     "parse_box_arg",
     "route_config",

@@ -131,11 +131,13 @@ def generate(
         :class:`GuidedOutput` with the images, the groups, per-step losses and the maps.
     """
     from .adapters import adapter_for
-    from .adapters.layout import route_config
+    from .adapters.layout import has_boxes, route_config
 
     adapter = adapter or adapter_for(pipe)
     if config is None:
-        config = route_config(getattr(adapter, "layout_route", None), pipe)
+        route = getattr(adapter, "layout_route", None)
+        # plain SD/SDXL take the boxes route only with boxes (as `ait2i generate --box`)
+        config = route_config(None if route == "boxes" and not has_boxes(subjects) else route, pipe)
     elif read_model_settings(pipe):
         logger.info("an explicit config is used as given: %s's ait2i.json does not apply", pipe.name_or_path)
     for key in ("prompt_embeds", "pooled_prompt_embeds", "latents"):

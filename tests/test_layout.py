@@ -707,3 +707,24 @@ def test_route_settings_lose_to_the_models_file_and_the_callers_fields(tmp_path)
     assert given.loss.w_box_topk == 0.0
     with pytest.raises(ValueError, match="layout route 'sketch' is unknown"):
         route_config("sketch")
+
+
+def test_generate_on_plain_sd_takes_the_boxes_route_only_with_boxes(tmp_path):
+    # Without boxes a plain pipeline runs its model's own schedule (its ait2i.json), with boxes the
+    # boxes route's preset (ROUTE_PRESET): the two differ once a model's file sets a schedule.
+    from diffusers import StableDiffusionPipeline
+
+    from ait2i_ext.adapters.layout import has_boxes
+    from ait2i_ext.config import write_model_settings
+
+    tiny_sd_pipeline().save_pretrained(tmp_path)
+    write_model_settings(tmp_path, schedule={"guided_fraction": 0.25, "step_scale": 30.0})
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    call = {"num_inference_steps": 4, "output_type": "np"}
+    plain = generate(pipe, "a cat and a dog", ["cat", "dog"], **call)
+    assert plain.config.schedule.step_scale == 30.0 and [r.step for r in plain.steps] == [0]
+    boxed = [Subject("cat", box=(0.0, 0.0, 0.5, 0.5)), "dog"]
+    assert has_boxes(boxed) and has_boxes([["cat"], boxed]) and not has_boxes(["cat", "dog"])
+    layout = generate(pipe, "a cat and a dog", boxed, **call)
+    assert layout.config.schedule.step_scale == 20.0 and layout.config.loss.box_power == 2.0
