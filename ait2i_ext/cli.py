@@ -304,7 +304,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     _lora_scales(args)
     if args.regional_lora and (not args.lora or len(_as_list(args.identifier)) != len(_as_list(args.lora))):
         raise ValueError(
-            f"--regional-lora needs one --identifier per --lora (got {len(_as_list(args.lora))} --lora, "
+            f"--regional-lora needs at least one --lora and one --identifier per --lora (got "
+            f"{len(_as_list(args.lora))} --lora, "
             f"{len(_as_list(args.identifier))} --identifier): the i-th identifier names the i-th LoRA's concept"
         )
     _device_and_dtype(args.device, args.dtype)

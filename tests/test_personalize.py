@@ -416,10 +416,10 @@ def test_cli_regional_lora_needs_one_identifier_per_lora(model_dir, trained, tmp
     argv = ["generate", "--model", str(model_dir), "--lora", str(trained), "--regional-lora",
             "--prompt", PROMPT, "--steps", "2", "--out", str(tmp_path), "--device", "cpu", "--quiet"]  # fmt: skip
     assert cli.main(argv) == 2
-    assert (
-        "--regional-lora needs one --identifier per --lora (got 1 --lora, 0 --identifier)"
-        in capsys.readouterr().err
-    )
+    assert "one --identifier per --lora (got 1 --lora, 0 --identifier)" in capsys.readouterr().err
+    no_lora = ["generate", "--model", str(model_dir), "--regional-lora", "--prompt", PROMPT, "--out", str(tmp_path)]
+    assert cli.main(no_lora) == 2
+    assert "--regional-lora needs at least one --lora" in capsys.readouterr().err
 
 
 # --- bad input -----------------------------------------------------------------------------------
