@@ -350,12 +350,18 @@ def canny_edges(
     """A Canny-like edge map in numpy: Gaussian blur, Sobel, non-maximum suppression, hysteresis.
 
     White edges on black, RGB, the same size as ``image`` (what controlnet-aux's ``CannyDetector``
-    gives, with OpenCV's default thresholds 100 / 200).
+    gives, with OpenCV's default thresholds 100 / 200). As OpenCV's ``Canny`` on a colour image,
+    each pixel takes the gradient of the RGB channel where it is strongest, so an edge between two
+    colours of about the same brightness (yellow on white) is found too.
     """
-    gray = image.convert("L")
+    rgb = image.convert("RGB")
     if sigma > 0:
-        gray = gray.filter(ImageFilter.GaussianBlur(sigma))
-    gx, gy = _sobel(np.asarray(gray, dtype=np.float32))
+        rgb = rgb.filter(ImageFilter.GaussianBlur(sigma))
+    channels = np.asarray(rgb, dtype=np.float32)
+    gxs, gys = zip(*(_sobel(channels[..., c]) for c in range(3)), strict=True)
+    gx, gy = np.stack(gxs), np.stack(gys)
+    strongest = np.hypot(gx, gy).argmax(0)[None]
+    gx, gy = np.take_along_axis(gx, strongest, 0)[0], np.take_along_axis(gy, strongest, 0)[0]
     magnitude = np.hypot(gx, gy)
     # Keep a pixel only where it is the maximum along its gradient direction (0, 45, 90, 135 degrees).
     direction = ((np.rad2deg(np.arctan2(gy, gx)) % 180 + 22.5) // 45).astype(int) % 4
