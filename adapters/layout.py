@@ -170,11 +170,10 @@ def boxed_subjects(subjects: Sequence[SubjectSpec] | None) -> list[Subject]:
 
 def has_boxes(subjects) -> bool:
     """Whether any subject of ``subjects`` (flat, or one list per prompt) carries a box."""
-    if subjects is None or isinstance(subjects, str):
-        return False
-    if isinstance(subjects, (Subject, Mapping)):
-        return Subject.parse(subjects).box is not None
-    return any(has_boxes(s) for s in subjects)
+    nested = subjects is not None and not isinstance(subjects, (str, Subject, Mapping))
+    if nested and any(isinstance(s, (list, tuple)) for s in subjects):
+        return any(has_boxes(s) for s in subjects)
+    return bool(boxed_subjects(subjects))
 
 
 class StepTracker:

@@ -423,7 +423,10 @@ def main(argv: list[str] | None = None) -> int:
         cases = animal_cases(args.prompts_per_set)
     else:
         sets = [s.strip() for s in args.sets.split(",")]
-        cases = shapes_cases(sets, args.prompts_per_set, args.prompt_offset)
+        try:
+            cases = shapes_cases(sets, args.prompts_per_set, args.prompt_offset)
+        except ValueError as e:
+            raise SystemExit(f"--sets / --prompt-offset: {e}") from None
     pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None).to(device)
     pipe.set_progress_bar_config(disable=True)
     cn_pipe = None

@@ -266,3 +266,10 @@ def test_alignment_prompt_offset_picks_a_later_split_and_rejects_one_outside_the
     assert [c.text for c in cases] == [p.text for p in prompt_set("two")[12:14] + prompt_set("three")[12:14]]
     with pytest.raises(ValueError, match="prompt offset 40 is outside set 'two'"):
         alignment.shapes_cases(["two"], 1, first=40)
+
+
+def test_alignment_cli_names_the_flag_for_an_offset_outside_the_set(random_shapes_model, tmp_path):
+    argv = [*shapes_two(random_shapes_model), "--prompt-offset", "40", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match=r"--sets / --prompt-offset: prompt offset 40 is outside set 'two'"):
+        _load("alignment").main(argv)
+    assert not (tmp_path / "o").exists()
