@@ -20,6 +20,7 @@ ExistenceTokens = Literal["words", "all"]
 RefinementScope = Literal["image", "batch"]
 MapBlocks = Literal["down_up", "down"]
 RadiusMode = Literal["fixed", "adaptive"]
+BoxMaps = Literal["raw", "words"]
 #: The raw loss terms (``LossTerms`` fields) the box-only updates of the layout schedule may descend.
 BOX_UPDATE_TERMS = ("box", "existence", "isolation", "aggregation", "alignment")
 
@@ -47,7 +48,11 @@ class LossConfig:
     term's softmax runs over (``"words"``: the prompt's words only; ``"all"``: ``1:-1`` as
     Attend-and-Excite, padding included). ``box_members`` also pulls each boxed group's member
     tokens (attributes, aliases) into its box, one map each; ``box_existence`` makes the existence
-    term read a boxed group's map inside its box only (its strongest cell there). The defaults are
+    term read a boxed group's map inside its box only (its strongest cell there). ``box_maps`` picks
+    the maps :func:`~ait2i_ext.losses.box_loss` reads: ``"raw"``, the captured probabilities, or
+    ``"words"``, the same maps after the existence term's softmax over the prompt's words (sharper: a
+    cell counts for the word that wins it, so the diffuse share every token gets everywhere no longer
+    hides where the object is). The defaults are
     the measured choices (DEVELOPERS.md; the box settings: docs/layout.md).
     """
 
@@ -62,6 +67,7 @@ class LossConfig:
     box_members: bool = False
     box_existence: bool = False
     box_topk_fraction: float = 0.2
+    box_maps: BoxMaps = "raw"
     isolation: IsolationMode = "euclidean"
     top_k: int = 3
     radius_mode: RadiusMode = "fixed"
@@ -134,6 +140,7 @@ class LossConfig:
         _check(self.box_power >= 1, "box_power", self.box_power, "a number >= 1")
         _check(isinstance(self.box_members, bool), "box_members", self.box_members, "True or False")
         _check(isinstance(self.box_existence, bool), "box_existence", self.box_existence, "True or False")
+        _check(self.box_maps in ("raw", "words"), "box_maps", self.box_maps, "'raw' or 'words'")
         _check(
             0 < self.box_topk_fraction <= 1,
             "box_topk_fraction",

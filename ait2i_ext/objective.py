@@ -102,14 +102,26 @@ def existence_maps(
     _check_attention(attn)
     _check_eot(eot_index, attn.shape[-1])
     _check_groups(groups, 1, eot_index, f"a word token, before eot_index={eot_index}")
+    return word_maps(attn, [group.main for group in groups], eot_index, cfg)
+
+
+def word_maps(attn: torch.Tensor, indices: Sequence[int], eot_index: int, cfg: LossConfig) -> torch.Tensor:
+    """The maps of the tokens ``indices`` after the existence term's softmax over the words, smoothed
+    (:func:`existence_maps` for any word tokens; ``box_maps="words"`` reads them too).
+
+    Args:
+        attn (`torch.Tensor` of shape `(N, H, W, T)`): cross-attention probabilities per token.
+        indices (`Sequence[int]`): word tokens, each in ``1 .. eot_index - 1``.
+
+    Returns:
+        `torch.Tensor` of shape `(N, K, H, W)`, ``K = len(indices)``, values in ``[0, 1]``.
+    """
     last = eot_index if cfg.existence_tokens == "words" else attn.shape[-1] - 1
     words = torch.softmax(attn[..., 1:last] * cfg.softmax_scale, dim=-1)
-    maps = words[..., [group.main - 1 for group in groups]].permute(0, 3, 1, 2)
-    n, num_groups, height, width = maps.shape
-    smoothed = losses.smooth(
-        maps.reshape(n * num_groups, height, width), cfg.smoothing_kernel, cfg.smoothing_sigma
-    )
-    return smoothed.view(n, num_groups, height, width)
+    maps = words[..., [i - 1 for i in indices]].permute(0, 3, 1, 2)
+    n, count, height, width = maps.shape
+    smoothed = losses.smooth(maps.reshape(n * count, height, width), cfg.smoothing_kernel, cfg.smoothing_sigma)
+    return smoothed.view(n, count, height, width)
 
 
 def group_radii(main: torch.Tensor, cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +173,8 @@ def compute_losses(
     - isolation: :func:`~ait2i_ext.losses.isolation_loss` of the main maps (zero for one group);
     - existence: :func:`~ait2i_ext.losses.existence_loss` of :func:`existence_maps`;
     - box: :func:`~ait2i_ext.losses.box_loss` over the groups with a ``box`` (their main maps, and
-      with ``cfg.box_members`` their member tokens' maps too, each with the group's box), plus
+      with ``cfg.box_members`` their member tokens' maps too, each with the group's box; with
+      ``cfg.box_maps="words"`` those maps after the softmax over the words), plus
       ``cfg.w_box_topk`` x :func:`~ait2i_ext.losses.box_topk_loss` of their :func:`existence_maps`
       (zero when no group has a box, or when ``boxes_enabled`` is ``False``). With
       ``cfg.box_existence`` the existence term reads a boxed group's map inside its box only.
@@ -225,7 +238,11 @@ def compute_losses(
     if boxed:
         # With ``box_members`` a group's attribute and other member tokens share its box: one map each.
         tokens = [(k, i) for k, g in enumerate(boxed) for i in _boxed_tokens(groups[g], cfg.box_members)]
-        maps = attn[..., [i for _, i in tokens]].permute(0, 3, 1, 2)
+        indices = [i for _, i in tokens]
+        if cfg.box_maps == "words":
+            maps = word_maps(attn, indices, eot_index, cfg)
+        else:
+            maps = attn[..., indices].permute(0, 3, 1, 2)
         box = losses.box_loss(
             maps, masks[[k for k, _ in tokens]], cfg.box_centroid_weight, cfg.box_leak_weight, cfg.box_power
         )

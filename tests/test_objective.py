@@ -306,3 +306,23 @@ def test_box_existence_reads_a_boxed_groups_map_inside_its_box_only():
     )
     with pytest.raises(ValueError, match="box_existence"):
         LossConfig(box_existence=1)
+
+
+def test_box_maps_words_reads_where_a_word_wins_not_its_diffuse_share():
+    """A subject's probability is spread over the whole image and only wins inside its box: the raw
+    maps' in-box share is about the box's area, the maps after the softmax over the words put it in
+    the box, so ``box_maps="words"`` gives a much lower box term; the other terms are unchanged."""
+    cat_box = (0, 0, 0.5, 0.5)
+    attn = torch.full((1, H, W, T), 0.02)
+    attn[..., 3] = 0.1  # the cat's token: the same share everywhere ...
+    attn[0, : H // 2, : W // 2, 3] = 0.12  # ... a little more in its box, where it beats every word
+    attn[0, :, :, 4] = 0.11  # "and" wins everywhere else
+    attn[0, : H // 2, : W // 2, 4] = 0.05
+    boxed = [dataclasses.replace(CAT, box=cat_box, members=())]
+    raw = compute_losses(attn, boxed, EOT, LossConfig())
+    words = compute_losses(attn, boxed, EOT, LossConfig(box_maps="words"))
+    assert words.box < raw.box - 0.3
+    for name in ("isolation", "aggregation", "alignment", "existence"):
+        assert torch.equal(getattr(words, name), getattr(raw, name))
+    with pytest.raises(ValueError, match="box_maps='soft' is invalid: expected 'raw' or 'words'"):
+        LossConfig(box_maps="soft")

@@ -118,6 +118,13 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # schedule replaced the route's): the squared energy, top-k and boxed attributes with the library's
     # box schedule (3 box-only updates on the box term alone)
     "sq-topk-mem": ({"box_members": True, "box_power": 2.0, "w_box_topk": 1.0}, {}),
+    # issue 10, sixth round, from the route (sq-topk-mem): on three objects the maps stay diffuse and
+    # the box term's mass ratio barely moves (the middle object's share stays at its box's area), so
+    # a sharper map for the ratio, a stronger or longer pull
+    "default-words": ({"box_maps": "words"}, {}),
+    "default-wbox3": ({"w_box": 3.0}, {}),
+    "default-it6": ({}, {"box_iterations": 6}),
+    "default-words-s40": ({"box_maps": "words"}, {"box_step_scale": 40.0}),
 }
 #: Variant names with this prefix run on the shipped ControlNet (control image: the edges of the
 #: prompt's objects at their boxes); "cn-plain" is the stock ControlNet pipeline.
