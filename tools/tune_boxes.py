@@ -125,6 +125,9 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "default-wbox3": ({"w_box": 3.0}, {}),
     "default-it6": ({}, {"box_iterations": 6}),
     "default-words-s40": ({"box_maps": "words"}, {"box_step_scale": 40.0}),
+    # objects land beside their box or smaller than it: BoxDiff's inner top-k over half the box asks
+    # for an object its size
+    "default-topk5": ({"box_topk_fraction": 0.5}, {}),
 }
 #: Variant names with this prefix run on the shipped ControlNet (control image: the edges of the
 #: prompt's objects at their boxes); "cn-plain" is the stock ControlNet pipeline.
