@@ -65,8 +65,8 @@ class Recipe:
     Args:
         name: how the log names it.
         rank, lora_alpha, lora_targets, train_text_encoder, text_encoder_targets, learning_rate,
-            max_train_steps, train_batch_size, random_flip: the flags' defaults (``lora_alpha=None``:
-            equal to the rank).
+            max_train_steps, train_batch_size, random_flip, world_compositions: the flags' defaults
+            (``lora_alpha=None``: equal to the rank).
     """
 
     name: str
@@ -79,6 +79,7 @@ class Recipe:
     max_train_steps: int
     train_batch_size: int
     random_flip: bool
+    world_compositions: float = 0.0
 
     def __post_init__(self) -> None:
         for field in ("rank", "max_train_steps", "train_batch_size"):
@@ -91,6 +92,10 @@ class Recipe:
         for field in ("lora_targets", "text_encoder_targets"):
             if not _target_list(getattr(self, field)):
                 raise ValueError(f"{field}={getattr(self, field)!r} is invalid: expected module names")
+        if not 0.0 <= self.world_compositions <= 1.0:
+            raise ValueError(
+                f"world_compositions={self.world_compositions} is invalid: expected a number in [0, 1]"
+            )
 
 
 # Every LoRA-able layer of an SD UNet: attention, feed-forward, the transformer's projections and the
@@ -118,6 +123,7 @@ SMALL_MODEL_RECIPE = Recipe(
     max_train_steps=500,
     train_batch_size=4,
     random_flip=True,
+    world_compositions=0.0,
 )
 # diffusers' DreamBooth-LoRA defaults for Stable Diffusion 1.x/2.x (512-768 px).
 STANDARD_RECIPE = Recipe(
@@ -131,6 +137,7 @@ STANDARD_RECIPE = Recipe(
     max_train_steps=400,
     train_batch_size=1,
     random_flip=False,
+    world_compositions=0.0,
 )
 
 
@@ -179,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--random_crop", action="store_true", help="random instead of centre crop")
     g.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=None, help=_MODEL_DEFAULT)
+    g.add_argument(
+        "--world_compositions",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="shapes-world models: the share of instance slots in which the concept, cut from the instance "
+        "images that show it alone, is scaled to the world's object sizes and placed beside 0-2 rendered "
+        "objects of the world, captioned ('a sks star and a blue square'; ait2i_ext.shapes.concepts."
+        "WorldComposer); 0: off. " + _MODEL_DEFAULT,
+    )
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
     g = p.add_argument_group("prior preservation")
@@ -309,6 +326,13 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         )
     if args.lora_alpha is not None:
         check(args.lora_alpha > 0, "--lora_alpha", args.lora_alpha, "a number > 0")
+    if args.world_compositions is not None:
+        check(
+            0.0 <= args.world_compositions <= 1.0,
+            "--world_compositions",
+            args.world_compositions,
+            "a number in [0, 1] (0: off)",
+        )
     for flag in ("lora_targets", "text_encoder_targets"):
         if getattr(args, flag) is not None:
             check(
@@ -789,6 +813,19 @@ def train(args: argparse.Namespace) -> TrainingResult:
             "token embeddings: only the rows of %s train (--embedding_rows new)",
             tokenizer.convert_ids_to_tokens(rows),
         )
+    composer = None
+    if args.world_compositions > 0:
+        from ait2i_ext.shapes.concepts import WorldComposer
+
+        composer = WorldComposer.from_instances(
+            instance_images, read_captions(instance_images, args.instance_prompt), args.instance_prompt
+        )
+        logger.info(
+            "world compositions: %.0f%% of the instance slots show the concept (%d images of it alone) in a "
+            "scene of the world",
+            100 * args.world_compositions,
+            len(composer.crops),
+        )
     dataset = DreamBoothDataset(
         instance_images,
         instance_ids,
@@ -798,6 +835,9 @@ def train(args: argparse.Namespace) -> TrainingResult:
         center_crop=not args.random_crop,
         random_flip=args.random_flip,
         seed=args.seed,
+        compose=composer,
+        compose_fraction=args.world_compositions,
+        tokenize=lambda caption: prompt_ids([caption])[0],
     )
     dataloader = torch.utils.data.DataLoader(
         dataset,
