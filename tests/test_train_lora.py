@@ -476,6 +476,17 @@ def test_world_compositions_train_and_a_stopped_run_resumes_to_the_same_weights(
     assert json.loads((tmp_path / "ref" / "train_config.json").read_text())["world_compositions"] == 1.0
 
 
+def test_world_compositions_need_an_image_of_the_concept_alone(model_dir, tmp_path):
+    images = _write_images(tmp_path / "paired", 2)
+    lines = [json.dumps({"file_name": f"{i}.png", "text": "a sks dog and a cat"}) for i in range(2)]
+    (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(
+        ValueError, match=r"--world_compositions=0.5: no instance image is captioned 'a photo of"
+    ):
+        train_lora.parse_args(argv(model_dir, images, tmp_path / "out", "--world_compositions", "0.5"))
+    train_lora.parse_args(argv(model_dir, images, tmp_path / "out", "--world_compositions", "0"))
+
+
 def test_resume_latest_without_checkpoints_starts_fresh(model_dir, instance_dir, tmp_path):
     result = train_lora.main(
         argv(model_dir, instance_dir, tmp_path / "out", "--resume_from_checkpoint", "latest")

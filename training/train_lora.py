@@ -343,7 +343,15 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             )
 
     _check_model_folder(args.pretrained_model)
-    read_captions(list_images(args.instance_data_dir, "--instance_data_dir"), args.instance_prompt)
+    images = list_images(args.instance_data_dir, "--instance_data_dir")
+    captions = read_captions(images, args.instance_prompt)
+    if args.world_compositions:  # given on the command line: its images must allow it
+        from ait2i_ext.shapes.concepts import WorldComposer
+
+        try:
+            WorldComposer.from_instances(images, captions, args.instance_prompt)
+        except ValueError as err:
+            raise ValueError(f"--world_compositions={args.world_compositions}: {err}") from None
 
     if args.with_prior_preservation:
         check(
@@ -377,6 +385,34 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                 f"or an existing {CHECKPOINT_PREFIX}STEP folder (absolute or inside --output_dir)"
             )
     return args
+
+
+def world_composer(args: argparse.Namespace):
+    """The `WorldComposer` of ``--world_compositions`` (None when it is 0), cut from the instance images
+    captioned as the concept alone. When the recipe's default finds no such image it is turned off
+    (``args.world_compositions = 0``) with a warning; a value given on the command line was checked by
+    `validate_args`.
+    """
+    if not args.world_compositions:
+        return None
+    from ait2i_ext.shapes.concepts import WorldComposer
+
+    images = list_images(args.instance_data_dir, "--instance_data_dir")
+    try:
+        composer = WorldComposer.from_instances(
+            images, read_captions(images, args.instance_prompt), args.instance_prompt
+        )
+    except ValueError as err:
+        logger.warning("%s; training without world compositions (--world_compositions 0)", err)
+        args.world_compositions = 0.0
+        return None
+    logger.info(
+        "world compositions: %.0f%% of the instance slots show the concept (cut from %d images of it alone) "
+        "in a scene of the world",
+        100 * args.world_compositions,
+        len(composer.crops),
+    )
+    return composer
 
 
 def read_prompts_file(path: str | Path) -> list[str]:
@@ -701,6 +737,7 @@ def train(args: argparse.Namespace) -> TrainingResult:
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
     resolve_model_defaults(args, unet.config, vae.config)
+    composer = world_composer(args)
     if accelerator.is_main_process:
         save_run_config(args, output_dir)
     check_lora_targets(unet, args.lora_target_list)
@@ -812,19 +849,6 @@ def train(args: argparse.Namespace) -> TrainingResult:
         logger.info(
             "token embeddings: only the rows of %s train (--embedding_rows new)",
             tokenizer.convert_ids_to_tokens(rows),
-        )
-    composer = None
-    if args.world_compositions > 0:
-        from ait2i_ext.shapes.concepts import WorldComposer
-
-        composer = WorldComposer.from_instances(
-            instance_images, read_captions(instance_images, args.instance_prompt), args.instance_prompt
-        )
-        logger.info(
-            "world compositions: %.0f%% of the instance slots show the concept (%d images of it alone) in a "
-            "scene of the world",
-            100 * args.world_compositions,
-            len(composer.crops),
         )
     dataset = DreamBoothDataset(
         instance_images,
