@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from ait2i_ext.shapes.concepts import (
+    PAIRED_CONCEPT_SIDES,
     WorldComposer,
     class_prompts,
     class_scenes,
@@ -20,7 +21,7 @@ from ait2i_ext.shapes.concepts import (
     main,
     write_concept,
 )
-from ait2i_ext.shapes.data import MAX_SIZE, MIN_SIZE, Scene, ShapeObject, render_scene
+from ait2i_ext.shapes.data import MAX_SIZE, Scene, ShapeObject, render_scene
 from ait2i_ext.shapes.evaluator import EvaluatorConfig, detect, evaluate
 from ait2i_ext.shapes.prompts import parse_prompt
 
@@ -261,7 +262,9 @@ def test_a_composition_shows_the_concept_at_world_sizes_beside_the_objects_its_c
         assert evaluate(image, [("yellow", "star"), *others], config).all_present, caption
         (star,) = [d for d in detect(image, config) if d.shape == "star"]
         side = round(max(star.box[2] - star.box[0], star.box[3] - star.box[1]) * 64)
-        assert MIN_SIZE - 1 <= side <= MAX_SIZE  # the world's object sizes, not the lone images' 22-34 px
+        assert (
+            PAIRED_CONCEPT_SIDES[0] - 1 <= side <= MAX_SIZE
+        )  # 18-28 px: the world's object sizes (not the lone images' 22-34 px)
     assert set(counts) == {0, 1, 2}
 
 

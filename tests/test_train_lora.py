@@ -487,6 +487,23 @@ def test_world_compositions_need_an_image_of_the_concept_alone(model_dir, tmp_pa
     train_lora.parse_args(argv(model_dir, images, tmp_path / "out", "--world_compositions", "0"))
 
 
+def test_a_recipe_default_of_world_compositions_turns_off_without_a_lone_image(
+    model_dir, tmp_path, monkeypatch, caplog
+):
+    import dataclasses
+
+    recipe = dataclasses.replace(train_lora.SMALL_MODEL_RECIPE, world_compositions=0.5)
+    monkeypatch.setattr(train_lora, "SMALL_MODEL_RECIPE", recipe)
+    images = _write_images(tmp_path / "paired", 2)
+    lines = [json.dumps({"file_name": f"{i}.png", "text": "a sks dog and a cat"}) for i in range(2)]
+    (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING"):
+        result = train_lora.main(argv(model_dir, images, tmp_path / "out"))
+    assert result.global_step == 1
+    assert "training without world compositions" in caplog.text
+    assert json.loads((tmp_path / "out" / "train_config.json").read_text())["world_compositions"] == 0.0
+
+
 def test_resume_latest_without_checkpoints_starts_fresh(model_dir, instance_dir, tmp_path):
     result = train_lora.main(
         argv(model_dir, instance_dir, tmp_path / "out", "--resume_from_checkpoint", "latest")

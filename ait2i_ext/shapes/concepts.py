@@ -243,11 +243,13 @@ def compose_concept(
     phrase: str,
     rng: random.Random,
     other_weights: Sequence[float] = COMPOSED_OTHER_WEIGHTS,
+    concept_sides: tuple[int, int] = PAIRED_CONCEPT_SIDES,
 ) -> tuple[Image.Image, str]:
-    """A scene of the world with the concept in it: ``crop`` (:func:`concept_crop`) at a side drawn as the
-    world draws its objects' (``MIN_SIZE``-``MAX_SIZE``, 4 px less with three objects), placed apart from
-    0, 1 or 2 rendered objects of the world (``other_weights``; colour-shape pairs of the training world in
-    other colours than the concept's), with a caption naming all of them in a random order
+    """A scene of the world with the concept in it: ``crop`` (:func:`concept_crop`) at a side drawn from
+    ``concept_sides`` (default 18-28 px: the world's object sizes, 14-28, from the smallest at which the
+    shipped VAE still draws a star's points), placed apart from 0, 1 or 2 rendered objects of the world
+    (``other_weights``; colour-shape pairs of the training world in other colours than the concept's, at
+    the world's sizes, 4 px less with three objects), with a caption naming all of them in a random order
     ("a sks star and a blue square"; ``phrase`` is the concept's, e.g. "sks star")."""
     count = rng.choices(range(len(other_weights)), weights=other_weights)[0]
     colour = nearest_colour(crop)
@@ -255,7 +257,9 @@ def compose_concept(
     boxes = None
     while boxes is None:
         high = MAX_SIZE if count < 2 else MAX_SIZE - 4
-        boxes = _place(rng, [rng.randint(MIN_SIZE, high) for _ in range(count + 1)])
+        top = min(concept_sides[1], high)
+        sides = [rng.randint(min(concept_sides[0], top), top)]
+        boxes = _place(rng, sides + [rng.randint(MIN_SIZE, high) for _ in range(count)])
     placed = tuple(
         ShapeObject(c, s, tuple(v / IMAGE_SIZE for v in box)) for (c, s), box in zip(others, boxes[1:])
     )
@@ -275,11 +279,13 @@ class WorldComposer:
         crops: the concept as its instance images draw it alone (:func:`concept_crop`).
         phrase: the concept's words without article, e.g. ``"sks star"``.
         other_weights: relative frequencies of 0, 1 and 2 other objects.
+        concept_sides: the concept's side in pixels, lowest and highest.
     """
 
     crops: tuple[Image.Image, ...]
     phrase: str
     other_weights: tuple[float, ...] = field(default=COMPOSED_OTHER_WEIGHTS)
+    concept_sides: tuple[int, int] = PAIRED_CONCEPT_SIDES
 
     def __post_init__(self) -> None:
         if not self.crops:
@@ -291,6 +297,11 @@ class WorldComposer:
         if not self.other_weights or min(self.other_weights) < 0 or sum(self.other_weights) <= 0:
             raise ValueError(
                 f"other_weights={self.other_weights!r} is invalid: expected weights >= 0, not all 0"
+            )
+        low, high = self.concept_sides
+        if not 1 <= low <= high <= MAX_SIZE:
+            raise ValueError(
+                f"concept_sides={self.concept_sides!r} is invalid: expected 1 <= low <= high <= {MAX_SIZE}"
             )
 
     @classmethod
@@ -317,7 +328,9 @@ class WorldComposer:
         return cls(tuple(crops), phrase)
 
     def __call__(self, rng: random.Random) -> tuple[Image.Image, str]:
-        return compose_concept(rng.choice(self.crops), self.phrase, rng, self.other_weights)
+        return compose_concept(
+            rng.choice(self.crops), self.phrase, rng, self.other_weights, self.concept_sides
+        )
 
 
 def write_concept(
