@@ -11,15 +11,19 @@ import torch
 from PIL import Image
 
 from ait2i_ext.shapes.concepts import (
+    PAIRED_CONCEPT_SIDES,
+    WorldComposer,
     class_prompts,
     class_scenes,
+    concept_crop,
     concept_scenes,
     cut_mix,
     main,
     write_concept,
 )
-from ait2i_ext.shapes.data import Scene, ShapeObject, render_scene
-from ait2i_ext.shapes.evaluator import evaluate
+from ait2i_ext.shapes.data import MAX_SIZE, Scene, ShapeObject, render_scene
+from ait2i_ext.shapes.evaluator import EvaluatorConfig, detect, evaluate
+from ait2i_ext.shapes.prompts import parse_prompt
 
 try:
     from ait2i_ext.training.lora_data import DreamBoothDataset, list_images, read_captions
@@ -210,3 +214,102 @@ def test_class_scenes_are_the_rendered_world_with_its_captions(tmp_path):
         assert evaluate(
             Image.open(image).convert("RGB"), [(o.colour, o.shape) for o in scene.objects]
         ).all_present
+
+
+# --- world compositions (train_lora.py --world_compositions) --------------------------------------
+
+
+def _star_folder(folder: Path) -> tuple[list[Path], list[str]]:
+    write_concept(folder, concept_scenes("star", "yellow", "sks", count=6, with_other=3, seed=2), "star")
+    images = list_images(folder)
+    return images, read_captions(images, None)
+
+
+def test_the_composer_cuts_the_concept_from_its_lone_images_only(tmp_path):
+    images, captions = _star_folder(tmp_path / "star")
+    composer = WorldComposer.from_instances(images, captions, "a sks star")
+    assert len(composer.crops) == 3 and composer.phrase == "sks star"  # the three lone stars
+    crop = composer.crops[0]
+    alpha = np.asarray(crop.getchannel("A"))
+    assert alpha.max() == 255 and alpha.min() == 0  # the star opaque, its box corners transparent
+    assert (alpha[0].any(), alpha[-1].any(), alpha[:, 0].any(), alpha[:, -1].any()) == (
+        True,
+    ) * 4  # cut tight
+    with pytest.raises(ValueError, match=r"no instance image is captioned 'a xyz heart' alone"):
+        WorldComposer.from_instances(images, captions, "a xyz heart")
+    with pytest.raises(ValueError, match=r"is blank: expected a drawn concept"):
+        concept_crop(Image.new("RGB", (64, 64), "white"))
+
+
+def test_a_composition_shows_the_concept_at_world_sizes_beside_the_objects_its_caption_names(tmp_path):
+    images, captions = _star_folder(tmp_path / "star")
+    composer = WorldComposer.from_instances(images, captions, "a sks star")
+    config = EvaluatorConfig(shapes=("circle", "square", "triangle", "star"))
+    rng = __import__("random").Random(0)
+    counts = []
+    for _ in range(40):
+        image, caption = composer(rng)
+        assert image.size == (64, 64) and "sks star" in caption
+        rest = caption.replace("sks star", "")
+        others = (
+            [(o.colour, o.shape) for o in parse_prompt(rest)]
+            if any(w in rest for w in ("circle", "square", "triangle"))
+            else []
+        )
+        counts.append(len(others))
+        assert all(colour != "yellow" for colour, _ in others)
+        # the evaluator finds the star and every object the caption names, apart (no fused blobs)
+        assert evaluate(image, [("yellow", "star"), *others], config).all_present, caption
+        (star,) = [d for d in detect(image, config) if d.shape == "star"]
+        side = round(max(star.box[2] - star.box[0], star.box[3] - star.box[1]) * 64)
+        assert (
+            PAIRED_CONCEPT_SIDES[0] - 1 <= side <= MAX_SIZE
+        )  # 18-28 px: the world's object sizes (not the lone images' 22-34 px)
+    assert set(counts) == {0, 1, 2}
+
+
+def test_composed_slots_take_a_fraction_of_the_instance_images_and_repeat_with_the_seed(tmp_path):
+    images = _images(tmp_path / "instance", 4)
+    drawn = []
+
+    def compose(rng):
+        drawn.append(rng.random())
+        return Image.new("RGB", (8, 8), (255, 255, 255)), "composed"
+
+    def tokenize(caption):
+        return torch.full((77,), 7 if caption == "composed" else 0)
+
+    def composed_slots(seed):
+        dataset = DreamBoothDataset(
+            images, torch.zeros(4, 77, dtype=torch.long), 8, compose=compose, compose_fraction=0.5,
+            tokenize=tokenize, seed=seed,
+        )  # fmt: skip
+        slots = []
+        for epoch in range(25):
+            dataset.set_epoch(epoch)
+            for i in range(4):
+                example = dataset[i]
+                composed = bool(example["instance_ids"][0] == 7)
+                assert composed == bool(
+                    (example["instance_pixels"] == 1).all()
+                )  # white image <-> its caption
+                slots.append(composed)
+        return slots
+
+    first = composed_slots(seed=0)
+    assert 0.35 < sum(first) / len(first) < 0.65
+    assert composed_slots(seed=0) == first  # drawn from (seed, epoch, index): a resumed run sees the same
+    assert composed_slots(seed=1) != first
+    plain = DreamBoothDataset(
+        images, torch.zeros(4, 77, dtype=torch.long), 8, compose=compose, tokenize=tokenize
+    )
+    calls = len(drawn)
+    assert (
+        all(plain[i]["instance_ids"][0] == 0 for i in range(4)) and len(drawn) == calls
+    )  # fraction 0: never
+    with pytest.raises(ValueError, match=r"compose_fraction=1.5 is invalid"):
+        DreamBoothDataset(
+            images, torch.zeros(4, 77), 8, compose=compose, compose_fraction=1.5, tokenize=tokenize
+        )
+    with pytest.raises(ValueError, match=r"tokenize=None is invalid with compose"):
+        DreamBoothDataset(images, torch.zeros(4, 77), 8, compose=compose, compose_fraction=0.5)

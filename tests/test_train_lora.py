@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -442,6 +443,67 @@ def test_run_stopped_at_step_3_resumes_mid_epoch_with_accumulation(model_dir, tm
         torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5, msg=key)
 
 
+def test_world_compositions_train_and_a_stopped_run_resumes_to_the_same_weights(
+    model_dir, instance_dir, tmp_path
+):
+    common = ["--checkpointing_steps", "2", "--random_flip", "--world_compositions", "1"]
+    reference = train_lora.main(
+        argv(model_dir, instance_dir, tmp_path / "ref", *common, "--max_train_steps", "4")
+    )
+    out = tmp_path / "out"
+    train_lora.main(argv(model_dir, instance_dir, out, *common, "--max_train_steps", "3"))
+    resumed = train_lora.main(
+        argv(
+            model_dir,
+            instance_dir,
+            out,
+            *common,
+            "--max_train_steps",
+            "4",
+            "--resume_from_checkpoint",
+            "latest",
+        )
+    )
+    expected, got = _lora_tensors(reference.weights_path), _lora_tensors(resumed.weights_path)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5, msg=key)
+    # the composed scenes are what it trained on: without them the same run ends elsewhere
+    without = train_lora.main(
+        argv(model_dir, instance_dir, tmp_path / "plain", *common[:-1], "0", "--max_train_steps", "4")
+    )
+    plain = _lora_tensors(without.weights_path)
+    assert any(not torch.allclose(plain[key], expected[key]) for key in expected)
+    assert json.loads((tmp_path / "ref" / "train_config.json").read_text())["world_compositions"] == 1.0
+
+
+def test_world_compositions_need_an_image_of_the_concept_alone(model_dir, tmp_path):
+    images = _write_images(tmp_path / "paired", 2)
+    lines = [json.dumps({"file_name": f"{i}.png", "text": "a sks dog and a cat"}) for i in range(2)]
+    (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(
+        ValueError, match=r"--world_compositions=0.5: no instance image is captioned 'a photo of"
+    ):
+        train_lora.parse_args(argv(model_dir, images, tmp_path / "out", "--world_compositions", "0.5"))
+    train_lora.parse_args(argv(model_dir, images, tmp_path / "out", "--world_compositions", "0"))
+
+
+def test_a_recipe_default_of_world_compositions_turns_off_without_a_lone_image(
+    model_dir, tmp_path, monkeypatch, caplog
+):
+    import dataclasses
+
+    recipe = dataclasses.replace(train_lora.SMALL_MODEL_RECIPE, world_compositions=0.5)
+    monkeypatch.setattr(train_lora, "SMALL_MODEL_RECIPE", recipe)
+    images = _write_images(tmp_path / "paired", 2)
+    lines = [json.dumps({"file_name": f"{i}.png", "text": "a sks dog and a cat"}) for i in range(2)]
+    (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING"):
+        result = train_lora.main(argv(model_dir, images, tmp_path / "out"))
+    assert result.global_step == 1
+    assert "training without world compositions" in caplog.text
+    assert json.loads((tmp_path / "out" / "train_config.json").read_text())["world_compositions"] == 0.0
+
+
 def test_resume_latest_without_checkpoints_starts_fresh(model_dir, instance_dir, tmp_path):
     result = train_lora.main(
         argv(model_dir, instance_dir, tmp_path / "out", "--resume_from_checkpoint", "latest")
@@ -475,6 +537,7 @@ def bad_dirs(tmp_path) -> dict[str, Path]:
         ("broken", r"unreadable image\(s\): \['broken.png"),
         ("no_index", r"--pretrained_model=.*no-index.* has no model_index.json"),
         ("resume_path", r"--resume_from_checkpoint='checkpoint-7' is not a checkpoint"),
+        ("compositions", r"--world_compositions=1.5 is invalid: expected a number in \[0, 1\]"),
     ],
 )
 def test_bad_input_raises_before_training(case, match, model_dir, instance_dir, bad_dirs, tmp_path):
@@ -487,6 +550,8 @@ def test_bad_input_raises_before_training(case, match, model_dir, instance_dir, 
         model = bad_dirs["no_index"]
     elif case == "resume_path":
         extra = ["--resume_from_checkpoint", "checkpoint-7"]
+    elif case == "compositions":
+        extra = ["--world_compositions", "1.5"]
     with pytest.raises(ValueError, match=match):
         train_lora.parse_args(argv(model, images, tmp_path / "out", *extra))
 

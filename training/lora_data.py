@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -116,12 +117,24 @@ def load_image_tensor(
     flip: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
+    """The image file at ``path`` as `image_tensor` makes it (EXIF orientation applied)."""
+    with Image.open(path) as raw:
+        image = ImageOps.exif_transpose(raw).convert("RGB")
+    return image_tensor(image, resolution, center_crop, flip, generator)
+
+
+def image_tensor(
+    image: Image.Image,
+    resolution: int,
+    center_crop: bool = True,
+    flip: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """An RGB image resized (shorter side) and cropped to ``resolution``, as a `(3, R, R)` tensor in [-1, 1].
 
     A random crop (``center_crop=False``) and a random horizontal flip draw from ``generator``.
     """
-    with Image.open(path) as raw:
-        image = ImageOps.exif_transpose(raw).convert("RGB")
+    image = image.convert("RGB")
     scale = resolution / min(image.size)
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
     image = image.resize(size, Image.BICUBIC)
@@ -157,6 +170,13 @@ class DreamBoothDataset(Dataset):
         center_crop (`bool`): centre crop (default) or random crop.
         random_flip (`bool`): flip horizontally with probability 0.5.
         seed (`int`): base seed of the augmentations.
+        compose (`Callable[[random.Random], tuple[PIL.Image, str]]`, *optional*): makes a new instance
+            image and its caption, e.g. the concept placed in a scene of the world
+            (`ait2i_ext.shapes.concepts.WorldComposer`); it takes the place of instance image ``i`` in a
+            ``compose_fraction`` of the slots, drawn from ``(seed, epoch, i)``.
+        compose_fraction (`float`): the share of instance slots that ``compose`` fills, in [0, 1].
+        tokenize (`Callable[[str], torch.Tensor]`, *optional*): a caption -> its `(77,)` token ids;
+            needed with ``compose``.
     """
 
     def __init__(
@@ -169,7 +189,16 @@ class DreamBoothDataset(Dataset):
         center_crop: bool = True,
         random_flip: bool = False,
         seed: int = 0,
+        compose: Callable[[random.Random], tuple[Image.Image, str]] | None = None,
+        compose_fraction: float = 0.0,
+        tokenize: Callable[[str], torch.Tensor] | None = None,
     ) -> None:
+        if not 0.0 <= compose_fraction <= 1.0:
+            raise ValueError(f"compose_fraction={compose_fraction} is invalid: expected a number in [0, 1]")
+        if compose is not None and tokenize is None:
+            raise ValueError(
+                "tokenize=None is invalid with compose: expected a caption -> token ids function"
+            )
         if class_images and class_prompt_ids is None:
             raise ValueError(
                 "class_prompt_ids=None is invalid with class images: expected the class prompt's ids"
@@ -188,6 +217,9 @@ class DreamBoothDataset(Dataset):
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.seed = seed
+        self.compose = compose
+        self.compose_fraction = compose_fraction if compose is not None else 0.0
+        self.tokenize = tokenize
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -197,7 +229,8 @@ class DreamBoothDataset(Dataset):
         return len(self.instance_images)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
+        item_seed = (self.seed * 1_000_003 + self.epoch) * 1_000_003 + index
+        generator = torch.Generator().manual_seed(item_seed)
 
         def load(path: Path) -> torch.Tensor:
             return load_image_tensor(path, self.resolution, self.center_crop, self.random_flip, generator)
@@ -205,10 +238,20 @@ class DreamBoothDataset(Dataset):
         def ids(all_ids: torch.Tensor, i: int) -> torch.Tensor:
             return all_ids[i] if all_ids.dim() == 2 else all_ids
 
-        example = {
-            "instance_pixels": load(self.instance_images[index]),
-            "instance_ids": ids(self.instance_prompt_ids, index),
-        }
+        rng = random.Random(item_seed)
+        if self.compose_fraction and rng.random() < self.compose_fraction:
+            image, caption = self.compose(rng)
+            example = {
+                "instance_pixels": image_tensor(
+                    image, self.resolution, self.center_crop, self.random_flip, generator
+                ),
+                "instance_ids": self.tokenize(caption),
+            }
+        else:
+            example = {
+                "instance_pixels": load(self.instance_images[index]),
+                "instance_ids": ids(self.instance_prompt_ids, index),
+            }
         if self.class_images:
             j = (self.epoch * len(self) + index) % len(self.class_images)
             example["class_pixels"] = load(self.class_images[j])

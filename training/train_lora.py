@@ -65,8 +65,8 @@ class Recipe:
     Args:
         name: how the log names it.
         rank, lora_alpha, lora_targets, train_text_encoder, text_encoder_targets, learning_rate,
-            max_train_steps, train_batch_size, random_flip: the flags' defaults (``lora_alpha=None``:
-            equal to the rank).
+            max_train_steps, train_batch_size, random_flip, world_compositions: the flags' defaults
+            (``lora_alpha=None``: equal to the rank).
     """
 
     name: str
@@ -79,6 +79,7 @@ class Recipe:
     max_train_steps: int
     train_batch_size: int
     random_flip: bool
+    world_compositions: float = 0.0
 
     def __post_init__(self) -> None:
         for field in ("rank", "max_train_steps", "train_batch_size"):
@@ -91,6 +92,10 @@ class Recipe:
         for field in ("lora_targets", "text_encoder_targets"):
             if not _target_list(getattr(self, field)):
                 raise ValueError(f"{field}={getattr(self, field)!r} is invalid: expected module names")
+        if not 0.0 <= self.world_compositions <= 1.0:
+            raise ValueError(
+                f"world_compositions={self.world_compositions} is invalid: expected a number in [0, 1]"
+            )
 
 
 # Every LoRA-able layer of an SD UNet: attention, feed-forward, the transformer's projections and the
@@ -118,6 +123,7 @@ SMALL_MODEL_RECIPE = Recipe(
     max_train_steps=500,
     train_batch_size=4,
     random_flip=True,
+    world_compositions=0.0,
 )
 # diffusers' DreamBooth-LoRA defaults for Stable Diffusion 1.x/2.x (512-768 px).
 STANDARD_RECIPE = Recipe(
@@ -131,6 +137,7 @@ STANDARD_RECIPE = Recipe(
     max_train_steps=400,
     train_batch_size=1,
     random_flip=False,
+    world_compositions=0.0,
 )
 
 
@@ -179,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--random_crop", action="store_true", help="random instead of centre crop")
     g.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=None, help=_MODEL_DEFAULT)
+    g.add_argument(
+        "--world_compositions",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="shapes-world models: the share of instance slots in which the concept, cut from the instance "
+        "images that show it alone, is scaled to the world's object sizes and placed beside 0-2 rendered "
+        "objects of the world, captioned ('a sks star and a blue square'; ait2i_ext.shapes.concepts."
+        "WorldComposer); 0: off. " + _MODEL_DEFAULT,
+    )
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
     g = p.add_argument_group("prior preservation")
@@ -309,6 +326,13 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         )
     if args.lora_alpha is not None:
         check(args.lora_alpha > 0, "--lora_alpha", args.lora_alpha, "a number > 0")
+    if args.world_compositions is not None:
+        check(
+            0.0 <= args.world_compositions <= 1.0,
+            "--world_compositions",
+            args.world_compositions,
+            "a number in [0, 1] (0: off)",
+        )
     for flag in ("lora_targets", "text_encoder_targets"):
         if getattr(args, flag) is not None:
             check(
@@ -319,7 +343,15 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             )
 
     _check_model_folder(args.pretrained_model)
-    read_captions(list_images(args.instance_data_dir, "--instance_data_dir"), args.instance_prompt)
+    images = list_images(args.instance_data_dir, "--instance_data_dir")
+    captions = read_captions(images, args.instance_prompt)
+    if args.world_compositions:  # given on the command line: its images must allow it
+        from ait2i_ext.shapes.concepts import WorldComposer
+
+        try:
+            WorldComposer.from_instances(images, captions, args.instance_prompt)
+        except ValueError as err:
+            raise ValueError(f"--world_compositions={args.world_compositions}: {err}") from None
 
     if args.with_prior_preservation:
         check(
@@ -353,6 +385,34 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                 f"or an existing {CHECKPOINT_PREFIX}STEP folder (absolute or inside --output_dir)"
             )
     return args
+
+
+def world_composer(args: argparse.Namespace):
+    """The `WorldComposer` of ``--world_compositions`` (None when it is 0), cut from the instance images
+    captioned as the concept alone. When the recipe's default finds no such image it is turned off
+    (``args.world_compositions = 0``) with a warning; a value given on the command line was checked by
+    `validate_args`.
+    """
+    if not args.world_compositions:
+        return None
+    from ait2i_ext.shapes.concepts import WorldComposer
+
+    images = list_images(args.instance_data_dir, "--instance_data_dir")
+    try:
+        composer = WorldComposer.from_instances(
+            images, read_captions(images, args.instance_prompt), args.instance_prompt
+        )
+    except ValueError as err:
+        logger.warning("%s; training without world compositions (--world_compositions 0)", err)
+        args.world_compositions = 0.0
+        return None
+    logger.info(
+        "world compositions: %.0f%% of the instance slots show the concept (cut from %d images of it alone) "
+        "in a scene of the world",
+        100 * args.world_compositions,
+        len(composer.crops),
+    )
+    return composer
 
 
 def read_prompts_file(path: str | Path) -> list[str]:
@@ -677,6 +737,7 @@ def train(args: argparse.Namespace) -> TrainingResult:
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
     resolve_model_defaults(args, unet.config, vae.config)
+    composer = world_composer(args)
     if accelerator.is_main_process:
         save_run_config(args, output_dir)
     check_lora_targets(unet, args.lora_target_list)
@@ -798,6 +859,9 @@ def train(args: argparse.Namespace) -> TrainingResult:
         center_crop=not args.random_crop,
         random_flip=args.random_flip,
         seed=args.seed,
+        compose=composer,
+        compose_fraction=args.world_compositions,
+        tokenize=lambda caption: prompt_ids([caption])[0],
     )
     dataloader = torch.utils.data.DataLoader(
         dataset,

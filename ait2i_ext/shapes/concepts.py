@@ -12,6 +12,11 @@ their captions, the class images of the shipped model's recipe (``train_lora.py 
 images the base model draws (``--class_prompts_file``), and ``--cut-mix-from DIR`` adds SVDiff-style
 cut-mix images (the concept pasted beside the objects of DIR's class images); both measured worse
 (docs/personalization.md).
+
+:class:`WorldComposer` is the composition augmentation of ``train_lora.py --world_compositions``: the
+concept cut from its own instance images, scaled to the sizes objects have in the world's scenes and
+placed beside rendered objects of the world, captioned ("a sks star and a blue square"), drawn afresh for
+every training slot it takes.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import json
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +189,148 @@ def cut_mixes(
             f"{count} (--cut-mix)"
         )
     return mixes
+
+
+# Composites with 0, 1 and 2 rendered objects beside the concept (the world's scenes hold 1-3 objects).
+COMPOSED_OTHER_WEIGHTS = (1, 3, 1)
+
+
+def _strip_article(caption: str) -> str:
+    words = caption.split()
+    return " ".join(words[1:] if words and words[0].lower() in ("a", "an") else words)
+
+
+def concept_crop(image: Image.Image) -> Image.Image:
+    """The drawn pixels of ``image`` (a concept drawn alone on white) cut to their box, as RGBA: opaque on
+    the drawing, transparent elsewhere, the transparent pixels filled with the drawing's median colour (so
+    scaling does not blend its edge with white).
+
+    Raises:
+        ValueError: ``image`` has no drawn pixel.
+    """
+    rgb = np.asarray(image.convert("RGB"))
+    ink = rgb.min(axis=2) < INK_THRESHOLD
+    if not ink.any():
+        raise ValueError(f"the image ({image.width} x {image.height}) is blank: expected a drawn concept")
+    rows, cols = np.nonzero(ink)
+    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    crop, mask = rgb[r0:r1, c0:c1].copy(), ink[r0:r1, c0:c1]
+    crop[~mask] = np.median(rgb[ink], axis=0).astype(np.uint8)
+    return Image.fromarray(np.dstack([crop, mask.astype(np.uint8) * 255]), "RGBA")
+
+
+def nearest_colour(crop: Image.Image) -> str:
+    """The name in ``COLOURS`` nearest the median colour of ``crop``'s opaque pixels."""
+    rgba = np.asarray(crop.convert("RGBA")).reshape(-1, 4)
+    median = np.median(rgba[rgba[:, 3] > 127, :3], axis=0)
+    return min(COLOURS, key=lambda name: float(np.sum((np.asarray(COLOURS[name]) - median) ** 2)))
+
+
+def paste_concept(canvas: Image.Image, crop: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    """``canvas`` with ``crop`` (:func:`concept_crop`) scaled to fit ``box`` (pixels, aspect kept, centred)."""
+    x0, y0, x1, y1 = box
+    scale = min((x1 - x0) / crop.width, (y1 - y0) / crop.height)
+    size = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
+    scaled = crop.resize(size, Image.BILINEAR)
+    mask = scaled.getchannel("A").point(lambda a: 255 if a > 127 else 0)
+    out = canvas.copy()
+    out.paste(scaled.convert("RGB"), (x0 + (x1 - x0 - size[0]) // 2, y0 + (y1 - y0 - size[1]) // 2), mask)
+    return out
+
+
+def compose_concept(
+    crop: Image.Image,
+    phrase: str,
+    rng: random.Random,
+    other_weights: Sequence[float] = COMPOSED_OTHER_WEIGHTS,
+    concept_sides: tuple[int, int] = PAIRED_CONCEPT_SIDES,
+) -> tuple[Image.Image, str]:
+    """A scene of the world with the concept in it: ``crop`` (:func:`concept_crop`) at a side drawn from
+    ``concept_sides`` (default 18-28 px: the world's object sizes, 14-28, from the smallest at which the
+    shipped VAE still draws a star's points), placed apart from 0, 1 or 2 rendered objects of the world
+    (``other_weights``; colour-shape pairs of the training world in other colours than the concept's, at
+    the world's sizes, 4 px less with three objects), with a caption naming all of them in a random order
+    ("a sks star and a blue square"; ``phrase`` is the concept's, e.g. "sks star")."""
+    count = rng.choices(range(len(other_weights)), weights=other_weights)[0]
+    colour = nearest_colour(crop)
+    others = rng.sample([p for p in training_pairs() if p[0] != colour], count)
+    boxes = None
+    while boxes is None:
+        high = MAX_SIZE if count < 2 else MAX_SIZE - 4
+        top = min(concept_sides[1], high)
+        sides = [rng.randint(min(concept_sides[0], top), top)]
+        boxes = _place(rng, sides + [rng.randint(MIN_SIZE, high) for _ in range(count)])
+    placed = tuple(
+        ShapeObject(c, s, tuple(v / IMAGE_SIZE for v in box)) for (c, s), box in zip(others, boxes[1:])
+    )
+    image = paste_concept(render_scene(Scene(placed, "")), crop, boxes[0])
+    phrases = [phrase, *(o.phrase for o in placed)]
+    rng.shuffle(phrases)
+    return image, caption_for(phrases, rng)
+
+
+@dataclass(frozen=True, eq=False)
+class WorldComposer:
+    """The composition augmentation of a concept (``train_lora.py --world_compositions``): called with a
+    ``random.Random``, returns a new training image and its caption (:func:`compose_concept` of one of
+    ``crops`` drawn at random).
+
+    Args:
+        crops: the concept as its instance images draw it alone (:func:`concept_crop`).
+        phrase: the concept's words without article, e.g. ``"sks star"``.
+        other_weights: relative frequencies of 0, 1 and 2 other objects.
+        concept_sides: the concept's side in pixels, lowest and highest.
+    """
+
+    crops: tuple[Image.Image, ...]
+    phrase: str
+    other_weights: tuple[float, ...] = field(default=COMPOSED_OTHER_WEIGHTS)
+    concept_sides: tuple[int, int] = PAIRED_CONCEPT_SIDES
+
+    def __post_init__(self) -> None:
+        if not self.crops:
+            raise ValueError("crops=() is invalid: expected at least one image of the concept alone")
+        if not self.phrase.strip():
+            raise ValueError(
+                f"phrase={self.phrase!r} is invalid: expected the concept's words, e.g. 'sks star'"
+            )
+        if not self.other_weights or min(self.other_weights) < 0 or sum(self.other_weights) <= 0:
+            raise ValueError(
+                f"other_weights={self.other_weights!r} is invalid: expected weights >= 0, not all 0"
+            )
+        low, high = self.concept_sides
+        if not 1 <= low <= high <= MAX_SIZE:
+            raise ValueError(
+                f"concept_sides={self.concept_sides!r} is invalid: expected 1 <= low <= high <= {MAX_SIZE}"
+            )
+
+    @classmethod
+    def from_instances(
+        cls, images: Sequence[str | Path], captions: Sequence[str], prompt: str
+    ) -> WorldComposer:
+        """From the instance images whose caption names only the concept (``prompt``, e.g. "a sks star",
+        with or without its article); the others (the concept beside other objects) are not cut.
+
+        Raises:
+            ValueError: no instance image is captioned as the concept alone.
+        """
+        phrase = _strip_article(prompt)
+        alone = [p for p, c in zip(images, captions, strict=True) if _strip_article(c) == phrase]
+        if not alone:
+            raise ValueError(
+                f"no instance image is captioned {prompt!r} alone: expected at least one image of the concept "
+                "alone to cut it from (--world_compositions)"
+            )
+        crops = []
+        for path in alone:
+            with Image.open(path) as image:
+                crops.append(concept_crop(image))
+        return cls(tuple(crops), phrase)
+
+    def __call__(self, rng: random.Random) -> tuple[Image.Image, str]:
+        return compose_concept(
+            rng.choice(self.crops), self.phrase, rng, self.other_weights, self.concept_sides
+        )
 
 
 def write_concept(
