@@ -30,7 +30,7 @@ import logging
 import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -451,16 +451,11 @@ class RegionalConfig:
         assign: ``"independent"``: each concept's mask from its own map alone (masks may overlap, and
             share a cell in proportion); ``"strongest"``: each map cell to at most one concept, the one
             whose normalised group level is highest there (:func:`strongest_only`), before the ramp.
-        mask_pass: the pass whose maps make the masks: ``"concept"``, concept ``k``'s own pass (its LoRA
-            alone); ``"base"``, the pipeline's pass with no LoRA, reading the whole prompt (one layout for
-            every concept, captured at no extra pass).
         concept_prompt: what concept ``k``'s pass reads: ``"full"``, the whole prompt; ``"own"``, its
             group's words alone, as its LoRA was trained (``"a sks star"``, :func:`own_prompt`).
         full_prompt_fraction: with ``concept_prompt="own"``, the first part of the denoising (by
             timestep, as ``layout_fraction``) in which the concept passes still read the whole prompt
             (where the concepts go), before their own prompts (how each is drawn).
-        regional_fraction: the first part of the denoising (by timestep) that runs regionally; the rest
-            runs the pipeline's own pass with every concept's LoRA on, one UNet pass a step (cheaper).
     """
 
     # Tuned on the shapes model (docs/personalization.md, fifth round): seeds 1000-1031.
@@ -470,10 +465,8 @@ class RegionalConfig:
     layout_fraction: float = 0.0
     mask_source: str = "mean"
     assign: str = "independent"
-    mask_pass: str = "concept"
     concept_prompt: str = "full"
     full_prompt_fraction: float = 0.0
-    regional_fraction: float = 1.0
 
     def __post_init__(self):
         checks = (
@@ -483,10 +476,8 @@ class RegionalConfig:
             ("layout_fraction", 0.0 <= self.layout_fraction <= 1.0, "a number in [0, 1]"),
             ("mask_source", self.mask_source in ("current", "mean"), "'current' or 'mean'"),
             ("assign", self.assign in ("independent", "strongest"), "'independent' or 'strongest'"),
-            ("mask_pass", self.mask_pass in ("concept", "base"), "'concept' or 'base'"),
             ("concept_prompt", self.concept_prompt in ("full", "own"), "'full' or 'own'"),
             ("full_prompt_fraction", 0.0 <= self.full_prompt_fraction <= 1.0, "a number in [0, 1]"),
-            ("regional_fraction", 0.0 <= self.regional_fraction <= 1.0, "a number in [0, 1]"),
         )
         for name, ok, expected in checks:
             if not ok:
@@ -643,7 +634,6 @@ class _RegionalHook:
         # embeds: per phase ("full", "own"), per identifier, the prompt as concept k's pass reads it
         self.pipe, self.adapters, self.tokens, self.embeds = pipe, adapters, tokens, embeds
         self.own_tokens = own_tokens or tokens  # the group's tokens in the concept's own prompt
-        self.base_capture: ExitStack | None = None  # the pipeline's pass under capture (mask_pass="base")
         self.num_images, self.config, self.weights = num_images, config, weights
         self.inside = False  # in one of our own passes
         self.sums: dict[str, torch.Tensor] = {}  # running sums of the group maps ("mean")
@@ -652,46 +642,19 @@ class _RegionalHook:
         self.last_t = float("inf")  # a timestep above the last one starts a new sampling run
         self.passes = 0  # UNet passes with a LoRA, for tests and cost reports
 
-    def applies(self, args: tuple, kwargs: dict) -> bool:
-        # Guidance passes (grad enabled) keep every concept's LoRA on: their maps are the LoRA's; so do
-        # the sampling passes after the regional part of the schedule.
-        if self.inside or torch.is_grad_enabled():
-            return False
-        total = self.pipe.scheduler.config.num_train_timesteps
-        return _timestep(args, kwargs) > (1.0 - self.config.regional_fraction) * total - 1e-6
-
-    def capture(self, unet, size: tuple[int, int]):
-        """A capture of the next UNet pass's maps at the maps' resolution."""
-        return capture_attention(
-            unet, size, detach=True, vae_scale_factor=getattr(self.pipe, "vae_scale_factor", None)
-        )
+    def applies(self) -> bool:
+        # Guidance passes (grad enabled) keep every concept's LoRA on: their maps are the LoRA's.
+        return not self.inside and not torch.is_grad_enabled()
 
     def before(self, unet, args, kwargs):
-        if self.applies(args, kwargs):
+        if self.applies():
             unet.disable_lora()  # the pipeline's own pass is eps_base
-            if self.config.mask_pass == "base":
-                self.close()
-                self.base_capture = ExitStack()
-                sample = args[0] if args else kwargs["sample"]
-                self.base_store = self.base_capture.enter_context(
-                    self.capture(unet, tuple(sample.shape[-2:]))
-                )
-
-    def close(self) -> None:
-        """End the capture of the pipeline's pass, if one is open (also on errors: from the context)."""
-        if self.base_capture is not None:
-            self.base_capture.close()
-            self.base_capture = None
 
     def after(self, unet, args, kwargs, output):
-        if not self.applies(args, kwargs):
+        if not self.applies():
             return None
         base = _sample(output)
         batch = base.shape[0]
-        base_maps = None
-        if self.base_capture is not None:
-            base_maps = self.base_store.maps()[-self.num_images :]
-            self.close()
         if batch not in (self.num_images, 2 * self.num_images):
             unet.enable_lora()
             raise ValueError(
@@ -708,7 +671,7 @@ class _RegionalHook:
         phase = "full"
         if self.config.concept_prompt == "own" and t <= (1.0 - self.config.full_prompt_fraction) * total:
             phase = "own"
-        if phase != self.phase and self.config.mask_pass == "concept":  # maps of another prompt: a new mean
+        if phase != self.phase:  # the maps of another prompt: their mean starts afresh
             self.sums.clear()
             self.counts.clear()
         self.phase = phase
@@ -719,12 +682,12 @@ class _RegionalHook:
             for ident, name in self.adapters.items():
                 unet.set_adapters([name], [self.weights.get(ident, 1.0)])
                 size = tuple(base.shape[-2:])
-                with self.capture(unet, size) as store:
+                with capture_attention(
+                    unet, size, detach=True, vae_scale_factor=getattr(self.pipe, "vae_scale_factor", None)
+                ) as store:
                     own_args, own_kwargs = _own_text(args, kwargs, self.embeds[phase][ident], self.num_images)
                     eps = _sample(unet.forward(*own_args, **own_kwargs))
                     maps = store.maps()[-self.num_images :]  # with CFG the batch is [uncond, cond]
-                if base_maps is not None:
-                    maps = base_maps
                 self.passes += 1
                 if self.config.mask_source == "mean":
                     self.sums[ident] = maps if ident not in self.sums else self.sums[ident] + maps
@@ -745,8 +708,7 @@ class _RegionalHook:
 
     def masks(self, group_maps: list[torch.Tensor], size: tuple[int, int]) -> list[torch.Tensor]:
         c = self.config
-        own = self.config.mask_pass == "concept" and self.phase == "own"
-        tokens = self.own_tokens if own else self.tokens
+        tokens = self.own_tokens if self.phase == "own" else self.tokens
         levels = [group_level(m, tokens[ident]) for m, ident in zip(group_maps, self.adapters)]
         if c.assign == "strongest":
             levels = strongest_only(levels)
@@ -770,7 +732,8 @@ def regional_loras(
     identifier runs with every LoRA disabled (text encoder and UNet): the stock model's images, by
     construction. Guidance passes (grad enabled) keep the prompt's LoRAs on, so ait2i's maps are the
     LoRA-loaded UNet's, as without this mode. The pipeline encodes the prompt with the text-encoder LoRAs of
-    the prompt's concepts; concept ``k``'s pass reads it as encoded with LoRA ``k`` alone.
+    the prompt's concepts; concept ``k``'s pass reads it (or, with ``concept_prompt="own"``, its own
+    words) as encoded with LoRA ``k`` alone.
 
         with regional_loras(pipe, prompt, {"sks": "default_0", "xyz": "default_1"}, num_images=4):
             out = generate(pipe, prompt, personalized_subjects(prompt, ["sks", "xyz"]),
@@ -829,7 +792,6 @@ def regional_loras(
         finally:
             pre.remove()
             post.remove()
-            hook.close()
     finally:
         pipe.enable_lora()
         pipe.set_adapters(everything, restore)

@@ -339,10 +339,8 @@ def test_regional_prediction_is_the_base_outside_every_mask():
     ("field", "value"),
     [("threshold", 1.5), ("softness", -0.1), ("dilation", -1), ("mask_source", "next"), ("assign", "max")]
     + [
-        ("mask_pass", "guide"),
         ("concept_prompt", "mine"),
         ("full_prompt_fraction", 2.0),
-        ("regional_fraction", -1.0),
     ],
 )
 def test_regional_config_names_a_bad_value(field, value):
@@ -388,10 +386,10 @@ def test_regional_lora_confines_the_lora_to_its_mask(tmp_path, monkeypatch):
     "config",
     [
         RegionalConfig(),
-        RegionalConfig(mask_pass="base", concept_prompt="own", assign="strongest"),
-        RegionalConfig(concept_prompt="own", full_prompt_fraction=0.5),
+        RegionalConfig(assign="strongest", concept_prompt="own"),
+        RegionalConfig(assign="strongest", concept_prompt="own", full_prompt_fraction=0.5),
     ],
-    ids=["concept-masks", "base-masks-own-prompt", "full-then-own-prompt"],
+    ids=["full-prompt", "own-prompt", "full-then-own-prompt"],
 )
 def test_regional_lora_runs_one_lora_pass_per_concept_and_step(trained, tmp_path, config):
     other = _save_random_lora(tmp_path / "other")
@@ -409,21 +407,16 @@ def test_regional_lora_runs_one_lora_pass_per_concept_and_step(trained, tmp_path
             pipe(TWO, num_inference_steps=1, guidance_scale=1.0, num_images_per_prompt=2)
 
 
-def test_regional_fraction_zero_is_the_pipeline_with_every_lora_on(trained, tmp_path):
-    """After the regional part of the schedule the pipeline's own pass runs, every LoRA on: one pass a step."""
+def test_own_prompt_passes_read_the_concept_words_as_its_text_encoder_lora_encodes_them(trained, tmp_path):
     pipe = tiny_sd_pipeline()
     names = load_loras(pipe, [trained, _save_random_lora(tmp_path / "other")])
-    call = dict(num_inference_steps=2, output_type="np")
-    expected = pipe(TWO, generator=torch.Generator().manual_seed(0), **call).images
-    adapters = dict(zip(["sks", "xyz"], names))
-    with regional_loras(pipe, TWO, adapters, config=RegionalConfig(regional_fraction=0.0)) as hook:
-        images = pipe(TWO, generator=torch.Generator().manual_seed(0), **call).images
-    assert hook.passes == 0
-    np.testing.assert_allclose(images, expected, atol=1e-6)
-    with regional_loras(pipe, TWO, adapters, config=RegionalConfig(regional_fraction=0.5)) as hook:
-        regional = pipe(TWO, generator=torch.Generator().manual_seed(0), **call).images
-    assert hook.passes == 2  # the first of the two steps (t = 501 > 500), one pass per concept
-    assert np.abs(regional - expected).max() > 1e-4
+    config = RegionalConfig(concept_prompt="own", full_prompt_fraction=0.5)
+    with regional_loras(pipe, TWO, dict(zip(["sks", "xyz"], names)), config=config) as hook:
+        pipe.set_adapters([names[0]])
+        expected = pipe.encode_prompt("a sks dog", "cpu", 1, False)[0]
+        pipe.set_adapters(names)
+    torch.testing.assert_close(hook.embeds["own"]["sks"], expected)
+    assert not torch.allclose(hook.embeds["full"]["sks"], expected)  # the whole prompt before the switch
 
 
 def test_a_prompt_without_identifier_runs_no_lora_at_all(trained):
