@@ -448,6 +448,14 @@ class RegionalConfig:
             runs each LoRA everywhere (``m_k = 1``: the concept's layout), the rest masked.
         mask_source: ``"current"`` the mask from this step's maps; ``"mean"`` from the maps averaged over
             the steps so far (steadier, as aggregation over steps is).
+        assign: ``"independent"``: each concept's mask from its own map alone (masks may overlap, and
+            share a cell in proportion); ``"strongest"``: each map cell to at most one concept, the one
+            whose normalised group level is highest there (:func:`strongest_only`), before the ramp.
+        concept_prompt: what concept ``k``'s pass reads: ``"full"``, the whole prompt; ``"own"``, its
+            group's words alone, as its LoRA was trained (``"a sks star"``, :func:`own_prompt`).
+        full_prompt_fraction: with ``concept_prompt="own"``, the first part of the denoising (by
+            timestep, as ``layout_fraction``) in which the concept passes still read the whole prompt
+            (where the concepts go), before their own prompts (how each is drawn).
     """
 
     # Tuned on the shapes model (docs/personalization.md, fifth round): seeds 1000-1031.
@@ -456,6 +464,9 @@ class RegionalConfig:
     dilation: int = 1
     layout_fraction: float = 0.0
     mask_source: str = "mean"
+    assign: str = "independent"
+    concept_prompt: str = "full"
+    full_prompt_fraction: float = 0.0
 
     def __post_init__(self):
         checks = (
@@ -464,6 +475,9 @@ class RegionalConfig:
             ("dilation", isinstance(self.dilation, int) and self.dilation >= 0, "an integer >= 0"),
             ("layout_fraction", 0.0 <= self.layout_fraction <= 1.0, "a number in [0, 1]"),
             ("mask_source", self.mask_source in ("current", "mean"), "'current' or 'mean'"),
+            ("assign", self.assign in ("independent", "strongest"), "'independent' or 'strongest'"),
+            ("concept_prompt", self.concept_prompt in ("full", "own"), "'full' or 'own'"),
+            ("full_prompt_fraction", 0.0 <= self.full_prompt_fraction <= 1.0, "a number in [0, 1]"),
         )
         for name, ok, expected in checks:
             if not ok:
@@ -478,6 +492,38 @@ def group_level(maps: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
     low = group.amin(dim=(1, 2), keepdim=True)
     high = group.amax(dim=(1, 2), keepdim=True)
     return (group - low) / (high - low).clamp_min(1e-8)
+
+
+def strongest_only(levels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each cell's level kept for the concept whose level is highest there, 0 for the others.
+
+    Args:
+        levels: per concept, `(B, h, w)` group levels (:func:`group_level`).
+
+    Returns:
+        The levels with every cell held by one concept only (ties: the first).
+    """
+    if len(levels) < 2:
+        return list(levels)
+    top = torch.stack(list(levels)).argmax(0)
+    return [torch.where(top == k, level, torch.zeros_like(level)) for k, level in enumerate(levels)]
+
+
+def level_mask(
+    level: torch.Tensor, size: tuple[int, int], threshold: float, softness: float, dilation: int = 0
+) -> torch.Tensor:
+    """A `(B, h, w)` level in [0, 1] ramped around ``threshold``, grown by ``dilation`` cells and
+    upsampled bilinearly to ``size``: `(B, 1, H, W)` in [0, 1] (see :class:`RegionalConfig`)."""
+    if softness > 0:
+        mask = ((level - threshold) / softness + 0.5).clamp(0.0, 1.0)
+    else:
+        mask = (level >= threshold).to(level.dtype)
+    mask = mask.unsqueeze(1)
+    if dilation:
+        mask = torch.nn.functional.max_pool2d(mask, 2 * dilation + 1, stride=1, padding=dilation)
+    if tuple(mask.shape[-2:]) != tuple(size):
+        mask = torch.nn.functional.interpolate(mask, size=size, mode="bilinear", align_corners=False)
+    return mask
 
 
 def concept_mask(
@@ -501,17 +547,7 @@ def concept_mask(
         normalised to [0, 1] per image, ramped around ``threshold``, grown by ``dilation`` cells and
         upsampled bilinearly.
     """
-    level = group_level(maps, tokens)
-    if softness > 0:
-        mask = ((level - threshold) / softness + 0.5).clamp(0.0, 1.0)
-    else:
-        mask = (level >= threshold).to(level.dtype)
-    mask = mask.unsqueeze(1)
-    if dilation:
-        mask = torch.nn.functional.max_pool2d(mask, 2 * dilation + 1, stride=1, padding=dilation)
-    if tuple(mask.shape[-2:]) != tuple(size):
-        mask = torch.nn.functional.interpolate(mask, size=size, mode="bilinear", align_corners=False)
-    return mask
+    return level_mask(group_level(maps, tokens), size, threshold, softness, dilation)
 
 
 def regional_prediction(
@@ -552,6 +588,19 @@ def concept_tokens(tokenizer, prompt: str, identifiers: Sequence[str]) -> dict[s
     return by_ident
 
 
+def own_prompt(tokenizer, prompt: str, tokens: Sequence[int]) -> str:
+    """The concept's own prompt: ``"a "`` + the words of its group's ``tokens`` in ``prompt``
+    (``"a sks star and a xyz heart"``, the tokens of ``sks star`` -> ``"a sks star"``)."""
+    ids = tokenizer(prompt).input_ids
+    return "a " + tokenizer.decode([ids[i] for i in sorted(tokens)]).strip()
+
+
+def _timestep(args: tuple, kwargs: dict) -> float:
+    """The timestep of a UNet call (its second argument)."""
+    t = args[1] if len(args) > 1 else kwargs["timestep"]
+    return float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+
+
 def _sample(output) -> torch.Tensor:
     return output.sample if hasattr(output, "sample") else output[0]
 
@@ -580,12 +629,16 @@ class _RegionalHook:
     pass per concept with its LoRA alone, under attention capture; the output is their masked sum."""
 
     def __init__(self, pipe, adapters: dict[str, str], tokens: dict[str, tuple[int, ...]], num_images: int,
-                 config: RegionalConfig, weights: dict[str, float], embeds: dict[str, torch.Tensor]):  # fmt: skip
+                 config: RegionalConfig, weights: dict[str, float], embeds: dict[str, dict[str, torch.Tensor]],
+                 own_tokens: dict[str, tuple[int, ...]] | None = None):  # fmt: skip
+        # embeds: per phase ("full", "own"), per identifier, the prompt as concept k's pass reads it
         self.pipe, self.adapters, self.tokens, self.embeds = pipe, adapters, tokens, embeds
+        self.own_tokens = own_tokens or tokens  # the group's tokens in the concept's own prompt
         self.num_images, self.config, self.weights = num_images, config, weights
         self.inside = False  # in one of our own passes
         self.sums: dict[str, torch.Tensor] = {}  # running sums of the group maps ("mean")
         self.counts: dict[str, int] = {}
+        self.phase = "full"  # the prompt the concept passes read now ("full" or "own")
         self.last_t = float("inf")  # a timestep above the last one starts a new sampling run
         self.passes = 0  # UNet passes with a LoRA, for tests and cost reports
 
@@ -608,13 +661,20 @@ class _RegionalHook:
                 f"regional LoRA: the UNet got a batch of {batch}, expected num_images={self.num_images} "
                 f"(or twice that with classifier-free guidance)"
             )
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
-        t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        t = _timestep(args, kwargs)
         if t > self.last_t:  # a new call inside the same context: its mean starts afresh
             self.sums.clear()
             self.counts.clear()
         self.last_t = t
-        everywhere = t > (1.0 - self.config.layout_fraction) * self.pipe.scheduler.config.num_train_timesteps
+        total = self.pipe.scheduler.config.num_train_timesteps
+        everywhere = t > (1.0 - self.config.layout_fraction) * total
+        phase = "full"
+        if self.config.concept_prompt == "own" and t <= (1.0 - self.config.full_prompt_fraction) * total:
+            phase = "own"
+        if phase != self.phase:  # the maps of another prompt: their mean starts afresh
+            self.sums.clear()
+            self.counts.clear()
+        self.phase = phase
         predictions, group_maps = [], []
         self.inside = True
         try:
@@ -625,7 +685,7 @@ class _RegionalHook:
                 with capture_attention(
                     unet, size, detach=True, vae_scale_factor=getattr(self.pipe, "vae_scale_factor", None)
                 ) as store:
-                    own_args, own_kwargs = _own_text(args, kwargs, self.embeds[ident], self.num_images)
+                    own_args, own_kwargs = _own_text(args, kwargs, self.embeds[phase][ident], self.num_images)
                     eps = _sample(unet.forward(*own_args, **own_kwargs))
                     maps = store.maps()[-self.num_images :]  # with CFG the batch is [uncond, cond]
                 self.passes += 1
@@ -648,10 +708,11 @@ class _RegionalHook:
 
     def masks(self, group_maps: list[torch.Tensor], size: tuple[int, int]) -> list[torch.Tensor]:
         c = self.config
-        tokens = [self.tokens[ident] for ident in self.adapters]
-        return [
-            concept_mask(m, t, size, c.threshold, c.softness, c.dilation) for m, t in zip(group_maps, tokens)
-        ]
+        tokens = self.own_tokens if self.phase == "own" else self.tokens
+        levels = [group_level(m, tokens[ident]) for m, ident in zip(group_maps, self.adapters)]
+        if c.assign == "strongest":
+            levels = strongest_only(levels)
+        return [level_mask(level, size, c.threshold, c.softness, c.dilation) for level in levels]
 
 
 @contextmanager
@@ -671,7 +732,8 @@ def regional_loras(
     identifier runs with every LoRA disabled (text encoder and UNet): the stock model's images, by
     construction. Guidance passes (grad enabled) keep the prompt's LoRAs on, so ait2i's maps are the
     LoRA-loaded UNet's, as without this mode. The pipeline encodes the prompt with the text-encoder LoRAs of
-    the prompt's concepts; concept ``k``'s pass reads it as encoded with LoRA ``k`` alone.
+    the prompt's concepts; concept ``k``'s pass reads it (or, with ``concept_prompt="own"``, its own
+    words) as encoded with LoRA ``k`` alone.
 
         with regional_loras(pipe, prompt, {"sks": "default_0", "xyz": "default_1"}, num_images=4):
             out = generate(pipe, prompt, personalized_subjects(prompt, ["sks", "xyz"]),
@@ -711,12 +773,18 @@ def regional_loras(
             return
         pipe.set_adapters(list(present.values()), [weights.get(i, 1.0) for i in present])
         tokens = concept_tokens(pipe.tokenizer, prompt, list(present))
-        embeds = {}  # each concept's pass reads the prompt as its own text-encoder LoRA alone encodes it
+        texts = {"full": {i: prompt for i in present}}  # what each concept's pass reads
+        own_tokens = None
+        if config.concept_prompt == "own":
+            texts["own"] = {i: own_prompt(pipe.tokenizer, prompt, tokens[i]) for i in present}
+            own_tokens = {i: concept_tokens(pipe.tokenizer, texts["own"][i], [i])[i] for i in present}
+        embeds = {phase: {} for phase in texts}  # as each concept's own text-encoder LoRA alone encodes it
         for ident, name in present.items():
             pipe.set_adapters([name], [weights.get(ident, 1.0)])
-            embeds[ident] = pipe.encode_prompt(prompt, pipe._execution_device, 1, False)[0]
+            for phase, text in texts.items():
+                embeds[phase][ident] = pipe.encode_prompt(text[ident], pipe._execution_device, 1, False)[0]
         pipe.set_adapters(list(present.values()), [weights.get(i, 1.0) for i in present])
-        hook = _RegionalHook(pipe, present, tokens, num_images, config, weights, embeds)
+        hook = _RegionalHook(pipe, present, tokens, num_images, config, weights, embeds, own_tokens)
         pre = pipe.unet.register_forward_pre_hook(hook.before, with_kwargs=True)
         post = pipe.unet.register_forward_hook(hook.after, with_kwargs=True)
         try:
@@ -736,12 +804,15 @@ __all__ = [
     "concept_mask",
     "concept_tokens",
     "group_level",
+    "level_mask",
     "load_lora",
     "load_loras",
     "lora_file",
+    "own_prompt",
     "parse_lora_scale",
     "personalized_subjects",
     "regional_loras",
     "regional_prediction",
+    "strongest_only",
     "unload_lora",
 ]

@@ -18,7 +18,8 @@
    (subjects are the nouns and the other subjects' words), ``ait2i+id`` with each identifier in the
    group of the noun it precedes (:func:`personalized_subjects`), and ``regional`` / ``ait2i+id+regional``:
    plain / ait2i+id with each LoRA only where its concept is (:func:`regional_loras`, ``--regional``
-   for its :class:`RegionalConfig` fields; base prompts then run no LoRA).
+   for its :class:`RegionalConfig` fields; base prompts then run no LoRA), and ``ait2i+id+regional2``,
+   the same with the fields of ``--regional2`` (two regional settings side by side in one run).
 4. Score each image with ``ait2i_ext.shapes.evaluator``: every requested object (the concept in its
    colour and shape, the other subject) present.
 
@@ -63,7 +64,7 @@ BASE_PROMPTS = (
     "a red circle and a blue square",
     "a green triangle and a purple circle",
 )
-METHODS = ("plain", "ait2i", "ait2i+id", "regional", "ait2i+id+regional")
+METHODS = ("plain", "ait2i", "ait2i+id", "regional", "ait2i+id+regional", "ait2i+id+regional2")
 #: Methods run by default ("regional", plain sampling with each LoRA confined to its concept's place,
 #: only on request: docs/personalization.md measured it below ait2i + regional).
 DEFAULT_METHODS = ("plain", "ait2i", "ait2i+id", "ait2i+id+regional")
@@ -102,7 +103,7 @@ def cases(
             )
     for row in rows:
         allowed = {"concept + other": METHODS, "base prompt": ("plain", "regional")}.get(
-            row["group"], ("plain", "ait2i+id", "regional", "ait2i+id+regional")
+            row["group"], ("plain", "ait2i+id", "regional", "ait2i+id+regional", "ait2i+id+regional2")
         )
         row["methods"] = [m for m in methods if m in allowed]
     return [row for row in rows if row["methods"]]
@@ -155,7 +156,7 @@ def run_job(job: dict) -> dict:
     from ait2i_ext.shapes.evaluator import evaluate
 
     case, method, seeds = job["case"], job["method"], job["seeds"]
-    regional = method.endswith("regional")
+    regional = "regional" in method
     pipe = _pipeline(job["model"], tuple(job["lora_paths"]), job["lora_scale"], fuse=not regional)
     call = dict(
         num_inference_steps=job["steps"],
@@ -167,7 +168,7 @@ def run_job(job: dict) -> dict:
     if regional:  # adapters default_<i> in the order of the case's LoRAs
         adapters = {ident: f"default_{case['loras'].index(LORA_OF[ident])}" for ident in case["identifiers"]}
         context = regional_loras(
-            pipe, case["prompt"], adapters, len(seeds), RegionalConfig(**job["regional"]),
+            pipe, case["prompt"], adapters, len(seeds), RegionalConfig(**job["regional2" if method.endswith("2") else "regional"]),
             weights={ident: _unet_scale(job["lora_scale"]) for ident in adapters},
         )  # fmt: skip
     else:
@@ -274,8 +275,9 @@ def paired_table(rows: list[dict], methods: Sequence[str]) -> str:
                 continue
             win, loss = paired(r["flags"][m], r["flags"]["plain"])
             cell = f"{m} +{win}/-{loss}"
-            if m == "ait2i+id+regional" and "ait2i+id" in r["flags"]:
-                cell += " (vs ait2i+id +{}/-{})".format(*paired(r["flags"][m], r["flags"]["ait2i+id"]))
+            for other in ("ait2i+id", "ait2i+id+regional"):
+                if m.startswith("ait2i+id+regional") and m != other and other in r["flags"]:
+                    cell += f" (vs {other} " + "+{}/-{})".format(*paired(r["flags"][m], r["flags"][other]))
             cells.append(f"{cell} x{r['seconds'][m] / r['seconds']['plain']:.2f}")
         lines.append(f"  {r['prompt']} [{'+'.join(r['loras']) or 'none'}]: " + "; ".join(cells))
     return "\n".join(lines)
@@ -291,7 +293,7 @@ def examples_grid(examples: dict, seeds: list[int]) -> Image.Image | None:
         for seed in seeds:
             tiles = {
                 m: examples[(prompt, m, seed)]
-                for m in ("plain", "ait2i+id", "ait2i+id+regional")
+                for m in ("plain", "ait2i+id", "ait2i+id+regional", "ait2i+id+regional2")
                 if (prompt, m, seed) in examples
             }
             if tiles:
@@ -337,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
         help="RegionalConfig fields for the regional methods, e.g. 'threshold=0.2,dilation=1,mask_source=mean' "
         "(default: RegionalConfig's)",
     )
+    parser.add_argument(
+        "--regional2",
+        default="",
+        help="RegionalConfig fields for the method ait2i+id+regional2, e.g. 'assign=strongest' "
+        "(default: RegionalConfig's)",
+    )
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--workers", type=int, default=2, help="processes, one CPU thread each")
@@ -377,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
         regional = parse_regional(args.regional)
     except ValueError as e:
         raise SystemExit(f"--regional: {e}") from None
+    try:
+        regional2 = parse_regional(args.regional2)
+    except ValueError as e:
+        raise SystemExit(f"--regional2: {e}") from None
     others = [o.strip() for o in args.others.split(",") if o.strip()]
     from ait2i_ext.shapes.data import COLOURS, SHAPES
 
@@ -425,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         {"case_id": i, "case": case, "method": method, "seeds": chunk, "model": model, "radii": radii,
          "lora_paths": [lora_paths[name] for name in case["loras"]], "lora_scale": lora_scale,
          "steps": args.steps, "guidance_scale": args.guidance_scale, "example_seeds": example_seeds,
-         "regional": regional}
+         "regional": regional, "regional2": regional2}
         for i, case in enumerate(all_cases) for method in case["methods"] for chunk in chunks
     ]  # fmt: skip
     # Case by case (the concept alone first), so that a partial run still holds whole prompts.
@@ -465,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
         f"seeds {seeds[0]}..{seeds[-1]}; {args.steps} steps; guidance scale {args.guidance_scale}; radii {radii}"
     )
     print(f"regional: {RegionalConfig(**regional)}")
+    if "ait2i+id+regional2" in methods:
+        print(f"regional2: {RegionalConfig(**regional2)}")
     print(format_table(rows, [m for m in METHODS if m in methods]))
     print(paired_table(rows, [m for m in METHODS if m in methods]))
     out.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from ait2i_ext.adapters.personalize import (
     personalized_subjects,
     regional_loras,
     regional_prediction,
+    strongest_only,
     unload_lora,
 )
 
@@ -304,6 +305,24 @@ def test_concept_mask_covers_the_group_map_peak_and_grows_with_dilation():
     assert soft[1, 0, 7, 7] > 0.9 and soft[1, 0, 0, 0] == 0
 
 
+def test_strongest_only_gives_each_cell_to_one_concept():
+    star = torch.tensor([[[1.0, 0.8, 0.4], [0.2, 0.0, 0.5]]])
+    heart = torch.tensor([[[0.0, 0.9, 0.3], [0.6, 0.0, 0.5]]])
+    kept_star, kept_heart = strongest_only([star, heart])
+    assert ((kept_star > 0) & (kept_heart > 0)).sum() == 0, "a cell kept by both concepts"
+    torch.testing.assert_close(kept_star + kept_heart, torch.maximum(star, heart))
+    assert kept_star[0, 1, 2] == 0.5 and kept_heart[0, 1, 2] == 0  # a tie goes to the first concept
+    assert strongest_only([star])[0] is star
+
+
+def test_own_prompt_is_the_group_words_alone(tokenizer):
+    tokens = personalize.concept_tokens(tokenizer, TWO, ["sks", "xyz"])
+    assert [personalize.own_prompt(tokenizer, TWO, tokens[i]) for i in ("sks", "xyz")] == [
+        "a sks dog",
+        "a xyz cat",
+    ]
+
+
 def test_regional_prediction_is_the_base_outside_every_mask():
     base, star, heart = torch.randn(3, 2, 4, 6, 6)
     left = torch.zeros(2, 1, 6, 6)
@@ -317,7 +336,12 @@ def test_regional_prediction_is_the_base_outside_every_mask():
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("threshold", 1.5), ("softness", -0.1), ("dilation", -1), ("mask_source", "next")]
+    ("field", "value"),
+    [("threshold", 1.5), ("softness", -0.1), ("dilation", -1), ("mask_source", "next"), ("assign", "max")]
+    + [
+        ("concept_prompt", "mine"),
+        ("full_prompt_fraction", 2.0),
+    ],
 )
 def test_regional_config_names_a_bad_value(field, value):
     with pytest.raises(ValueError, match=rf"RegionalConfig\({field}=.*\) is invalid: expected"):
@@ -343,12 +367,12 @@ def test_regional_lora_confines_the_lora_to_its_mask(tmp_path, monkeypatch):
         pipe.unet.enable_lora()
     assert (lora - base).abs().max() > 1e-4, "the LoRA had no effect: the comparison proves nothing"
 
-    def right_half(maps, tokens, size, *args):
-        mask = torch.zeros(maps.shape[0], 1, *size)
+    def right_half(level, size, *args):
+        mask = torch.zeros(level.shape[0], 1, *size)
         mask[..., size[1] // 2 :] = 1.0
         return mask
 
-    monkeypatch.setattr(personalize, "concept_mask", right_half)
+    monkeypatch.setattr(personalize, "level_mask", right_half)
     with regional_loras(pipe, "a sks dog", {"sks": name}) as hook, torch.no_grad():
         out = pipe.unet(x, t, encoder_hidden_states=embeds).sample
     assert hook.passes == 1
@@ -358,18 +382,41 @@ def test_regional_lora_confines_the_lora_to_its_mask(tmp_path, monkeypatch):
         torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=embeds).sample, lora)
 
 
-def test_regional_lora_runs_one_lora_pass_per_concept_and_step(trained, tmp_path):
+@pytest.mark.parametrize(
+    "config",
+    [
+        RegionalConfig(),
+        RegionalConfig(assign="strongest", concept_prompt="own"),
+        RegionalConfig(assign="strongest", concept_prompt="own", full_prompt_fraction=0.5),
+    ],
+    ids=["full-prompt", "own-prompt", "full-then-own-prompt"],
+)
+def test_regional_lora_runs_one_lora_pass_per_concept_and_step(trained, tmp_path, config):
     other = _save_random_lora(tmp_path / "other")
     pipe = tiny_sd_pipeline()
     names = load_loras(pipe, [trained, other])
-    with regional_loras(pipe, TWO, dict(zip(["sks", "xyz"], names)), num_images=2) as hook:
+    processors = {k: type(v) for k, v in pipe.unet.attn_processors.items()}
+    with regional_loras(pipe, TWO, dict(zip(["sks", "xyz"], names)), num_images=2, config=config) as hook:
         out = generate(pipe, TWO, personalized_subjects(TWO, ["sks", "xyz"]), num_inference_steps=3,
                        num_images_per_prompt=2, generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert hook.passes == 2 * 3 and len(out.images) == 2
     assert set(pipe.get_active_adapters()) == set(names)
+    assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == processors  # captures all ended
     with pytest.raises(ValueError, match=r"UNet got a batch of 2, expected num_images=3"):
         with regional_loras(pipe, TWO, dict(zip(["sks", "xyz"], names)), num_images=3):
             pipe(TWO, num_inference_steps=1, guidance_scale=1.0, num_images_per_prompt=2)
+
+
+def test_own_prompt_passes_read_the_concept_words_as_its_text_encoder_lora_encodes_them(trained, tmp_path):
+    pipe = tiny_sd_pipeline()
+    names = load_loras(pipe, [trained, _save_random_lora(tmp_path / "other")])
+    config = RegionalConfig(concept_prompt="own", full_prompt_fraction=0.5)
+    with regional_loras(pipe, TWO, dict(zip(["sks", "xyz"], names)), config=config) as hook:
+        pipe.set_adapters([names[0]])
+        expected = pipe.encode_prompt("a sks dog", "cpu", 1, False)[0]
+        pipe.set_adapters(names)
+    torch.testing.assert_close(hook.embeds["own"]["sks"], expected)
+    assert not torch.allclose(hook.embeds["full"]["sks"], expected)  # the whole prompt before the switch
 
 
 def test_a_prompt_without_identifier_runs_no_lora_at_all(trained):
@@ -417,7 +464,16 @@ def test_cli_regional_lora_needs_one_identifier_per_lora(model_dir, trained, tmp
             "--prompt", PROMPT, "--steps", "2", "--out", str(tmp_path), "--device", "cpu", "--quiet"]  # fmt: skip
     assert cli.main(argv) == 2
     assert "one --identifier per --lora (got 1 --lora, 0 --identifier)" in capsys.readouterr().err
-    no_lora = ["generate", "--model", str(model_dir), "--regional-lora", "--prompt", PROMPT, "--out", str(tmp_path)]
+    no_lora = [
+        "generate",
+        "--model",
+        str(model_dir),
+        "--regional-lora",
+        "--prompt",
+        PROMPT,
+        "--out",
+        str(tmp_path),
+    ]
     assert cli.main(no_lora) == 2
     assert "--regional-lora needs at least one --lora" in capsys.readouterr().err
 
