@@ -296,3 +296,17 @@ def test_overhead_memory_probe_leaves_the_allocator_alone_until_it_measures(monk
     with probe.measure():
         assert ("mallopt", probe.MMAP_THRESHOLD, 4096) in calls
     assert probe.peak_bytes >= 0
+
+
+def test_guided_step_breakdown_runs_and_puts_the_functions_back(capsys):
+    import torch
+
+    from ait2i_ext import guidance
+
+    guided_step = _load("guided_step")
+    originals = guidance.capture_maps, guidance.batch_losses, torch.autograd.grad
+    assert guided_step.main(["--steps", "4", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for part in ("forward under capture", "losses", "backward"):
+        assert part in out
+    assert (guidance.capture_maps, guidance.batch_losses, torch.autograd.grad) == originals
