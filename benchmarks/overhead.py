@@ -34,11 +34,12 @@ Methods:
                         opt-in what-if rows: the losses through ``torch.compile`` (see
                         ``compiled_losses``); the compile happens in the untimed warm-up
 
-Memory is measured in one more, untimed, round (max over the prompts and seeds): on CUDA the peak of
+Memory is measured in one more, untimed, round after the timed ones (max over the prompts and seeds): on CUDA the peak of
 ``torch.cuda.max_memory_allocated`` (weights included, as in the reference figures of ``docs/performance.md``); on CPU the peak
 resident set above the one before sampling (weights excluded), read from ``VmHWM`` after resetting
 it through ``/proc/self/clear_refs``, with glibc set to mmap every block of 4 KiB or more so that
-freed tensors leave the resident set instead of staying in malloc's heap (see ``PeakMemory``).
+freed tensors leave the resident set instead of staying in malloc's heap (see ``PeakMemory``); the
+timed rounds run with glibc's own settings, as a user's process does.
 """
 
 from __future__ import annotations
@@ -127,7 +128,11 @@ class PeakMemory:
 
     CPU: glibc keeps freed blocks in its heap, where the next run reuses them unseen. While
     measuring, every allocation of 4 KiB or more is mmapped (returned to the system when freed)
-    and the heap is trimmed first, so the resident set follows the live tensors.
+    and the heap is trimmed first, so the resident set follows the live tensors. Setting the
+    threshold turns off glibc's own, adaptive one for the rest of the process (every later block of
+    128 KiB or more is mmapped and faulted in anew), which slows the methods that allocate more
+    (the guided passes) far beyond what they cost in a user's process: the first measurement must
+    come after every timed round.
     """
 
     MMAP_THRESHOLD = -3  # mallopt's M_MMAP_THRESHOLD
@@ -138,9 +143,6 @@ class PeakMemory:
         if not self.cuda and os.path.exists("/proc/self/clear_refs"):
             with contextlib.suppress(OSError):
                 self.libc = ctypes.CDLL("libc.so.6")
-                self.libc.mallopt(
-                    self.MMAP_THRESHOLD, 128 * 1024
-                )  # fixed from now on, for every method alike
         self.peak_bytes = float("nan")
 
     @property
