@@ -42,7 +42,8 @@ ROUTE_SETTINGS: dict[str, dict[str, dict]] = {
 #: The schedule preset (``ait2i_ext.config.PRESETS``) a layout route runs with when the caller names
 #: none: every layout figure in docs/layout.md was measured with the authors' schedule (12 of 25
 #: steps at step scale 20), not the shipped shapes model's faster one (5 of 25 at 40, chosen on
-#: prompts without boxes, docs/performance.md).
+#: prompts without boxes, docs/performance.md): with boxes it lost images on GLIGEN (+0/-3) and
+#: ControlNet (+0/-14) and saved only 10-17 % of the CPU time (docs/layout.md, "Which schedule").
 ROUTE_PRESET = "reference"
 
 

@@ -19,10 +19,12 @@ model of ``--gligen``, by default the shipped GLIGEN shapes model, grounded on t
 ``controlnet`` / ``controlnet-ait2i`` (the ControlNet of ``--controlnet``, by default the shipped
 Canny ControlNet, plain / with ``ait2i``; ``controlnet-ait2i-boxes`` also gives each subject its
 layout box, where its edges are; the control image is the edges of the prompt's objects
-drawn at their layout boxes, ``ait2i_ext.shapes.scene_edges``); ``--methods`` picks. The
+drawn at their layout boxes, ``ait2i_ext.shapes.scene_edges``); ``--methods`` picks. An ait2i
+method named ``METHOD@PRESET`` (e.g. ``gligen-ait2i@fast``) runs with the model's schedule under that
+preset of ``ait2i_ext.config.PRESETS`` instead, so schedules compare side by side in one run. The
 ``in_box`` column is the share of objects drawn in their layout box (IoU >= 0.5). On the shapes model every image is scored by
 ``ait2i_ext.shapes.evaluator``: all subjects present (colour and shape), colours bound, fully
-correct; plus seconds per image. With ``--model`` (a Stable Diffusion checkpoint) the prompts are
+correct; plus wall-clock and process CPU seconds per image. With ``--model`` (a Stable Diffusion checkpoint) the prompts are
 Attend-and-Excite's "a {animal} and a {animal}" pairs, scored with CLIP when ``--clip-model`` is given.
 Prints one table and writes ``--out``/table.json, ``--out``/records.json (one record per image:
 set, method, prompt, seed and its scores, for paired counts between methods) and a PNG grid of examples.
@@ -122,11 +124,37 @@ def method_config(
 ROUTE_METHODS = {"ait2i-boxes": "boxes", "gligen-ait2i": "gligen", "controlnet-ait2i-boxes": "controlnet"}
 
 
+#: The methods without ait2i guidance (no ``@PRESET`` variant).
+UNGUIDED_METHODS = ("plain", "attend-excite", "gligen", "controlnet")
+
+
+def split_method(method: str) -> tuple[str, str | None]:
+    """``"gligen-ait2i@fast"`` -> ``("gligen-ait2i", "fast")``; ``"gligen"`` -> ``("gligen", None)``.
+
+    Raises ``ValueError`` naming the method for an unknown name or preset, or a preset on a method
+    without ait2i guidance.
+    """
+    name, at, preset = method.partition("@")
+    if name not in METHODS:
+        raise ValueError(
+            f"{method!r} is invalid: expected some of {list(METHODS)}, each ait2i one optionally @PRESET"
+        )
+    if at and (name in UNGUIDED_METHODS or preset not in PRESETS):
+        raise ValueError(
+            f"{method!r} is invalid: @PRESET takes one of {sorted(PRESETS)} after an ait2i method, not {name!r}"
+        )
+    return name, preset if at else None
+
+
 def method_schedule(method: str, args: argparse.Namespace) -> dict:
     """The schedule overrides ``method`` runs with: a layout route's (``args.route_schedule``: the
     model's ``ait2i.json`` under :data:`~ait2i_ext.adapters.layout.ROUTE_PRESET`, as ``ait2i generate
-    --box`` runs) or the plain methods' (``args.schedule``), ``--preset`` winning over both."""
-    return args.route_schedule if method in ROUTE_METHODS else args.schedule
+    --box`` runs) or the plain methods' (``args.schedule``), ``--preset`` winning over both; a
+    ``METHOD@PRESET`` runs the model's under that preset (``args.preset_schedules``)."""
+    name, preset = split_method(method)
+    if preset is not None:
+        return args.preset_schedules[preset]
+    return args.route_schedule if name in ROUTE_METHODS else args.schedule
 
 
 def schedule_overrides(model, preset: str) -> dict:
@@ -175,9 +203,11 @@ def animal_cases(per_set: int) -> list[Case]:
 def run_method(
     pipe, ae_pipe, method: str, case: Case, seeds: list[int], args, gligen_pipe=None, cn_pipe=None
 ) -> tuple[list, float]:
-    """Images for ``seeds`` (one batch) and seconds per image (``gligen_pipe`` for the GLIGEN methods,
-    ``cn_pipe`` the ControlNet pipeline; ``gligen`` is ``generate(..., guidance=False)``: the stock
-    pipeline call, phrases and boxes filled from the subjects' boxes)."""
+    """Images for ``seeds`` (one batch), wall-clock and process CPU seconds per image (``gligen_pipe``
+    for the GLIGEN methods, ``cn_pipe`` the ControlNet pipeline; ``gligen`` is ``generate(...,
+    guidance=False)``: the stock pipeline call, phrases and boxes filled from the subjects' boxes;
+    ``method`` may be ``NAME@PRESET``, :func:`split_method`)."""
+    name = split_method(method)[0]
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     call = dict(
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, num_images_per_prompt=len(seeds)
@@ -186,23 +216,23 @@ def run_method(
         from ait2i_ext.shapes.model import scene_edges
 
         pipe, call["image"] = cn_pipe, scene_edges(case.objects)
-    start = time.perf_counter()
-    if method in ("plain", "controlnet"):
+    start, cpu_start = time.perf_counter(), time.process_time()
+    if name in ("plain", "controlnet"):
         images = pipe(case.text, generator=generators, **call).images
-    elif method in GLIGEN_METHODS:
+    elif name in GLIGEN_METHODS:
         out = generate(
             gligen_pipe,
             case.text,
             list(case.boxed),
             config=method_config(
-                "gligen-ait2i", args.mode, args.step_scale, args.radii, method_schedule("gligen-ait2i", args)
+                "gligen-ait2i", args.mode, args.step_scale, args.radii, method_schedule(method, args)
             ),
-            guidance=method == "gligen-ait2i",
+            guidance=name == "gligen-ait2i",
             generator=generators,
             **call,
         )
         images = out.images
-    elif method == "attend-excite":
+    elif name == "attend-excite":
         groups = resolve_groups(pipe.tokenizer, case.text, list(case.subjects))
         images = ae_pipe(
             case.text, token_indices=[g.main for g in groups], generator=generators, **call
@@ -211,13 +241,13 @@ def run_method(
         out = generate(
             pipe,
             case.text,
-            list(case.boxed if method.endswith("ait2i-boxes") else case.subjects),
-            config=method_config(method, args.mode, args.step_scale, args.radii, method_schedule(method, args)),
+            list(case.boxed if name.endswith("ait2i-boxes") else case.subjects),
+            config=method_config(name, args.mode, args.step_scale, args.radii, method_schedule(method, args)),
             generator=generators,
             **call,
         )
         images = out.images
-    return images, (time.perf_counter() - start) / len(seeds)
+    return images, (time.perf_counter() - start) / len(seeds), (time.process_time() - cpu_start) / len(seeds)
 
 
 def score_shapes(image, case: Case) -> dict[str, float]:
@@ -287,7 +317,7 @@ def format_paired(records: list[dict], methods: list[str]) -> list[str]:
     for set_name in list(dict.fromkeys(r["set"] for r in records)) + ["all"]:
         rs = [r for r in records if set_name == "all" or r["set"] == set_name]
         for method in methods:
-            base = PAIRED_WITH.get(method, "plain")
+            base = PAIRED_WITH.get(split_method(method)[0], "plain")
             if method == base or base not in methods or method in ("gligen", "controlnet"):
                 continue
             counts = ", ".join(
@@ -300,14 +330,20 @@ def format_paired(records: list[dict], methods: list[str]) -> list[str]:
 
 
 def format_table(rows: list[dict], keys: list[str]) -> str:
-    header = f"{'set':<14}{'method':<15}" + "".join(f"{k:>18}" for k in keys) + f"{'s/image':>10}{'n':>6}"
+    header = (
+        f"{'set':<14}{'method':<23}"
+        + "".join(f"{k:>18}" for k in keys)
+        + f"{'s/image':>10}{'CPU s/image':>12}{'n':>6}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         cells = "".join(
             f"{100 * r[k]:>17.1f}%" if k in ("present", "bound", "correct", "in_box") else f"{r[k]:>18.4f}"
             for k in keys
         )
-        lines.append(f"{r['set']:<14}{r['method']:<15}{cells}{r['seconds']:>10.3f}{r['n']:>6}")
+        lines.append(
+            f"{r['set']:<14}{r['method']:<23}{cells}{r['seconds']:>10.3f}{r['cpu_seconds']:>12.3f}{r['n']:>6}"
+        )
     return "\n".join(lines)
 
 
@@ -389,8 +425,10 @@ def main(argv: list[str] | None = None) -> int:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        if m not in METHODS:
-            raise SystemExit(f"--methods: {m!r} is invalid: expected some of {list(METHODS)}")
+        try:
+            split_method(m)
+        except ValueError as e:
+            raise SystemExit(f"--methods: {e}") from None
         if m.startswith("controlnet") and args.model:
             raise SystemExit(f"--methods: {m!r} runs on the shipped shapes model only (without --model)")
     from ait2i_ext.config import model_loss
@@ -407,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     # the model's schedule (its ait2i.json), then the preset's; --step-scale on top (method_config)
     args.schedule = schedule_overrides(args.model or default_model_path(), args.preset or "default")
     args.route_schedule = schedule_overrides(args.model or default_model_path(), args.preset or ROUTE_PRESET)
+    args.preset_schedules = {p: schedule_overrides(args.model or default_model_path(), p) for p in PRESETS}
     # cpu=True lets `torchrun --nproc_per_node N` shard over CPU processes (gloo); `accelerate launch
     # --cpu` starts a single process whatever --num_processes says.
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -451,9 +490,9 @@ def main(argv: list[str] | None = None) -> int:
         ae_pipe.set_progress_bar_config(disable=True)
     clip = ClipScorer(args.clip_model, device) if args.clip_model else None
     gligen_pipe = None
-    if any(m in GLIGEN_METHODS for m in methods) and not all(c.boxed for c in cases):
+    if any(split_method(m)[0] in GLIGEN_METHODS for m in methods) and not all(c.boxed for c in cases):
         raise SystemExit("--methods gligen, gligen-ait2i need layout boxes: use the shapes prompts")
-    if any(m in GLIGEN_METHODS for m in methods):
+    if any(split_method(m)[0] in GLIGEN_METHODS for m in methods):
         from ait2i_ext.shapes.gligen import load_gligen_pipeline
 
         gligen_pipe = load_gligen_pipeline(dtype, args.gligen).to(device)
@@ -471,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             for method in methods:
                 for seeds in batches:
-                    images, seconds = run_method(
+                    images, seconds, cpu_seconds = run_method(
                         pipe, ae_pipe, method, case, seeds, args, gligen_pipe, cn_pipe
                     )
                     for seed, image in zip(seeds, images):
@@ -487,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "prompt": case.text,
                                 "seed": seed,
                                 "seconds": seconds,
+                                "cpu_seconds": cpu_seconds,
                                 **scores,
                             }
                         )
@@ -517,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
                     "method": method,
                     "n": len(rs),
                     "seconds": sum(r["seconds"] for r in rs) / len(rs),
+                    "cpu_seconds": sum(r["cpu_seconds"] for r in rs) / len(rs),
                 }
                 row.update({k: sum(r[k] for r in rs) / len(rs) for k in keys})
                 rows.append(row)

@@ -65,18 +65,58 @@ def test_alignment_benchmark_gligen_methods_share_seeds(random_shapes_model, tmp
     gligen = tmp_path / "gligen"
     gligen_pipeline_from(StableDiffusionPipeline.from_pretrained(random_shapes_model)).save_pretrained(gligen)
     argv = shapes_two(random_shapes_model)
-    argv += ["--seeds", "2", "--first-seed", "7", "--steps", "2", "--methods", "plain,gligen,gligen-ait2i"]
+    methods = "plain,gligen,gligen-ait2i,gligen-ait2i@fast"
+    argv += ["--seeds", "2", "--first-seed", "7", "--steps", "2", "--methods", methods]
     out = tmp_path / "out"
     assert _load("alignment").main([*argv, "--gligen", str(gligen), "--out", str(out)]) == 0
     table = json.loads((out / "table.json").read_text())
     rows = {(r["set"], r["method"]): r for r in table["rows"]}
-    assert {m for _, m in rows} == {"plain", "gligen", "gligen-ait2i"}
-    assert all(r["n"] == 2 and 0.0 <= r["in_box"] <= 1.0 for r in rows.values())
+    assert {m for _, m in rows} == set(methods.split(","))
+    assert all(r["n"] == 2 and 0.0 <= r["in_box"] <= 1.0 and r["cpu_seconds"] > 0 for r in rows.values())
     assert table["args"]["first_seed"] == 7
     records = json.loads((out / "records.json").read_text())  # one per image, for paired counts
     assert sorted((r["method"], r["seed"]) for r in records) == [
-        (m, s) for m in ("gligen", "gligen-ait2i", "plain") for s in (7, 8)
+        (m, s) for m in ("gligen", "gligen-ait2i", "gligen-ait2i@fast", "plain") for s in (7, 8)
     ]
+
+
+def test_method_at_preset_runs_the_models_schedule_under_that_preset(tmp_path):
+    from ait2i_ext.adapters.layout import route_config
+
+    from ait2i_ext.config import PRESETS, write_model_settings
+
+    alignment = _load("alignment")
+    write_model_settings(tmp_path, schedule={"guided_fraction": 0.2, "step_scale": 40.0})
+    args = argparse.Namespace(
+        schedule=alignment.schedule_overrides(tmp_path, "default"),
+        route_schedule=alignment.schedule_overrides(tmp_path, "reference"),
+        preset_schedules={p: alignment.schedule_overrides(tmp_path, p) for p in PRESETS},
+    )
+    assert alignment.split_method("gligen-ait2i@fast") == ("gligen-ait2i", "fast")
+    assert alignment.split_method("gligen") == ("gligen", None)
+    assert alignment.method_schedule("gligen-ait2i", args) == {"guided_fraction": 0.5, "step_scale": 20.0}
+    for preset in ("default", "fast"):
+        method = f"controlnet-ait2i-boxes@{preset}"
+        schedule = alignment.method_schedule(method, args)
+        config = alignment.method_config("controlnet-ait2i-boxes", "truncated", None, None, schedule)
+        assert config.schedule == route_config("controlnet", tmp_path, preset=preset).schedule, method
+    assert alignment.method_schedule("gligen-ait2i@default", args) == {
+        "guided_fraction": 0.2,
+        "step_scale": 40.0,
+    }
+    records = [
+        {"set": "two", "method": m, "prompt": "p", "seed": 0, "correct": c}
+        for m, c in (("gligen", 0.0), ("gligen-ait2i@fast", 1.0))
+    ]
+    assert alignment.format_paired(records, ["gligen", "gligen-ait2i@fast"])[0] == (
+        "paired two: gligen-ait2i@fast vs gligen: correct +1/-0"
+    )
+    for bad in ("gligen@fast", "gligen-ait2i@slow", "magic@fast"):
+        with pytest.raises(ValueError, match=f"'{bad}' is invalid"):
+            alignment.split_method(bad)
+    with pytest.raises(SystemExit, match="--methods: 'controlnet@default' is invalid: @PRESET takes one of"):
+        alignment.main(["--methods", "controlnet@default", "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
 
 
 def test_paired_counts_compare_the_same_prompt_and_seed():
