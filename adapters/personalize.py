@@ -31,7 +31,7 @@ import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -486,6 +486,24 @@ class RegionalConfig:
                 )
 
 
+def parse_regional(text: str) -> RegionalConfig:
+    """``"assign=strongest,threshold=0.3"`` -> a validated :class:`RegionalConfig` (the CLI's
+    ``--regional`` and the benchmark's); ``""`` gives the defaults. A bad item is a ``ValueError``
+    naming it and what was expected."""
+    kinds = {f.name: {"int": int, "float": float}.get(f.type, str) for f in fields(RegionalConfig)}
+    values: dict = {}
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        name, _, value = (part.strip() for part in item.partition("="))
+        if name not in kinds or not value:
+            raise ValueError(f"{item!r} is invalid: expected name=value with a name of {sorted(kinds)}")
+        try:
+            values[name] = kinds[name](value)
+        except ValueError:
+            expected = {int: "an integer", float: "a number"}[kinds[name]]
+            raise ValueError(f"{item!r} is invalid: expected {expected}") from None
+    return RegionalConfig(**values)
+
+
 def group_level(maps: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
     """The group's map (``(B, h, w, T)`` maps summed over ``tokens``), normalised to [0, 1] per image: ``(B, h, w)``."""
     group = maps[..., list(tokens)].sum(-1)
@@ -810,6 +828,7 @@ __all__ = [
     "lora_file",
     "own_prompt",
     "parse_lora_scale",
+    "parse_regional",
     "personalized_subjects",
     "regional_loras",
     "regional_prediction",

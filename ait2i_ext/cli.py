@@ -229,13 +229,14 @@ def _regional(args, pipe):
     """``--regional-lora``: each LoRA confined to its concept's region (``regional_loras``), else nothing."""
     if not getattr(args, "regional_lora", False):
         return contextlib.nullcontext()
-    from .adapters.personalize import regional_loras
+    from .adapters.personalize import parse_regional, regional_loras
 
     names = pipe.get_list_adapters()["unet"]  # in --lora order (load_loras' default_0, default_1, ...)
     adapters = dict(zip(_as_list(args.identifier), names))
     scales = _lora_scales(args) or [1.0] * len(names)
     weights = {i: s["unet"] if isinstance(s, dict) else s for i, s in zip(adapters, scales)}
-    return regional_loras(pipe, args.prompt, adapters, num_images=1, weights=weights)
+    config = parse_regional(args.regional or "")
+    return regional_loras(pipe, args.prompt, adapters, num_images=1, config=config, weights=weights)
 
 
 def _lora_scales(args) -> list | None:
@@ -308,6 +309,17 @@ def check_arguments(args: argparse.Namespace) -> None:
             f"{len(_as_list(args.lora))} --lora, "
             f"{len(_as_list(args.identifier))} --identifier): the i-th identifier names the i-th LoRA's concept"
         )
+    if args.regional is not None:
+        if not args.regional_lora:
+            raise ValueError(
+                f"--regional {args.regional!r} needs --regional-lora (it sets the regional mode's fields)"
+            )
+        from .adapters.personalize import parse_regional
+
+        try:
+            parse_regional(args.regional)
+        except ValueError as e:
+            raise ValueError(f"--regional: {e}") from None
     _device_and_dtype(args.device, args.dtype)
     if args.evaluate:
         _shapes_objects(args.prompt)
@@ -437,6 +449,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "lora": args.lora,
         "lora_scale": args.lora_scale,
         "regional_lora": args.regional_lora,
+        "regional": args.regional,
         "identifier": args.identifier,
         "evaluator": "ait2i_ext.shapes.evaluator" if objects else None,
         "images": [],
@@ -698,6 +711,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="each --lora acts only where its concept is (the i-th --identifier names the i-th --lora's "
         "concept; one extra UNet pass per concept per step); a prompt without identifier runs no LoRA",
+    )
+    g.add_argument(
+        "--regional",
+        metavar="FIELDS",
+        help="with --regional-lora: RegionalConfig fields, e.g. 'concept_prompt=own,full_prompt_fraction=0.3,"
+        "assign=strongest' (two concepts: docs/personalization.md; default: RegionalConfig())",
     )
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
     g.add_argument(

@@ -44,6 +44,7 @@ from ait2i_ext.adapters.personalize import (
     RegionalConfig,
     load_loras,
     parse_lora_scale,
+    parse_regional,
     personalized_subjects,
     regional_loras,
 )
@@ -198,24 +199,6 @@ def run_job(job: dict) -> dict:
 
 
 NUM_CLASS_IMAGES = 2000
-
-
-def parse_regional(text: str) -> dict:
-    """``"threshold=0.2,dilation=1,mask_source=mean"`` -> the :class:`RegionalConfig` fields (validated)."""
-    fields = {f.name: f.type for f in dataclasses.fields(RegionalConfig)}
-    values: dict = {}
-    for item in filter(None, (i.strip() for i in text.split(","))):
-        name, _, value = item.partition("=")
-        name = name.strip()
-        if name not in fields or not value:
-            raise ValueError(f"{item!r} is invalid: expected name=value with a name of {sorted(fields)}")
-        kind = {"int": int, "float": float}.get(fields[name], str)
-        try:
-            values[name] = kind(value.strip())
-        except ValueError:
-            raise ValueError(f"{item!r} is invalid: expected a {fields[name]} value") from None
-    RegionalConfig(**values)
-    return values
 
 
 def train_concept(model: str, ident: str, images: Path, class_dir: Path, out: Path) -> tuple[Path, float]:
@@ -382,11 +365,11 @@ def main(argv: list[str] | None = None) -> int:
             f"--methods={args.methods!r} is invalid: expected a comma-separated subset of {METHODS}"
         )
     try:
-        regional = parse_regional(args.regional)
+        regional = dataclasses.asdict(parse_regional(args.regional))
     except ValueError as e:
         raise SystemExit(f"--regional: {e}") from None
     try:
-        regional2 = parse_regional(args.regional2)
+        regional2 = dataclasses.asdict(parse_regional(args.regional2))
     except ValueError as e:
         raise SystemExit(f"--regional2: {e}") from None
     others = [o.strip() for o in args.others.split(",") if o.strip()]

@@ -19,6 +19,7 @@ from ait2i_ext.adapters.personalize import (
     load_loras,
     lora_file,
     parse_lora_scale,
+    parse_regional,
     personalized_subjects,
     regional_loras,
     regional_prediction,
@@ -457,6 +458,46 @@ def test_cli_generate_with_regional_lora(model_dir, trained, tmp_path):
     assert cli.main(argv) == 0
     record = json.loads((out / "run.json").read_text())
     assert record["regional_lora"] is True and (out / record["images"][0]["file"]).is_file()
+
+
+def test_parse_regional_reads_typed_fields_and_names_a_bad_item():
+    config = parse_regional(" assign=strongest, threshold=0.4,dilation=2 ")
+    assert config == RegionalConfig(assign="strongest", threshold=0.4, dilation=2)
+    assert parse_regional("") == RegionalConfig()
+    with pytest.raises(ValueError, match=r"'colour=red' is invalid: expected name=value with a name of \["):
+        parse_regional("colour=red")
+    with pytest.raises(ValueError, match=r"'dilation=1.5' is invalid: expected an integer"):
+        parse_regional("dilation=1.5")
+    with pytest.raises(ValueError, match="assign"):
+        parse_regional("assign=nearest")
+
+
+def test_cli_regional_fields_reach_the_regional_mode(model_dir, trained, tmp_path, monkeypatch):
+    seen = []
+    real = personalize.regional_loras
+
+    def spy(*args, config=None, **kwargs):
+        seen.append(config)
+        return real(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(personalize, "regional_loras", spy)
+    out = tmp_path / "out"
+    argv = ["generate", "--model", str(model_dir), "--lora", str(trained), "--identifier", "sks",
+            "--regional-lora", "--regional", "assign=strongest,concept_prompt=own", "--prompt", PROMPT,
+            "--steps", "2", "--out", str(out), "--device", "cpu", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert seen == [RegionalConfig(assign="strongest", concept_prompt="own")]
+    assert json.loads((out / "run.json").read_text())["regional"] == "assign=strongest,concept_prompt=own"
+
+
+def test_cli_bad_regional_fields_are_one_line_errors(model_dir, trained, tmp_path, capsys):
+    base = ["generate", "--model", str(model_dir), "--lora", str(trained), "--identifier", "sks",
+            "--prompt", PROMPT, "--out", str(tmp_path / "o"), "--device", "cpu", "--quiet"]  # fmt: skip
+    assert cli.main(base + ["--regional-lora", "--regional", "threshold=2"]) == 2
+    assert "--regional: " in capsys.readouterr().err
+    assert cli.main(base + ["--regional", "assign=strongest"]) == 2
+    assert "--regional 'assign=strongest' needs --regional-lora" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_regional_lora_needs_one_identifier_per_lora(model_dir, trained, tmp_path, capsys):
