@@ -715,8 +715,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--regional",
         metavar="FIELDS",
-        help="with --regional-lora: RegionalConfig fields, e.g. 'concept_prompt=own,full_prompt_fraction=0.3,"
-        "assign=strongest' (two concepts: docs/personalization.md; default: RegionalConfig())",
+        help="with --regional-lora: RegionalConfig fields, e.g. 'assign=independent,concept_prompt=full,"
+        "full_prompt_fraction=0' (default: RegionalConfig(), docs/personalization.md)",
     )
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
     g.add_argument(

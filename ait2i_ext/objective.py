@@ -120,7 +120,9 @@ def word_maps(attn: torch.Tensor, indices: Sequence[int], eot_index: int, cfg: L
     words = torch.softmax(attn[..., 1:last] * cfg.softmax_scale, dim=-1)
     maps = words[..., [i - 1 for i in indices]].permute(0, 3, 1, 2)
     n, count, height, width = maps.shape
-    smoothed = losses.smooth(maps.reshape(n * count, height, width), cfg.smoothing_kernel, cfg.smoothing_sigma)
+    smoothed = losses.smooth(
+        maps.reshape(n * count, height, width), cfg.smoothing_kernel, cfg.smoothing_sigma
+    )
     return smoothed.view(n, count, height, width)
 
 

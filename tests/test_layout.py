@@ -672,6 +672,7 @@ def test_layout_routes_run_the_schedule_they_were_measured_with_unless_a_preset_
     # The shipped shapes model's ait2i.json guides 5 of 25 steps at 40 (chosen without boxes); every
     # layout figure was measured with the authors' 12 of 25 at 20, which the routes keep.
     from ait2i_ext.adapters.layout import ROUTE_PRESET, ROUTE_SETTINGS, route_config
+
     from ait2i_ext.shapes.model import default_model_path
 
     model = default_model_path()
@@ -712,9 +713,9 @@ def test_route_settings_lose_to_the_models_file_and_the_callers_fields(tmp_path)
 def test_generate_on_plain_sd_takes_the_boxes_route_only_with_boxes(tmp_path):
     # Without boxes a plain pipeline runs its model's own schedule (its ait2i.json), with boxes the
     # boxes route's preset (ROUTE_PRESET): the two differ once a model's file sets a schedule.
+    from ait2i_ext.adapters.layout import has_boxes
     from diffusers import StableDiffusionPipeline
 
-    from ait2i_ext.adapters.layout import has_boxes
     from ait2i_ext.config import write_model_settings
 
     tiny_sd_pipeline().save_pretrained(tmp_path)

@@ -49,7 +49,9 @@ def test_controlnet_route(tmp_path):
     config = json.loads((tmp_path / "o" / "run.json").read_text())["config"]
     # the ControlNet route's settings (ait2i_ext.adapters.layout.ROUTE_SETTINGS) are what ran
     assert config["loss"]["box_members"] and config["loss"]["box_power"] == 2.0
-    assert list(config["schedule"]["box_update_terms"]) == ["box"] and config["schedule"]["box_iterations"] == 3
+    assert (
+        list(config["schedule"]["box_update_terms"]) == ["box"] and config["schedule"]["box_iterations"] == 3
+    )
     assert config["schedule"]["step_scale"] == 20.0  # the layout routes' preset: reference
 
 

@@ -15,6 +15,7 @@ from ait2i_ext.adapters.layout import subjects_with_boxes
 from ait2i_ext.adapters.personalize import (
     RegionalConfig,
     concept_mask,
+    for_concepts,
     load_lora,
     load_loras,
     lora_file,
@@ -216,6 +217,8 @@ def test_cli_generate_with_lora_and_identifier(model_dir, trained, tmp_path):
 # --- two concepts at once ---------------------------------------------------------------------------
 
 TWO = "a sks dog and a xyz cat"
+# the regional mode before the sixth round's defaults
+FIFTH_ROUND = RegionalConfig(assign="independent", concept_prompt="full", full_prompt_fraction=0.0)
 
 
 def test_two_loras_are_active_together_like_diffusers_multi_adapter(trained, tmp_path):
@@ -386,7 +389,7 @@ def test_regional_lora_confines_the_lora_to_its_mask(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "config",
     [
-        RegionalConfig(),
+        FIFTH_ROUND,
         RegionalConfig(assign="strongest", concept_prompt="own"),
         RegionalConfig(assign="strongest", concept_prompt="own", full_prompt_fraction=0.5),
     ],
@@ -406,6 +409,34 @@ def test_regional_lora_runs_one_lora_pass_per_concept_and_step(trained, tmp_path
     with pytest.raises(ValueError, match=r"UNet got a batch of 2, expected num_images=3"):
         with regional_loras(pipe, TWO, dict(zip(["sks", "xyz"], names)), num_images=3):
             pipe(TWO, num_inference_steps=1, guidance_scale=1.0, num_images_per_prompt=2)
+
+
+def test_for_concepts_settles_auto_by_the_number_of_concepts():
+    assert for_concepts(RegionalConfig(), 2).concept_prompt == "own"
+    assert for_concepts(RegionalConfig(), 1).concept_prompt == "full"
+    assert for_concepts(RegionalConfig(concept_prompt="full"), 2).concept_prompt == "full"
+
+
+def _regional_images(pipe, prompt, adapters, config):
+    with regional_loras(pipe, prompt, adapters, config=config):
+        out = generate(pipe, prompt, personalized_subjects(prompt, list(adapters)), num_inference_steps=3,
+                       generator=torch.Generator().manual_seed(0), output_type="np")  # fmt: skip
+    return out.images
+
+
+def test_default_regional_mode_is_the_fifth_rounds_with_one_concept_own_prompts_with_two(trained, tmp_path):
+    pipe = tiny_sd_pipeline()
+    names = load_loras(pipe, [trained, _save_random_lora(tmp_path / "other")])
+    one = {"sks": names[0]}
+    np.testing.assert_array_equal(
+        _regional_images(pipe, PROMPT, one, RegionalConfig()),
+        _regional_images(pipe, PROMPT, one, FIFTH_ROUND),
+    )
+    two = dict(zip(["sks", "xyz"], names))
+    default = _regional_images(pipe, TWO, two, RegionalConfig())
+    own = RegionalConfig(concept_prompt="own", full_prompt_fraction=0.3, assign="strongest")
+    np.testing.assert_array_equal(default, _regional_images(pipe, TWO, two, own))
+    assert np.abs(default - _regional_images(pipe, TWO, two, FIFTH_ROUND)).max() > 1e-4
 
 
 def test_own_prompt_passes_read_the_concept_words_as_its_text_encoder_lora_encodes_them(trained, tmp_path):
