@@ -459,6 +459,15 @@ class RegionalConfig:
         full_prompt_fraction: with ``concept_prompt="own"``, the first part of the denoising (by
             timestep, as ``layout_fraction``) in which the concept passes still read the whole prompt
             (where the concepts go), before their own prompts (how each is drawn).
+        exclude_others: drop from every concept's mask the map cells where a subject of the prompt that
+            is no concept ("a blue square") draws more attention than the concept's group
+            (:func:`held_by_others`, in the concept's pass reading the whole prompt; kept for the
+            own-prompt part): the no-LoRA pass draws that subject there.
+        freeze_after: the part of the denoising (by timestep) after which the masks stop changing: later
+            steps reuse the last ones (1.0: never frozen).
+        base_fraction: the first part of the denoising (by timestep) in which the sampling passes run no
+            LoRA at all and no concept pass (the base model lays the image out; guidance passes keep
+            the LoRAs on).
     """
 
     # Tuned on the shapes model (docs/personalization.md, fifth round): seeds 1000-1031; the last three
@@ -472,6 +481,9 @@ class RegionalConfig:
     assign: str = "strongest"
     concept_prompt: str = "auto"
     full_prompt_fraction: float = 0.3
+    exclude_others: bool = False
+    freeze_after: float = 1.0
+    base_fraction: float = 0.0
 
     def __post_init__(self):
         checks = (
@@ -483,6 +495,9 @@ class RegionalConfig:
             ("assign", self.assign in ("independent", "strongest"), "'independent' or 'strongest'"),
             ("concept_prompt", self.concept_prompt in ("full", "own", "auto"), "'full', 'own' or 'auto'"),
             ("full_prompt_fraction", 0.0 <= self.full_prompt_fraction <= 1.0, "a number in [0, 1]"),
+            ("exclude_others", isinstance(self.exclude_others, bool), "True or False"),
+            ("freeze_after", 0.0 <= self.freeze_after <= 1.0, "a number in [0, 1]"),
+            ("base_fraction", 0.0 <= self.base_fraction <= 1.0, "a number in [0, 1]"),
         )
         for name, ok, expected in checks:
             if not ok:
@@ -499,11 +514,19 @@ def for_concepts(config: RegionalConfig, count: int) -> RegionalConfig:
     return replace(config, concept_prompt="own" if count >= 2 else "full")
 
 
+def _flag(text: str) -> bool:
+    """``"true"``/``"1"`` -> True, ``"false"``/``"0"`` -> False (any case), else ``ValueError``."""
+    value = {"true": True, "1": True, "false": False, "0": False}.get(text.lower())
+    if value is None:
+        raise ValueError(text)
+    return value
+
+
 def parse_regional(text: str) -> RegionalConfig:
     """``"assign=strongest,threshold=0.3"`` -> a validated :class:`RegionalConfig` (the CLI's
     ``--regional`` and the benchmark's); ``""`` gives the defaults. A bad item is a ``ValueError``
     naming it and what was expected."""
-    kinds = {f.name: {"int": int, "float": float}.get(f.type, str) for f in fields(RegionalConfig)}
+    kinds = {f.name: {"int": int, "float": float, "bool": _flag}.get(f.type, str) for f in fields(RegionalConfig)}
     values: dict = {}
     for item in filter(None, (i.strip() for i in text.split(","))):
         name, _, value = (part.strip() for part in item.partition("="))
@@ -512,7 +535,7 @@ def parse_regional(text: str) -> RegionalConfig:
         try:
             values[name] = kinds[name](value)
         except ValueError:
-            expected = {int: "an integer", float: "a number"}[kinds[name]]
+            expected = {int: "an integer", float: "a number", _flag: "true or false"}[kinds[name]]
             raise ValueError(f"{item!r} is invalid: expected {expected}") from None
     return RegionalConfig(**values)
 
@@ -538,6 +561,26 @@ def strongest_only(levels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return list(levels)
     top = torch.stack(list(levels)).argmax(0)
     return [torch.where(top == k, level, torch.zeros_like(level)) for k, level in enumerate(levels)]
+
+
+def held_by_others(maps: torch.Tensor, tokens: Sequence[int], others: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The map cells where a subject that is no concept draws more attention than the concept.
+
+    Args:
+        maps (`torch.Tensor` of shape `(B, h, w, T)`): cross-attention maps (softmax over the ``T`` keys)
+            of a pass reading the whole prompt.
+        tokens: the concept's group (identifier and noun).
+        others: the groups of the prompt's other subjects (:func:`other_tokens`).
+
+    Returns:
+        `(B, h, w)` bool: True where some other group's attention (summed over its tokens) is above the
+        concept group's; all False without ``others``.
+    """
+    concept = maps[..., list(tokens)].sum(-1)
+    if not others:
+        return torch.zeros_like(concept, dtype=torch.bool)
+    top = torch.stack([maps[..., list(group)].sum(-1) for group in others]).amax(0)
+    return top > concept
 
 
 def level_mask(
@@ -619,6 +662,16 @@ def concept_tokens(tokenizer, prompt: str, identifiers: Sequence[str]) -> dict[s
     return by_ident
 
 
+def other_tokens(tokenizer, prompt: str, identifiers: Sequence[str]) -> list[tuple[int, ...]]:
+    """The token indices of each subject of ``prompt`` that no identifier precedes (``"a sks star and a
+    blue square"`` -> the group of ``blue square``)."""
+    from ait2i_ext.tokens import resolve_groups
+
+    subjects = personalized_subjects(prompt, list(identifiers))
+    groups = resolve_groups(tokenizer, prompt, subjects)
+    return [g.indices for s, g in zip(subjects, groups) if getattr(s, "identifier", None) is None]
+
+
 def own_prompt(tokenizer, prompt: str, tokens: Sequence[int]) -> str:
     """The concept's own prompt: ``"a "`` + the words of its group's ``tokens`` in ``prompt``
     (``"a sks star and a xyz heart"``, the tokens of ``sks star`` -> ``"a sks star"``)."""
@@ -661,10 +714,14 @@ class _RegionalHook:
 
     def __init__(self, pipe, adapters: dict[str, str], tokens: dict[str, tuple[int, ...]], num_images: int,
                  config: RegionalConfig, weights: dict[str, float], embeds: dict[str, dict[str, torch.Tensor]],
-                 own_tokens: dict[str, tuple[int, ...]] | None = None):  # fmt: skip
+                 own_tokens: dict[str, tuple[int, ...]] | None = None,
+                 others: Sequence[tuple[int, ...]] = ()):  # fmt: skip
         # embeds: per phase ("full", "own"), per identifier, the prompt as concept k's pass reads it
         self.pipe, self.adapters, self.tokens, self.embeds = pipe, adapters, tokens, embeds
         self.own_tokens = own_tokens or tokens  # the group's tokens in the concept's own prompt
+        self.others = list(others)  # the groups of the non-concept subjects (exclude_others)
+        self.held: list[torch.Tensor] = []  # per concept, the cells they hold, from the last whole-prompt maps
+        self.frozen: list[torch.Tensor] | None = None  # the last masks (freeze_after)
         self.num_images, self.config, self.weights = num_images, config, weights
         self.inside = False  # in one of our own passes
         self.sums: dict[str, torch.Tensor] = {}  # running sums of the group maps ("mean")
@@ -696,9 +753,14 @@ class _RegionalHook:
         if t > self.last_t:  # a new call inside the same context: its mean starts afresh
             self.sums.clear()
             self.counts.clear()
+            self.held, self.frozen = [], None
         self.last_t = t
         total = self.pipe.scheduler.config.num_train_timesteps
+        if t > (1.0 - self.config.base_fraction) * total:
+            unet.enable_lora()
+            return None  # the no-LoRA pass as it is
         everywhere = t > (1.0 - self.config.layout_fraction) * total
+        frozen = self.frozen is not None and t <= (1.0 - self.config.freeze_after) * total
         phase = "full"
         if self.config.concept_prompt == "own" and t <= (1.0 - self.config.full_prompt_fraction) * total:
             phase = "own"
@@ -733,8 +795,9 @@ class _RegionalHook:
         if everywhere:
             masks = [torch.ones_like(base[:, :1]) for _ in predictions]
         else:
-            masks = self.masks(group_maps, tuple(base.shape[-2:]))
-            masks = [m.repeat(batch // self.num_images, 1, 1, 1).to(base.device, base.dtype) for m in masks]
+            if not frozen:
+                self.frozen = self.masks(group_maps, tuple(base.shape[-2:]))
+            masks = [m.repeat(batch // self.num_images, 1, 1, 1).to(base.device, base.dtype) for m in self.frozen]
         return _with_sample(output, regional_prediction(base, predictions, masks))
 
     def masks(self, group_maps: list[torch.Tensor], size: tuple[int, int]) -> list[torch.Tensor]:
@@ -743,6 +806,11 @@ class _RegionalHook:
         levels = [group_level(m, tokens[ident]) for m, ident in zip(group_maps, self.adapters)]
         if c.assign == "strongest":
             levels = strongest_only(levels)
+        if c.exclude_others:
+            if self.phase == "full":  # the other subjects' words are in these maps (kept for "own")
+                self.held = [held_by_others(m, self.tokens[i], self.others) for m, i in zip(group_maps, self.adapters)]
+            if self.held:  # none before a whole-prompt pass (concept_prompt="own", full_prompt_fraction=0)
+                levels = [torch.where(held, torch.zeros_like(level), level) for held, level in zip(self.held, levels)]
         return [level_mask(level, size, c.threshold, c.softness, c.dilation) for level in levels]
 
 
@@ -816,7 +884,8 @@ def regional_loras(
             for phase, text in texts.items():
                 embeds[phase][ident] = pipe.encode_prompt(text[ident], pipe._execution_device, 1, False)[0]
         pipe.set_adapters(list(present.values()), [weights.get(i, 1.0) for i in present])
-        hook = _RegionalHook(pipe, present, tokens, num_images, config, weights, embeds, own_tokens)
+        others = other_tokens(pipe.tokenizer, prompt, list(present)) if config.exclude_others else ()
+        hook = _RegionalHook(pipe, present, tokens, num_images, config, weights, embeds, own_tokens, others)
         pre = pipe.unet.register_forward_pre_hook(hook.before, with_kwargs=True)
         post = pipe.unet.register_forward_hook(hook.after, with_kwargs=True)
         try:
@@ -837,10 +906,12 @@ __all__ = [
     "concept_tokens",
     "for_concepts",
     "group_level",
+    "held_by_others",
     "level_mask",
     "load_lora",
     "load_loras",
     "lora_file",
+    "other_tokens",
     "own_prompt",
     "parse_lora_scale",
     "parse_regional",

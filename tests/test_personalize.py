@@ -319,6 +319,21 @@ def test_strongest_only_gives_each_cell_to_one_concept():
     assert strongest_only([star])[0] is star
 
 
+def test_held_by_others_marks_the_cells_another_subject_draws_more_attention_to():
+    maps = torch.zeros(1, 2, 3, 6)
+    maps[0, :, :, 2] = torch.tensor([[0.5, 0.3, 0.1], [0.4, 0.0, 0.2]])  # the concept's identifier
+    maps[0, :, :, 3] = 0.1  # the concept's noun
+    maps[0, :, :, 5] = torch.tensor([[0.2, 0.5, 0.3], [0.9, 0.0, 0.3]])  # the other subject
+    held = personalize.held_by_others(maps, (2, 3), [(5,)])
+    assert held.tolist() == [[[False, True, True], [True, False, False]]]  # ties stay with the concept
+    assert not personalize.held_by_others(maps, (2, 3), []).any()
+
+
+def test_other_tokens_are_the_groups_no_identifier_precedes(tokenizer):
+    assert [sorted(g) for g in personalize.other_tokens(tokenizer, "a sks dog and a red cat", ["sks"])] == [[6, 7]]
+    assert personalize.other_tokens(tokenizer, TWO, ["sks", "xyz"]) == []
+
+
 def test_own_prompt_is_the_group_words_alone(tokenizer):
     tokens = personalize.concept_tokens(tokenizer, TWO, ["sks", "xyz"])
     assert [personalize.own_prompt(tokenizer, TWO, tokens[i]) for i in ("sks", "xyz")] == [
@@ -345,6 +360,9 @@ def test_regional_prediction_is_the_base_outside_every_mask():
     + [
         ("concept_prompt", "mine"),
         ("full_prompt_fraction", 2.0),
+        ("exclude_others", "yes"),
+        ("freeze_after", -0.5),
+        ("base_fraction", 1.5),
     ],
 )
 def test_regional_config_names_a_bad_value(field, value):
@@ -409,6 +427,57 @@ def test_regional_lora_runs_one_lora_pass_per_concept_and_step(trained, tmp_path
     with pytest.raises(ValueError, match=r"UNet got a batch of 2, expected num_images=3"):
         with regional_loras(pipe, TWO, dict(zip(["sks", "xyz"], names)), num_images=3):
             pipe(TWO, num_inference_steps=1, guidance_scale=1.0, num_images_per_prompt=2)
+
+
+def test_exclude_others_leaves_the_other_subjects_place_to_the_base_pass(tmp_path, monkeypatch):
+    """The concept's mask covers everything, the cat holds the right half: with ``exclude_others`` the
+    right half is the no-LoRA prediction, without it the LoRA's."""
+    pipe = tiny_sd_pipeline()
+    name = load_lora(pipe, _save_random_lora(tmp_path / "concept"))
+    x, t, embeds = _unet_call(pipe, PROMPT)
+    with torch.no_grad():
+        lora = pipe.unet(x, t, encoder_hidden_states=embeds).sample
+        pipe.unet.disable_lora()
+        base = pipe.unet(x, t, encoder_hidden_states=embeds).sample
+        pipe.unet.enable_lora()
+    cat = personalize.other_tokens(pipe.tokenizer, PROMPT, ["sks"])
+
+    def right_half(maps, tokens, others):
+        assert list(others) == cat
+        held = torch.zeros(maps.shape[:3], dtype=torch.bool)
+        held[..., maps.shape[2] // 2 :] = True
+        return held
+
+    monkeypatch.setattr(personalize, "group_level", lambda maps, tokens: torch.ones(maps.shape[:3]))
+    monkeypatch.setattr(personalize, "held_by_others", right_half)
+    hard = dict(threshold=0.5, softness=0.0, dilation=0)
+    for exclude, right in ((True, base), (False, lora)):
+        config = RegionalConfig(exclude_others=exclude, **hard)
+        with regional_loras(pipe, PROMPT, {"sks": name}, config=config), torch.no_grad():
+            out = pipe.unet(x, t, encoder_hidden_states=embeds).sample
+        torch.testing.assert_close(out[..., :6], lora[..., :6])  # away from the bilinear border
+        torch.testing.assert_close(out[..., 10:], right[..., 10:])
+
+
+def test_base_fraction_skips_the_lora_passes_and_freeze_after_keeps_the_masks(trained, tmp_path, monkeypatch):
+    pipe = tiny_sd_pipeline()
+    names = load_loras(pipe, [trained, _save_random_lora(tmp_path / "other")])
+    adapters = dict(zip(["sks", "xyz"], names))
+    made = []
+    real = personalize._RegionalHook.masks
+    monkeypatch.setattr(personalize._RegionalHook, "masks", lambda self, *a: made.append(1) or real(self, *a))
+    counts = {}
+    for config in (RegionalConfig(), RegionalConfig(base_fraction=0.5), RegionalConfig(freeze_after=0.5)):
+        made.clear()
+        with regional_loras(pipe, TWO, adapters, config=config) as hook:
+            pipe(TWO, num_inference_steps=4, generator=torch.Generator().manual_seed(0))
+        counts[config] = (hook.passes, len(made))
+    steps = pipe.scheduler.timesteps.tolist()
+    early = sum(t > 500 for t in steps)
+    assert 0 < early < 4, steps
+    assert counts[RegionalConfig()] == (2 * 4, 4)
+    assert counts[RegionalConfig(base_fraction=0.5)] == (2 * (4 - early), 4 - early)  # no LoRA pass early
+    assert counts[RegionalConfig(freeze_after=0.5)] == (2 * 4, early)  # masks made early, then kept
 
 
 def test_for_concepts_settles_auto_by_the_number_of_concepts():
@@ -501,6 +570,10 @@ def test_parse_regional_reads_typed_fields_and_names_a_bad_item():
         parse_regional("dilation=1.5")
     with pytest.raises(ValueError, match="assign"):
         parse_regional("assign=nearest")
+    assert parse_regional("exclude_others=true,freeze_after=0.3").exclude_others is True
+    assert parse_regional("exclude_others=False").exclude_others is False
+    with pytest.raises(ValueError, match=r"'exclude_others=maybe' is invalid: expected true or false"):
+        parse_regional("exclude_others=maybe")
 
 
 def test_cli_regional_fields_reach_the_regional_mode(model_dir, trained, tmp_path, monkeypatch):
