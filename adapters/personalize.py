@@ -463,11 +463,6 @@ class RegionalConfig:
             is no concept ("a blue square") draws more attention than the concept's group
             (:func:`held_by_others`, in the concept's pass reading the whole prompt; kept for the
             own-prompt part): the no-LoRA pass draws that subject there.
-        freeze_after: the part of the denoising (by timestep) after which the masks stop changing: later
-            steps reuse the last ones (1.0: never frozen).
-        base_fraction: the first part of the denoising (by timestep) in which the sampling passes run no
-            LoRA at all and no concept pass (the base model lays the image out; guidance passes keep
-            the LoRAs on).
     """
 
     # Tuned on the shapes model (docs/personalization.md, fifth round): seeds 1000-1031; the last three
@@ -482,8 +477,6 @@ class RegionalConfig:
     concept_prompt: str = "auto"
     full_prompt_fraction: float = 0.3
     exclude_others: bool = False
-    freeze_after: float = 1.0
-    base_fraction: float = 0.0
 
     def __post_init__(self):
         checks = (
@@ -496,8 +489,6 @@ class RegionalConfig:
             ("concept_prompt", self.concept_prompt in ("full", "own", "auto"), "'full', 'own' or 'auto'"),
             ("full_prompt_fraction", 0.0 <= self.full_prompt_fraction <= 1.0, "a number in [0, 1]"),
             ("exclude_others", isinstance(self.exclude_others, bool), "True or False"),
-            ("freeze_after", 0.0 <= self.freeze_after <= 1.0, "a number in [0, 1]"),
-            ("base_fraction", 0.0 <= self.base_fraction <= 1.0, "a number in [0, 1]"),
         )
         for name, ok, expected in checks:
             if not ok:
@@ -721,7 +712,6 @@ class _RegionalHook:
         self.own_tokens = own_tokens or tokens  # the group's tokens in the concept's own prompt
         self.others = list(others)  # the groups of the non-concept subjects (exclude_others)
         self.held: list[torch.Tensor] = []  # per concept, the cells they hold, from the last whole-prompt maps
-        self.frozen: list[torch.Tensor] | None = None  # the last masks (freeze_after)
         self.num_images, self.config, self.weights = num_images, config, weights
         self.inside = False  # in one of our own passes
         self.sums: dict[str, torch.Tensor] = {}  # running sums of the group maps ("mean")
@@ -753,14 +743,10 @@ class _RegionalHook:
         if t > self.last_t:  # a new call inside the same context: its mean starts afresh
             self.sums.clear()
             self.counts.clear()
-            self.held, self.frozen = [], None
+            self.held = []
         self.last_t = t
         total = self.pipe.scheduler.config.num_train_timesteps
-        if t > (1.0 - self.config.base_fraction) * total:
-            unet.enable_lora()
-            return None  # the no-LoRA pass as it is
         everywhere = t > (1.0 - self.config.layout_fraction) * total
-        frozen = self.frozen is not None and t <= (1.0 - self.config.freeze_after) * total
         phase = "full"
         if self.config.concept_prompt == "own" and t <= (1.0 - self.config.full_prompt_fraction) * total:
             phase = "own"
@@ -795,9 +781,8 @@ class _RegionalHook:
         if everywhere:
             masks = [torch.ones_like(base[:, :1]) for _ in predictions]
         else:
-            if not frozen:
-                self.frozen = self.masks(group_maps, tuple(base.shape[-2:]))
-            masks = [m.repeat(batch // self.num_images, 1, 1, 1).to(base.device, base.dtype) for m in self.frozen]
+            masks = self.masks(group_maps, tuple(base.shape[-2:]))
+            masks = [m.repeat(batch // self.num_images, 1, 1, 1).to(base.device, base.dtype) for m in masks]
         return _with_sample(output, regional_prediction(base, predictions, masks))
 
     def masks(self, group_maps: list[torch.Tensor], size: tuple[int, int]) -> list[torch.Tensor]:

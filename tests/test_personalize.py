@@ -361,8 +361,6 @@ def test_regional_prediction_is_the_base_outside_every_mask():
         ("concept_prompt", "mine"),
         ("full_prompt_fraction", 2.0),
         ("exclude_others", "yes"),
-        ("freeze_after", -0.5),
-        ("base_fraction", 1.5),
     ],
 )
 def test_regional_config_names_a_bad_value(field, value):
@@ -459,27 +457,6 @@ def test_exclude_others_leaves_the_other_subjects_place_to_the_base_pass(tmp_pat
         torch.testing.assert_close(out[..., 10:], right[..., 10:])
 
 
-def test_base_fraction_skips_the_lora_passes_and_freeze_after_keeps_the_masks(trained, tmp_path, monkeypatch):
-    pipe = tiny_sd_pipeline()
-    names = load_loras(pipe, [trained, _save_random_lora(tmp_path / "other")])
-    adapters = dict(zip(["sks", "xyz"], names))
-    made = []
-    real = personalize._RegionalHook.masks
-    monkeypatch.setattr(personalize._RegionalHook, "masks", lambda self, *a: made.append(1) or real(self, *a))
-    counts = {}
-    for config in (RegionalConfig(), RegionalConfig(base_fraction=0.5), RegionalConfig(freeze_after=0.5)):
-        made.clear()
-        with regional_loras(pipe, TWO, adapters, config=config) as hook:
-            pipe(TWO, num_inference_steps=4, generator=torch.Generator().manual_seed(0))
-        counts[config] = (hook.passes, len(made))
-    steps = pipe.scheduler.timesteps.tolist()
-    early = sum(t > 500 for t in steps)
-    assert 0 < early < 4, steps
-    assert counts[RegionalConfig()] == (2 * 4, 4)
-    assert counts[RegionalConfig(base_fraction=0.5)] == (2 * (4 - early), 4 - early)  # no LoRA pass early
-    assert counts[RegionalConfig(freeze_after=0.5)] == (2 * 4, early)  # masks made early, then kept
-
-
 def test_for_concepts_settles_auto_by_the_number_of_concepts():
     assert for_concepts(RegionalConfig(), 2).concept_prompt == "own"
     assert for_concepts(RegionalConfig(), 1).concept_prompt == "full"
@@ -570,7 +547,7 @@ def test_parse_regional_reads_typed_fields_and_names_a_bad_item():
         parse_regional("dilation=1.5")
     with pytest.raises(ValueError, match="assign"):
         parse_regional("assign=nearest")
-    assert parse_regional("exclude_others=true,freeze_after=0.3").exclude_others is True
+    assert parse_regional("exclude_others=true,threshold=0.3").exclude_others is True
     assert parse_regional("exclude_others=False").exclude_others is False
     with pytest.raises(ValueError, match=r"'exclude_others=maybe' is invalid: expected true or false"):
         parse_regional("exclude_others=maybe")
