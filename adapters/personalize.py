@@ -517,7 +517,9 @@ def parse_regional(text: str) -> RegionalConfig:
     """``"assign=strongest,threshold=0.3"`` -> a validated :class:`RegionalConfig` (the CLI's
     ``--regional`` and the benchmark's); ``""`` gives the defaults. A bad item is a ``ValueError``
     naming it and what was expected."""
-    kinds = {f.name: {"int": int, "float": float, "bool": _flag}.get(f.type, str) for f in fields(RegionalConfig)}
+    kinds = {
+        f.name: {"int": int, "float": float, "bool": _flag}.get(f.type, str) for f in fields(RegionalConfig)
+    }
     values: dict = {}
     for item in filter(None, (i.strip() for i in text.split(","))):
         name, _, value = (part.strip() for part in item.partition("="))
@@ -554,7 +556,9 @@ def strongest_only(levels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.where(top == k, level, torch.zeros_like(level)) for k, level in enumerate(levels)]
 
 
-def held_by_others(maps: torch.Tensor, tokens: Sequence[int], others: Sequence[Sequence[int]]) -> torch.Tensor:
+def held_by_others(
+    maps: torch.Tensor, tokens: Sequence[int], others: Sequence[Sequence[int]]
+) -> torch.Tensor:
     """The map cells where a subject that is no concept draws more attention than the concept.
 
     Args:
@@ -711,7 +715,7 @@ class _RegionalHook:
         self.pipe, self.adapters, self.tokens, self.embeds = pipe, adapters, tokens, embeds
         self.own_tokens = own_tokens or tokens  # the group's tokens in the concept's own prompt
         self.others = list(others)  # the groups of the non-concept subjects (exclude_others)
-        self.held: list[torch.Tensor] = []  # per concept, the cells they hold, from the last whole-prompt maps
+        self.held: list[torch.Tensor] = []  # per concept, the cells others hold (last whole-prompt maps)
         self.num_images, self.config, self.weights = num_images, config, weights
         self.inside = False  # in one of our own passes
         self.sums: dict[str, torch.Tensor] = {}  # running sums of the group maps ("mean")
@@ -793,9 +797,11 @@ class _RegionalHook:
             levels = strongest_only(levels)
         if c.exclude_others:
             if self.phase == "full":  # the other subjects' words are in these maps (kept for "own")
-                self.held = [held_by_others(m, self.tokens[i], self.others) for m, i in zip(group_maps, self.adapters)]
+                self.held = [
+                    held_by_others(m, self.tokens[i], self.others) for m, i in zip(group_maps, self.adapters)
+                ]
             if self.held:  # none before a whole-prompt pass (concept_prompt="own", full_prompt_fraction=0)
-                levels = [torch.where(held, torch.zeros_like(level), level) for held, level in zip(self.held, levels)]
+                levels = [torch.where(held, 0.0, level) for held, level in zip(self.held, levels)]
         return [level_mask(level, size, c.threshold, c.softness, c.dilation) for level in levels]
 
 

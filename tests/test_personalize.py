@@ -330,7 +330,9 @@ def test_held_by_others_marks_the_cells_another_subject_draws_more_attention_to(
 
 
 def test_other_tokens_are_the_groups_no_identifier_precedes(tokenizer):
-    assert [sorted(g) for g in personalize.other_tokens(tokenizer, "a sks dog and a red cat", ["sks"])] == [[6, 7]]
+    assert [sorted(g) for g in personalize.other_tokens(tokenizer, "a sks dog and a red cat", ["sks"])] == [
+        [6, 7]
+    ]
     assert personalize.other_tokens(tokenizer, TWO, ["sks", "xyz"]) == []
 
 
