@@ -413,7 +413,8 @@ def box_extent_loss(
 
     Per group ``g`` with total mass ``S_g``, ``d(p)`` the distance of cell ``p`` to box ``g`` (0
     inside, in units of the grid's diagonal) and ``P_side`` the map, divided by its peak, at the
-    box's outermost row or column on that side (its strongest cell across the box)::
+    box's outermost row or column on that side (its strongest cell across the box; the peak is a
+    constant, so the side term only raises the sides)::
 
         (1 - mass(M_g in box_g) / S_g) ** power
           + leak_weight * mass(M_g in the other boxes, outside box_g) / S_g
@@ -448,7 +449,8 @@ def box_extent_loss(
     inside = (maps * masks).sum(dim=(2, 3)) / total
     leaked = (maps * _other_boxes(masks)).sum(dim=(2, 3)) / total
     far = (maps * _box_distance(masks)).sum(dim=(2, 3)) / total
-    peak = maps.amax(dim=(2, 3), keepdim=True).clamp(min=tiny)
+    # The sides rise toward the peak; the peak is not pushed down to meet them (the object would fade).
+    peak = maps.detach().amax(dim=(2, 3), keepdim=True).clamp(min=tiny)
     sides = _box_sides(maps / peak, masks)  # (N, G, 4)
     short = ((side_level - sides).clamp(min=0) / side_level).mean(dim=-1)
     share = (1 - inside).clamp(min=0) ** power

