@@ -20,6 +20,7 @@ ExistenceTokens = Literal["words", "all"]
 RefinementScope = Literal["image", "batch"]
 MapBlocks = Literal["down_up", "down"]
 RadiusMode = Literal["fixed", "adaptive"]
+BoxEnergy = Literal["centroid", "extent"]
 BoxMaps = Literal["raw", "words"]
 #: The raw loss terms (``LossTerms`` fields) the box-only updates of the layout schedule may descend.
 BOX_UPDATE_TERMS = ("box", "existence", "isolation", "aggregation", "alignment")
@@ -52,7 +53,14 @@ class LossConfig:
     the maps :func:`~ait2i_ext.losses.box_loss` reads: ``"raw"``, the captured probabilities, or
     ``"words"``, the same maps after the existence term's softmax over the prompt's words (sharper: a
     cell counts for the word that wins it, so the diffuse share every token gets everywhere no longer
-    hides where the object is). The defaults are
+    hides where the object is). ``box_energy`` picks how a map is pulled into its box:
+    ``"centroid"``, the share outside the box plus a pull of the map's centre of mass onto the box's
+    (:func:`~ait2i_ext.losses.box_loss`; no pull on a map centred on its box, and a square pull on a
+    triangle), or ``"extent"``, the share outside plus a pull of every outside cell by its distance
+    to the box (``box_distance_weight``) and BoxDiff's corner-style constraint that the map reaches
+    each side of the box (``box_side_weight``; ``box_side_level`` of its peak;
+    :func:`~ait2i_ext.losses.box_extent_loss`):
+    an object need not fill its box. The defaults are
     the measured choices (DEVELOPERS.md; the box settings: docs/layout.md).
     """
 
@@ -68,6 +76,10 @@ class LossConfig:
     box_existence: bool = False
     box_topk_fraction: float = 0.2
     box_maps: BoxMaps = "raw"
+    box_energy: BoxEnergy = "centroid"
+    box_distance_weight: float = 1.0
+    box_side_weight: float = 1.0
+    box_side_level: float = 0.5
     isolation: IsolationMode = "euclidean"
     top_k: int = 3
     radius_mode: RadiusMode = "fixed"
@@ -94,6 +106,8 @@ class LossConfig:
             "box_centroid_weight",
             "box_leak_weight",
             "w_box_topk",
+            "box_distance_weight",
+            "box_side_weight",
         ):
             value = getattr(self, name)
             _check(value >= 0, name, value, "a weight >= 0")
@@ -141,6 +155,10 @@ class LossConfig:
         _check(isinstance(self.box_members, bool), "box_members", self.box_members, "True or False")
         _check(isinstance(self.box_existence, bool), "box_existence", self.box_existence, "True or False")
         _check(self.box_maps in ("raw", "words"), "box_maps", self.box_maps, "'raw' or 'words'")
+        _check(
+            self.box_energy in ("centroid", "extent"), "box_energy", self.box_energy, "'centroid' or 'extent'"
+        )
+        _check(0 < self.box_side_level <= 1, "box_side_level", self.box_side_level, "a fraction in (0, 1]")
         _check(
             0 < self.box_topk_fraction <= 1,
             "box_topk_fraction",

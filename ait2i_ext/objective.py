@@ -159,6 +159,21 @@ def _boxed_tokens(group: TokenGroup, members: bool) -> tuple[int, ...]:
     return group.indices if members else (group.main,)
 
 
+def _box_energy(maps: torch.Tensor, masks: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """The box term's energy ``cfg.box_energy`` of the boxed maps (each with its box's mask)."""
+    if cfg.box_energy == "extent":
+        return losses.box_extent_loss(
+            maps,
+            masks,
+            cfg.box_distance_weight,
+            cfg.box_side_level,
+            cfg.box_leak_weight,
+            cfg.box_power,
+            cfg.box_side_weight,
+        )
+    return losses.box_loss(maps, masks, cfg.box_centroid_weight, cfg.box_leak_weight, cfg.box_power)
+
+
 def compute_losses(
     attn: torch.Tensor,
     groups: Sequence[TokenGroup],
@@ -174,7 +189,8 @@ def compute_losses(
       the member's map anchored on the main map (its group's alignment radius);
     - isolation: :func:`~ait2i_ext.losses.isolation_loss` of the main maps (zero for one group);
     - existence: :func:`~ait2i_ext.losses.existence_loss` of :func:`existence_maps`;
-    - box: :func:`~ait2i_ext.losses.box_loss` over the groups with a ``box`` (their main maps, and
+    - box: :func:`~ait2i_ext.losses.box_loss` (or with ``cfg.box_energy="extent"``
+      :func:`~ait2i_ext.losses.box_extent_loss`) over the groups with a ``box`` (their main maps, and
       with ``cfg.box_members`` their member tokens' maps too, each with the group's box; with
       ``cfg.box_maps="words"`` those maps after the softmax over the words), plus
       ``cfg.w_box_topk`` x :func:`~ait2i_ext.losses.box_topk_loss` of their :func:`existence_maps`
@@ -245,9 +261,7 @@ def compute_losses(
             maps = word_maps(attn, indices, eot_index, cfg)
         else:
             maps = attn[..., indices].permute(0, 3, 1, 2)
-        box = losses.box_loss(
-            maps, masks[[k for k, _ in tokens]], cfg.box_centroid_weight, cfg.box_leak_weight, cfg.box_power
-        )
+        box = _box_energy(maps, masks[[k for k, _ in tokens]], cfg)
         if cfg.w_box_topk > 0:
             box = box + cfg.w_box_topk * losses.box_topk_loss(scaled[:, boxed], masks, cfg.box_topk_fraction)
     else:

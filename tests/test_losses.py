@@ -300,6 +300,82 @@ def test_box_topk_loss_rejects_bad_input():
         losses.box_topk_loss(torch.rand(1, 2, SIZE, SIZE), masks, 0.2)
 
 
+def triangle_in(mask: torch.Tensor) -> torch.Tensor:
+    """An upright triangle with its apex on the top row of ``mask``'s box and its base on the bottom
+    row, as wide as the box: about half of the box's cells."""
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    top, bottom, left, right = (int(v) for v in (ys.min(), ys.max(), xs.min(), xs.max()))
+    middle, rows = (left + right) / 2, bottom - top + 1
+    out = torch.zeros_like(mask)
+    for i in range(rows):
+        half = (i + 1) / rows * (right - left + 1) / 2
+        for x in range(left, right + 1):
+            out[top + i, x] = float(abs(x - middle) <= half)
+    return out
+
+
+def test_box_extent_loss_costs_nothing_for_a_triangle_in_a_square_box():
+    """An object need not fill its box: a triangle spanning its square box costs ~0 (the centroid
+    energy asks for a square: its centre of mass is below the box's), a dot in the box, which does
+    not reach the sides, and the same triangle outside the box cost more."""
+    masks = losses.box_masks([(0.25, 0.25, 0.75, 0.75)], SIZE, SIZE)
+    triangle = triangle_in(masks[0])
+    assert 0.35 < float(triangle.sum() / masks[0].sum()) < 0.7
+    dot = torch.zeros(SIZE, SIZE)
+    dot[7:9, 7:9] = 1.0
+    outside = torch.roll(triangle, shifts=(0, 7), dims=(0, 1))
+    maps = batch(triangle[None], dot[None], outside[None])
+    loss = assert_unchanged_and_grad(lambda m: losses.box_extent_loss(m, masks, 1.0, 0.5, power=2.0), maps)
+    loss = loss.detach()
+    assert loss.shape == (3,)
+    assert float(loss[0]) == pytest.approx(0.0, abs=1e-6)
+    assert loss[0] < loss[1] - 0.5 and loss[0] < loss[2] - 0.5
+    assert float(losses.box_loss(maps[:1].detach(), masks, centroid_weight=1.0, power=2.0)) > 0.02
+
+
+def test_box_extent_loss_pulls_mass_toward_a_centred_box():
+    """A row of three boxes, the middle object's mass above and below its box (centre of mass on
+    the box's centre: the centroid pull gives nothing): the gradient raises the box's cells and lowers
+    far cells more than near ones, so descending it moves the mass toward the box."""
+    boxes = [(0.02, 0.34, 0.32, 0.66), (0.35, 0.34, 0.65, 0.66), (0.68, 0.34, 0.98, 0.66)]
+    masks = losses.box_masks(boxes, SIZE, SIZE)[1:2]
+    spread = torch.full((SIZE, SIZE), 0.01)
+    spread[0:4, 6:10] = 1.0
+    spread[12:16, 6:10] = 1.0
+    maps = batch(spread[None])
+    (grad,) = torch.autograd.grad(losses.box_extent_loss(maps, masks, 1.0, 0.5).sum(), maps)
+    column = grad[0, 0, :, 8]
+    ys = torch.nonzero(masks[0, :, 8]).flatten()
+    assert (column[ys] < 0).all()
+    assert column[0] > column[2] and column[15] > column[13] and column[0] > 0 and column[15] > 0
+    stepped = (maps - 0.5 * grad / grad.abs().max()).clamp(min=0)
+    share = (stepped * masks).sum() / stepped.sum()
+    assert share > (maps * masks).sum() / maps.sum()
+
+
+def test_box_extent_loss_raises_the_sides_never_lowers_the_peak():
+    """A dot in the middle of its box misses the sides: descending the side term spreads it toward
+    them and never lowers its peak (a lowered peak is a fading object)."""
+    masks = losses.box_masks([(0.25, 0.25, 0.75, 0.75)], SIZE, SIZE)
+    dot = masks[0] * 0.1  # a faint haze over the box, under half the peak at its sides
+    dot[7:9, 7:9] = 1.0
+    maps = batch(dot[None])
+    (grad,) = torch.autograd.grad(losses.box_extent_loss(maps, masks, 0.0, 0.5).sum(), maps)
+    inside = grad[0, 0][masks[0].bool()]
+    assert (grad[0, 0, 7:9, 7:9] <= 0).all()
+    assert (inside <= 0).all() and inside.lt(0).any()
+
+
+def test_box_extent_loss_rejects_bad_input():
+    masks = losses.box_masks([(0.0, 0.0, 0.5, 0.5)], SIZE, SIZE)
+    with pytest.raises(ValueError, match="side_level=0.0 is invalid"):
+        losses.box_extent_loss(torch.rand(1, 1, SIZE, SIZE), masks, 1.0, 0.0)
+    with pytest.raises(ValueError, match="masks"):
+        losses.box_extent_loss(torch.rand(1, 2, SIZE, SIZE), masks, 1.0, 0.5)
+    with pytest.raises(ValueError, match="box_energy='ratio' is invalid: expected 'centroid' or 'extent'"):
+        LossConfig(box_energy="ratio")
+
+
 def disc(center: tuple[float, float], radius: float, size: int = SIZE) -> torch.Tensor:
     ys, xs = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
     return ((ys - center[0]) ** 2 + (xs - center[1]) ** 2 < radius**2).float()

@@ -326,3 +326,14 @@ def test_box_maps_words_reads_where_a_word_wins_not_its_diffuse_share():
         assert torch.equal(getattr(words, name), getattr(raw, name))
     with pytest.raises(ValueError, match="box_maps='soft' is invalid: expected 'raw' or 'words'"):
         LossConfig(box_maps="soft")
+
+
+def test_box_energy_extent_replaces_the_centroid_pull_only():
+    """``box_energy="extent"`` changes the box term (:func:`~ait2i_ext.losses.box_extent_loss`), no other."""
+    attn = torch.rand(2, H, W, T, generator=torch.Generator().manual_seed(0))
+    boxed = [dataclasses.replace(CAT, box=(0, 0, 0.5, 0.5)), dataclasses.replace(DOG, box=(0.5, 0, 1, 1))]
+    centroid = compute_losses(attn, boxed, EOT, LossConfig())
+    extent = compute_losses(attn, boxed, EOT, LossConfig(box_energy="extent"))
+    assert not torch.allclose(extent.box, centroid.box)
+    for name in ("isolation", "aggregation", "alignment", "existence"):
+        assert torch.equal(getattr(extent, name), getattr(centroid, name))

@@ -128,6 +128,23 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # objects land beside their box or smaller than it: BoxDiff's inner top-k over half the box asks
     # for an object its size
     "default-topk5": ({"box_topk_fraction": 0.5}, {}),
+    # issue 10, seventh round: the extent energy (layout guidance's share outside the box, a pull of
+    # every outside cell by its distance to the box, BoxDiff's corner constraint made loose: the map
+    # reaches each side) instead of the centroid pull, which squares triangles and gives a centred
+    # box nothing
+    "default-extent": ({"box_energy": "extent"}, {}),
+    "default-extent-d3": ({"box_energy": "extent", "box_distance_weight": 3.0}, {}),
+    "default-extent-s40": ({"box_energy": "extent"}, {"box_step_scale": 40.0}),
+    # the sides dropped: the mass inside the box, pulled by distance (BoxDiff's top-k sets the size)
+    "default-extent-noside": ({"box_energy": "extent", "box_side_weight": 0.0}, {}),
+    "default-extent-noside-d3": (
+        {"box_energy": "extent", "box_side_weight": 0.0, "box_distance_weight": 3.0},
+        {},
+    ),
+    "default-extent-side3": ({"box_energy": "extent", "box_side_level": 0.3}, {}),
+    # the four above ran with the side term's peak differentiable (commit 3a7b6da): it pushed each
+    # map's peak down, and objects faded; from here the peak is a constant
+    "default-extent-fixedpeak": ({"box_energy": "extent"}, {}),
 }
 #: Variant names with this prefix run on the shipped ControlNet (control image: the edges of the
 #: prompt's objects at their boxes); "cn-plain" is the stock ControlNet pipeline.
