@@ -52,7 +52,10 @@ class LossConfig:
     the maps :func:`~ait2i_ext.losses.box_loss` reads: ``"raw"``, the captured probabilities, or
     ``"words"``, the same maps after the existence term's softmax over the prompt's words (sharper: a
     cell counts for the word that wins it, so the diffuse share every token gets everywhere no longer
-    hides where the object is). The defaults are
+    hides where the object is). ``w_split`` weighs the split term
+    (:func:`~ait2i_ext.losses.split_loss`: a subject's peaked mass farther than ``split_factor`` times
+    its blob radius from its strongest peak, cut at ``split_level`` of the peak's rise; no per-model
+    radius), against one subject drawn twice. The defaults are
     the measured choices (DEVELOPERS.md; the box settings: docs/layout.md).
     """
 
@@ -81,6 +84,9 @@ class LossConfig:
     smoothing_kernel: int = 3
     smoothing_sigma: float = 0.5
     box_centroid_weight: float = 1.0
+    w_split: float = 0.0
+    split_factor: float = 2.0
+    split_level: float = 0.5
     peak_source: PeakSource = "remaining"
     existence_tokens: ExistenceTokens = "words"
 
@@ -94,6 +100,7 @@ class LossConfig:
             "box_centroid_weight",
             "box_leak_weight",
             "w_box_topk",
+            "w_split",
         ):
             value = getattr(self, name)
             _check(value >= 0, name, value, "a weight >= 0")
@@ -120,6 +127,7 @@ class LossConfig:
             "'fixed' or 'adaptive'",
         )
         _check(0 < self.radius_level <= 1, "radius_level", self.radius_level, "a fraction in (0, 1]")
+        _check(0 <= self.split_level < 1, "split_level", self.split_level, "a fraction in [0, 1)")
         for name in (
             "aggregation_radius",
             "alignment_radius",
@@ -127,6 +135,7 @@ class LossConfig:
             "alignment_factor",
             "softmax_scale",
             "smoothing_sigma",
+            "split_factor",
         ):
             value = getattr(self, name)
             _check(value > 0, name, value, "a number > 0")
