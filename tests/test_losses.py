@@ -373,7 +373,7 @@ def test_split_costs_a_second_blob_and_its_gradient_drains_the_weaker_one():
     two = blob((4, 4)) + blob((11, 11), mass=0.8)  # same mass, split in two
     m = batch(one, two)
     out = assert_unchanged_and_grad(lambda x: losses.split_loss(x, 3.0, 0.3), m)
-    assert out[0] < 1e-6 < 0.2 < out[1] < 0.5
+    assert out[0] < 1e-6 < 0.05 < out[1] < 0.45
     (grad,) = torch.autograd.grad(losses.split_loss(m, 3.0, 0.3).sum(), m)
     # Descending moves mass out of the weaker blob (positive gradient there) into the stronger one.
     assert grad[1, 11, 11] > 0 > grad[1, 4, 4]
@@ -395,5 +395,5 @@ def test_split_sees_two_blobs_that_aggregation_with_k_2_sees_as_gathered():
     # reads their distance; moving the weaker blob's mass onto the first blob lowers split to 0.
     two = blob((4, 4)) + blob((11, 11), mass=0.9)
     one = blob((4, 4), mass=1.9)
-    assert losses.split_loss(two[None], 3.0, 0.3) > 0.3
+    assert losses.split_loss(two[None], 3.0, 0.3) > 0.05
     assert losses.split_loss(one[None], 3.0, 0.3) < 1e-6
