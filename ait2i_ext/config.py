@@ -60,7 +60,10 @@ class LossConfig:
     to the box (``box_distance_weight``) and BoxDiff's corner-style constraint that the map reaches
     each side of the box (``box_side_weight``; ``box_side_level`` of its peak;
     :func:`~ait2i_ext.losses.box_extent_loss`):
-    an object need not fill its box. The defaults are
+    an object need not fill its box. ``w_split`` weighs the split term
+    (:func:`~ait2i_ext.losses.split_loss`: a subject's peaked mass farther than ``split_factor`` times
+    its blob radius from its strongest peak, cut at ``split_level`` of the peak's rise; no per-model
+    radius), against one subject drawn twice. The defaults are
     the measured choices (DEVELOPERS.md; the box settings: docs/layout.md).
     """
 
@@ -93,6 +96,9 @@ class LossConfig:
     smoothing_kernel: int = 3
     smoothing_sigma: float = 0.5
     box_centroid_weight: float = 1.0
+    w_split: float = 0.0
+    split_factor: float = 2.0
+    split_level: float = 0.5
     peak_source: PeakSource = "remaining"
     existence_tokens: ExistenceTokens = "words"
 
@@ -108,6 +114,7 @@ class LossConfig:
             "w_box_topk",
             "box_distance_weight",
             "box_side_weight",
+            "w_split",
         ):
             value = getattr(self, name)
             _check(value >= 0, name, value, "a weight >= 0")
@@ -134,6 +141,7 @@ class LossConfig:
             "'fixed' or 'adaptive'",
         )
         _check(0 < self.radius_level <= 1, "radius_level", self.radius_level, "a fraction in (0, 1]")
+        _check(0 <= self.split_level < 1, "split_level", self.split_level, "a fraction in [0, 1)")
         for name in (
             "aggregation_radius",
             "alignment_radius",
@@ -141,6 +149,7 @@ class LossConfig:
             "alignment_factor",
             "softmax_scale",
             "smoothing_sigma",
+            "split_factor",
         ):
             value = getattr(self, name)
             _check(value > 0, name, value, "a number > 0")

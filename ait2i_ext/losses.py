@@ -245,6 +245,40 @@ def alignment_loss(
     return _peak_spread(_argmax_cell(anchor), centroids) / _diagonal(*member.shape[-2:])
 
 
+def split_loss(m: torch.Tensor, radius: float | torch.Tensor, level: float) -> torch.Tensor:
+    """Split ``L_split``: a map's peaked mass away from its strongest peak, as a share of its mass.
+
+    ``rise = max(0, M - t)`` with the cut ``t = median + level (max - median)`` (no gradient through
+    the cut; the diffuse attention every token gets everywhere does not count), and
+    ``L_split = sum_{|q - p_1| >= r} rise[q] / sum_q M[q]`` with ``p_1`` the map's argmax. One
+    blob within ``r`` of its peak costs nothing; a second blob of the same subject elsewhere costs
+    what rises above the cut there, so descending the loss drains the weaker blob. (Dividing by the
+    map's whole mass, not by the risen mass, keeps the gradient of the order of the other terms':
+    the risen mass of an early, flat map is small.)
+    (:func:`aggregation_loss` reads only ``k`` centroids: two blobs each inside a peak ball look
+    gathered to it once the centroids sit at the balls' centres.)
+
+    Args:
+        m (`torch.Tensor` of shape `(N, H, W)`): non-negative maps (a subject token's attention).
+        radius (`float` or `torch.Tensor` of shape `(N,)`): ``r`` in cells of this map, one for all
+            maps or one per map (e.g. a multiple of :func:`blob_radius`).
+        level (`float`): the cut's share of the peak's rise above the median, in ``[0, 1)``.
+
+    Returns:
+        `torch.Tensor` of shape `(N,)`, in ``[0, 1)``; 0 for a flat map.
+    """
+    if not 0 <= level < 1:
+        raise ValueError(f"level={level!r} is invalid: expected a number in [0, 1)")
+    _, height, width = m.shape
+    flat = m.detach().flatten(1)
+    base = flat.median(dim=1).values
+    cut = base + level * (flat.amax(dim=1) - base)
+    rise = (m - cut[:, None, None]).clamp(min=0)
+    away = 1 - ball_mask(_argmax_cell(m), height, width, radius)
+    total = m.sum(dim=(1, 2)).clamp(min=torch.finfo(m.dtype).tiny)
+    return (rise * away).sum(dim=(1, 2)) / total
+
+
 def _pairs(num_groups: int, device: torch.device) -> torch.Tensor:
     return torch.triu_indices(num_groups, num_groups, offset=1, device=device)
 

@@ -23,7 +23,7 @@ class LossTerms:
 
     ``total`` is the weighted sum; the other fields are the raw terms (``aggregation`` and
     ``alignment`` already summed over groups and members). Terms that do not apply (isolation with
-    one group, box without boxes) are zeros.
+    one group, box without boxes, split with ``w_split=0``) are zeros.
     """
 
     total: torch.Tensor
@@ -32,6 +32,7 @@ class LossTerms:
     alignment: torch.Tensor
     existence: torch.Tensor
     box: torch.Tensor
+    split: torch.Tensor
 
     def as_floats(self) -> dict[str, float]:
         """Batch means of every field as Python floats, for logging."""
@@ -154,6 +155,24 @@ def group_radii(main: torch.Tensor, cfg: LossConfig) -> tuple[torch.Tensor, torc
     return tuple(main.new_full((n, num_groups), r) for r in fixed)
 
 
+def split_term(main: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """The split term summed over groups: :func:`~ait2i_ext.losses.split_loss` of each main map, with
+    the radius ``cfg.split_factor`` times its :func:`~ait2i_ext.losses.blob_radius` (at
+    ``cfg.radius_level``) and the cut at ``cfg.split_level``.
+
+    Args:
+        main (`torch.Tensor` of shape `(N, G, H, W)`): the groups' main maps.
+        cfg (`LossConfig`): the factor and the level.
+
+    Returns:
+        `torch.Tensor` of shape `(N,)`.
+    """
+    n, num_groups, height, width = main.shape
+    flat = main.reshape(n * num_groups, height, width)
+    radius = cfg.split_factor * losses.blob_radius(flat, cfg.radius_level)
+    return losses.split_loss(flat, radius, cfg.split_level).view(n, num_groups).sum(1)
+
+
 def _boxed_tokens(group: TokenGroup, members: bool) -> tuple[int, ...]:
     """The tokens whose maps the box term pulls into ``group``'s box."""
     return group.indices if members else (group.main,)
@@ -188,6 +207,7 @@ def compute_losses(
     - alignment: sum over groups and their members of :func:`~ait2i_ext.losses.alignment_loss` of
       the member's map anchored on the main map (its group's alignment radius);
     - isolation: :func:`~ait2i_ext.losses.isolation_loss` of the main maps (zero for one group);
+    - split: :func:`split_term` of the main maps (zero, and not computed, when ``cfg.w_split`` is 0);
     - existence: :func:`~ait2i_ext.losses.existence_loss` of :func:`existence_maps`;
     - box: :func:`~ait2i_ext.losses.box_loss` (or with ``cfg.box_energy="extent"``
       :func:`~ait2i_ext.losses.box_extent_loss`) over the groups with a ``box`` (their main maps, and
@@ -241,6 +261,7 @@ def compute_losses(
         alignment = attn.new_zeros(n)
 
     isolation = losses.isolation_loss(main, cfg.isolation)
+    split = split_term(main, cfg) if cfg.w_split > 0 else attn.new_zeros(n)
     scaled = existence_maps(attn, groups, eot_index, cfg)
     boxed = [g for g, group in enumerate(groups) if group.box is not None] if boxes_enabled else []
     if boxed:
@@ -273,6 +294,7 @@ def compute_losses(
         + cfg.w_existence * existence
         + cfg.w_alignment * alignment
         + cfg.w_box * box
+        + cfg.w_split * split
     )
     return LossTerms(
         total=total,
@@ -281,4 +303,5 @@ def compute_losses(
         alignment=alignment,
         existence=existence,
         box=box,
+        split=split,
     )

@@ -442,3 +442,34 @@ def test_the_first_peak_region_scales_with_the_subjects_only_with_the_blobs_radi
     assert all(n < 0.01 for _, n in adaptive)
     assert fixed[0][1] > 0.3  # the small pair: the neighbour is inside
     assert fixed[0][0] > 0.95 and fixed[2][0] < 0.5  # all of a small subject, part of a large one
+
+
+def test_split_costs_a_second_blob_and_its_gradient_drains_the_weaker_one():
+    one = blob((4, 4), mass=1.8)
+    two = blob((4, 4)) + blob((11, 11), mass=0.8)  # same mass, split in two
+    m = batch(one, two)
+    out = assert_unchanged_and_grad(lambda x: losses.split_loss(x, 3.0, 0.3), m)
+    assert out[0] < 1e-6 < 0.05 < out[1] < 0.45
+    (grad,) = torch.autograd.grad(losses.split_loss(m, 3.0, 0.3).sum(), m)
+    # Descending moves mass out of the weaker blob (positive gradient there) into the stronger one.
+    assert grad[1, 11, 11] > 0 > grad[1, 4, 4]
+
+
+def test_split_is_zero_for_one_blob_and_flat_maps_and_scale_invariant():
+    one = blob((7, 7), sigma=1.5)
+    flat = torch.full((SIZE, SIZE), 0.1)
+    two = blob((3, 3)) + blob((12, 12), mass=0.5)
+    out = losses.split_loss(torch.stack([one, flat, two, 5 * two]), torch.tensor([4.0, 4.0, 3.0, 3.0]), 0.3)
+    assert out[0] < 1e-6 and out[1] == 0
+    torch.testing.assert_close(out[2], out[3])
+    with pytest.raises(ValueError, match=r"level=1.0 is invalid: expected a number in \[0, 1\)"):
+        losses.split_loss(one[None], 3.0, 1.0)
+
+
+def test_split_sees_two_blobs_that_aggregation_with_k_2_sees_as_gathered():
+    # Two blobs, each inside one of the k peak balls: centroids sit on the peaks, so aggregation only
+    # reads their distance; moving the weaker blob's mass onto the first blob lowers split to 0.
+    two = blob((4, 4)) + blob((11, 11), mass=0.9)
+    one = blob((4, 4), mass=1.9)
+    assert losses.split_loss(two[None], 3.0, 0.3) > 0.05
+    assert losses.split_loss(one[None], 3.0, 0.3) < 1e-6

@@ -16,13 +16,14 @@ N, H, W, T = 2, 16, 16, 77
 EOT = 7  # "<bos> a red cat and a dog <eot>"
 CAT = TokenGroup("cat", main=3, members=(2,))
 DOG = TokenGroup("dog", main=6)
-TERMS = ("isolation", "aggregation", "alignment", "existence", "box")
+TERMS = ("isolation", "aggregation", "alignment", "existence", "box", "split")
 WEIGHTS = {
     "isolation": "w_isolation",
     "aggregation": "w_aggregation",
     "alignment": "w_alignment",
     "existence": "w_existence",
     "box": "w_box",
+    "split": "w_split",
 }
 
 
@@ -73,7 +74,8 @@ def test_existence_maps_match_attend_and_excites_maxima(tokens):
 def test_compute_losses_shapes_grad_and_inputs_unchanged():
     attn = random_attention().requires_grad_(True)
     before = attn.detach().clone()
-    terms = compute_losses(attn, [dataclasses.replace(CAT, box=(0, 0, 0.5, 1)), DOG], EOT, LossConfig())
+    groups = [dataclasses.replace(CAT, box=(0, 0, 0.5, 1)), DOG]
+    terms = compute_losses(attn, groups, EOT, LossConfig(w_split=1.0))
     assert torch.equal(attn.detach(), before)
     for field in dataclasses.fields(LossTerms):
         value = getattr(terms, field.name)
@@ -89,7 +91,9 @@ def test_compute_losses_shapes_grad_and_inputs_unchanged():
 def test_total_is_the_weighted_sum_and_zero_weight_removes_a_term():
     attn = random_attention()
     groups = [dataclasses.replace(CAT, box=(0, 0, 0.5, 1)), dataclasses.replace(DOG, box=(0.5, 0, 1, 1))]
-    cfg = LossConfig(w_isolation=0.5, w_aggregation=1.5, w_existence=2.0, w_alignment=3.0, w_box=4.0)
+    cfg = LossConfig(
+        w_isolation=0.5, w_aggregation=1.5, w_existence=2.0, w_alignment=3.0, w_box=4.0, w_split=5.0
+    )
     terms = compute_losses(attn, groups, EOT, cfg)
     expected = sum(getattr(cfg, WEIGHTS[name]) * getattr(terms, name) for name in TERMS)
     torch.testing.assert_close(terms.total, expected)
@@ -276,6 +280,9 @@ def test_adaptive_mode_gives_the_per_group_sums_with_each_groups_radius():
         ("aggregation_factor", 0.0, "aggregation_factor=0.0 is invalid: expected a number > 0"),
         ("alignment_factor", -1.0, "alignment_factor=-1.0 is invalid"),
         ("radius_level", 1.5, r"radius_level=1.5 is invalid: expected a fraction in \(0, 1\]"),
+        ("w_split", -1.0, "w_split=-1.0 is invalid: expected a weight >= 0"),
+        ("split_factor", 0.0, "split_factor=0.0 is invalid: expected a number > 0"),
+        ("split_level", 1.0, r"split_level=1.0 is invalid: expected a fraction in \[0, 1\)"),
     ],
 )
 def test_radius_fields_are_validated(field, value, match):
@@ -337,3 +344,19 @@ def test_box_energy_extent_replaces_the_centroid_pull_only():
     assert not torch.allclose(extent.box, centroid.box)
     for name in ("isolation", "aggregation", "alignment", "existence"):
         assert torch.equal(getattr(extent, name), getattr(centroid, name))
+
+
+def test_split_term_costs_a_subject_drawn_twice_and_is_off_by_default():
+    # The cat's map: one blob (image 0) or the same blob plus a second one far away (image 1).
+    attn = torch.full((2, H, W, T), 1e-3)
+    ys, xs = torch.meshgrid(torch.arange(H).float(), torch.arange(W).float(), indexing="ij")
+
+    def disc(y, x):
+        return (((ys - y) ** 2 + (xs - x) ** 2) < 4).float()
+
+    attn[0, ..., CAT.main] += disc(4, 4)
+    attn[1, ..., CAT.main] += disc(4, 4) + 0.8 * disc(11, 11)
+    attn[..., DOG.main] += disc(11, 4)
+    assert torch.equal(compute_losses(attn, [CAT, DOG], EOT, LossConfig()).split, torch.zeros(2))
+    terms = compute_losses(attn, [CAT, DOG], EOT, LossConfig(w_split=1.0))
+    assert terms.split[0] < 0.01 < 0.1 < terms.split[1]

@@ -4,7 +4,7 @@ import pytest
 
 from ait2i_ext import ScheduleConfig
 from ait2i_ext.config import model_config, read_model_settings, write_model_settings
-from ait2i_ext.shapes.model import SHAPES_SCHEDULE, default_model_path
+from ait2i_ext.shapes.model import SHAPES_LOSS, SHAPES_SCHEDULE, default_model_path
 
 
 @pytest.mark.parametrize(
@@ -24,6 +24,7 @@ def test_the_shipped_shapes_model_has_its_own_schedule_and_reference_restores_th
     assert shipped == SHAPES_SCHEDULE
     assert (shipped.guided_steps(25), shipped.step_scale) == ((0, 1, 2, 3, 4), 40.0)
     assert model_config(model).loss.aggregation_radius == 2.5  # the radii stay
+    assert model_config(model).loss.w_split == SHAPES_LOSS.w_split == 2.0  # the split term is on
     reference = model_config(model, preset="reference").schedule
     assert (reference.guided_steps(25), reference.step_scale) == (tuple(range(12)), 20.0)
 
