@@ -225,7 +225,7 @@ def run_method(
             case.text,
             list(case.boxed),
             config=method_config(
-                "gligen-ait2i", args.mode, args.step_scale, args.radii, method_schedule(method, args)
+                "gligen-ait2i", args.mode, args.step_scale, args.gligen_radii, method_schedule(method, args)
             ),
             guidance=name == "gligen-ait2i",
             generator=generators,
@@ -437,6 +437,14 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the model's ait2i.json radii (the shapes model's fit its objects); bad radii fail here
         args.radii = model_loss(
             args.model or default_model_path(),
+            aggregation_radius=args.aggregation_radius,
+            alignment_radius=args.alignment_radius,
+        )
+        # the GLIGEN methods read the GLIGEN model's own ait2i.json, as `ait2i generate --box` does
+        from ait2i_ext.shapes.gligen import default_gligen_path
+
+        args.gligen_radii = model_loss(
+            args.gligen or default_gligen_path(),
             aggregation_radius=args.aggregation_radius,
             alignment_radius=args.alignment_radius,
         )
