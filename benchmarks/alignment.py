@@ -440,16 +440,19 @@ def main(argv: list[str] | None = None) -> int:
             aggregation_radius=args.aggregation_radius,
             alignment_radius=args.alignment_radius,
         )
-        # the GLIGEN methods read the GLIGEN model's own ait2i.json, as `ait2i generate --box` does
-        from ait2i_ext.shapes.gligen import default_gligen_path
+    except ValueError as e:
+        raise SystemExit(f"--aggregation-radius / --alignment-radius: {e}") from None
+    # the GLIGEN methods read the GLIGEN model's own ait2i.json, as `ait2i generate --box` does
+    from ait2i_ext.shapes.gligen import default_gligen_path
 
+    try:
         args.gligen_radii = model_loss(
             args.gligen or default_gligen_path(),
             aggregation_radius=args.aggregation_radius,
             alignment_radius=args.alignment_radius,
         )
     except ValueError as e:
-        raise SystemExit(f"--aggregation-radius / --alignment-radius: {e}") from None
+        raise SystemExit(f"--gligen: {e}") from None
     # the model's schedule (its ait2i.json), then the preset's; --step-scale on top (method_config)
     args.schedule = schedule_overrides(args.model or default_model_path(), args.preset or "default")
     args.route_schedule = schedule_overrides(args.model or default_model_path(), args.preset or ROUTE_PRESET)

@@ -144,6 +144,17 @@ def test_paired_counts_compare_the_same_prompt_and_seed():
     ]
 
 
+def test_alignment_benchmark_gligen_methods_read_the_gligen_models_settings(random_shapes_model, tmp_path):
+    # The GLIGEN methods take their loss settings from the GLIGEN folder's ait2i.json (as the CLI's
+    # GLIGEN route does), not from the base model's: a bad value there is refused before any sampling.
+    gligen = tmp_path / "gligen"
+    gligen.mkdir()
+    (gligen / "ait2i.json").write_text(json.dumps({"loss": {"aggregation_radius": -1.0}}))
+    argv = [*shapes_two(random_shapes_model), "--methods", "gligen-ait2i", "--gligen", str(gligen)]
+    with pytest.raises(SystemExit, match=r"--gligen: .*ait2i.json.*aggregation_radius"):
+        _load("alignment").main([*argv, "--out", str(tmp_path / "out")])
+
+
 def test_alignment_benchmark_rejects_unknown_methods(random_shapes_model, tmp_path):
     with pytest.raises(SystemExit, match="'magic' is invalid"):
         _load("alignment").main(
