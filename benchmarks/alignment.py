@@ -432,27 +432,24 @@ def main(argv: list[str] | None = None) -> int:
         if m.startswith("controlnet") and args.model:
             raise SystemExit(f"--methods: {m!r} runs on the shipped shapes model only (without --model)")
     from ait2i_ext.config import model_loss
+    from ait2i_ext.shapes.gligen import default_gligen_path
     from ait2i_ext.shapes.model import default_model_path
 
-    try:  # the model's ait2i.json radii (the shapes model's fit its objects); bad radii fail here
-        args.radii = model_loss(
-            args.model or default_model_path(),
-            aggregation_radius=args.aggregation_radius,
-            alignment_radius=args.alignment_radius,
-        )
-    except ValueError as e:
-        raise SystemExit(f"--aggregation-radius / --alignment-radius: {e}") from None
-    # the GLIGEN methods read the GLIGEN model's own ait2i.json, as `ait2i generate --box` does
-    from ait2i_ext.shapes.gligen import default_gligen_path
+    def loss_settings(folder, flag: str) -> dict:
+        """``folder``'s ait2i.json loss settings with the radius flags on top; a bad value exits naming ``flag``."""
+        try:
+            return model_loss(
+                folder, aggregation_radius=args.aggregation_radius, alignment_radius=args.alignment_radius
+            )
+        except ValueError as e:
+            raise SystemExit(f"{flag}: {e}") from None
 
-    try:
-        args.gligen_radii = model_loss(
-            args.gligen or default_gligen_path(),
-            aggregation_radius=args.aggregation_radius,
-            alignment_radius=args.alignment_radius,
-        )
-    except ValueError as e:
-        raise SystemExit(f"--gligen: {e}") from None
+    # the model's ait2i.json radii (the shapes model's fit its objects); bad radii fail here
+    args.radii = loss_settings(
+        args.model or default_model_path(), "--aggregation-radius / --alignment-radius"
+    )
+    # the GLIGEN methods read the GLIGEN model's own ait2i.json, as `ait2i generate --box` does
+    args.gligen_radii = loss_settings(args.gligen or default_gligen_path(), "--gligen")
     # the model's schedule (its ait2i.json), then the preset's; --step-scale on top (method_config)
     args.schedule = schedule_overrides(args.model or default_model_path(), args.preset or "default")
     args.route_schedule = schedule_overrides(args.model or default_model_path(), args.preset or ROUTE_PRESET)
