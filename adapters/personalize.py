@@ -450,9 +450,7 @@ class RegionalConfig:
             the steps so far (steadier, as aggregation over steps is).
         assign: ``"independent"``: each concept's mask from its own map alone (masks may overlap, and
             share a cell in proportion); ``"strongest"``: each map cell to at most one concept, the one
-            whose normalised group level is highest there (:func:`strongest_only`), before the ramp;
-            ``"exclusive"``: the same after ``dilation`` (each level grown first, :func:`grow`), so the
-            grown masks never share a cell (with ``"strongest"`` each grows into its neighbour's border).
+            whose normalised group level is highest there (:func:`strongest_only`), before the ramp.
         concept_prompt: what concept ``k``'s pass reads: ``"full"``, the whole prompt; ``"own"``, its
             group's words alone, as its LoRA was trained (``"a sks star"``, :func:`own_prompt`);
             ``"auto"`` (default): ``"own"`` when the prompt names two or more concepts, else ``"full"``
@@ -487,11 +485,7 @@ class RegionalConfig:
             ("dilation", isinstance(self.dilation, int) and self.dilation >= 0, "an integer >= 0"),
             ("layout_fraction", 0.0 <= self.layout_fraction <= 1.0, "a number in [0, 1]"),
             ("mask_source", self.mask_source in ("current", "mean"), "'current' or 'mean'"),
-            (
-                "assign",
-                self.assign in ("independent", "strongest", "exclusive"),
-                "'independent', 'strongest' or 'exclusive'",
-            ),
+            ("assign", self.assign in ("independent", "strongest"), "'independent' or 'strongest'"),
             ("concept_prompt", self.concept_prompt in ("full", "own", "auto"), "'full', 'own' or 'auto'"),
             ("full_prompt_fraction", 0.0 <= self.full_prompt_fraction <= 1.0, "a number in [0, 1]"),
             ("exclude_others", isinstance(self.exclude_others, bool), "True or False"),
@@ -584,15 +578,6 @@ def held_by_others(
     return top > concept
 
 
-def grow(level: torch.Tensor, cells: int) -> torch.Tensor:
-    """A `(B, h, w)` level grown by ``cells`` map cells: each cell the highest level within ``cells``
-    of it (a max filter; ``cells=0`` returns ``level``)."""
-    if not cells:
-        return level
-    grown = torch.nn.functional.max_pool2d(level.unsqueeze(1), 2 * cells + 1, stride=1, padding=cells)
-    return grown.squeeze(1)
-
-
 def level_mask(
     level: torch.Tensor, size: tuple[int, int], threshold: float, softness: float, dilation: int = 0
 ) -> torch.Tensor:
@@ -632,35 +617,6 @@ def concept_mask(
         upsampled bilinearly.
     """
     return level_mask(group_level(maps, tokens), size, threshold, softness, dilation)
-
-
-def region_masks(
-    levels: Sequence[torch.Tensor],
-    size: tuple[int, int],
-    config: RegionalConfig,
-    held: Sequence[torch.Tensor] = (),
-) -> list[torch.Tensor]:
-    """Each concept's mask from its group level: the cells shared out (``config.assign``), the cells
-    ``held`` by others dropped, then ramped, grown and upsampled (:func:`level_mask`).
-
-    Args:
-        levels: per concept, `(B, h, w)` group levels in [0, 1] (:func:`group_level`).
-        size: ``(H, W)`` of the latents.
-        config: threshold, softness, dilation and assign (see :class:`RegionalConfig`).
-        held: per concept, `(B, h, w)` bool cells that another subject holds (:func:`held_by_others`);
-            empty: none.
-
-    Returns:
-        Per concept, `(B, 1, H, W)` in [0, 1].
-    """
-    levels, dilation = list(levels), config.dilation
-    if config.assign == "exclusive":  # grown before the cells are shared out: no grown mask overlaps another
-        levels, dilation = [grow(level, dilation) for level in levels], 0
-    if config.assign != "independent":
-        levels = strongest_only(levels)
-    if held:  # none before a whole-prompt pass (concept_prompt="own", full_prompt_fraction=0)
-        levels = [torch.where(cells, 0.0, level) for cells, level in zip(held, levels)]
-    return [level_mask(level, size, config.threshold, config.softness, dilation) for level in levels]
 
 
 def regional_prediction(
@@ -837,12 +793,16 @@ class _RegionalHook:
         c = self.config
         tokens = self.own_tokens if self.phase == "own" else self.tokens
         levels = [group_level(m, tokens[ident]) for m, ident in zip(group_maps, self.adapters)]
-        if c.exclude_others and self.phase == "full":
-            # the other subjects' words are in these maps: their cells, kept for the own-prompt part
-            self.held = [
-                held_by_others(m, self.tokens[i], self.others) for m, i in zip(group_maps, self.adapters)
-            ]
-        return region_masks(levels, size, c, self.held)
+        if c.assign == "strongest":
+            levels = strongest_only(levels)
+        if c.exclude_others:
+            if self.phase == "full":  # the other subjects' words are in these maps (kept for "own")
+                self.held = [
+                    held_by_others(m, self.tokens[i], self.others) for m, i in zip(group_maps, self.adapters)
+                ]
+            if self.held:  # none before a whole-prompt pass (concept_prompt="own", full_prompt_fraction=0)
+                levels = [torch.where(held, 0.0, level) for held, level in zip(self.held, levels)]
+        return [level_mask(level, size, c.threshold, c.softness, c.dilation) for level in levels]
 
 
 @contextmanager
@@ -937,7 +897,6 @@ __all__ = [
     "concept_tokens",
     "for_concepts",
     "group_level",
-    "grow",
     "held_by_others",
     "level_mask",
     "load_lora",
@@ -949,7 +908,6 @@ __all__ = [
     "parse_regional",
     "personalized_subjects",
     "regional_loras",
-    "region_masks",
     "regional_prediction",
     "strongest_only",
     "unload_lora",

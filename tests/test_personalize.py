@@ -319,34 +319,6 @@ def test_strongest_only_gives_each_cell_to_one_concept():
     assert strongest_only([star])[0] is star
 
 
-def test_grow_takes_the_highest_level_within_the_given_cells():
-    level = torch.zeros(1, 5, 5)
-    level[0, 2, 2], level[0, 0, 4] = 1.0, 0.5
-    grown = personalize.grow(level, 1)
-    assert grown[0, 1:4, 1:4].eq(1.0).all() and grown[0, 0, 0] == 0 and grown[0, 4, 4] == 0
-    assert grown[0, 0, 3] == 0.5 and grown[0, 1, 4] == 0.5  # the weaker peak where the stronger is too far
-    assert personalize.grow(level, 0) is level
-
-
-def test_exclusive_assign_shares_out_the_grown_masks_so_that_none_overlaps():
-    star = torch.zeros(1, 6, 6)
-    star[0, :, :3] = 1.0
-    heart = torch.zeros(1, 6, 6)
-    heart[0, :, 3:] = 0.8
-    hard = dict(threshold=0.5, softness=0.0, dilation=1)
-    exclusive_config = RegionalConfig(assign="exclusive", **hard)
-    overlap = lambda masks: (masks[0] * masks[1]).sum()  # noqa: E731
-    strongest = personalize.region_masks([star, heart], (6, 6), RegionalConfig(assign="strongest", **hard))
-    exclusive = personalize.region_masks([star, heart], (6, 6), exclusive_config)
-    assert overlap(strongest) > 0, "each grown mask reaches into the other: the comparison proves nothing"
-    assert overlap(exclusive) == 0
-    # the stronger concept grows into the other's border, the other keeps the rest
-    assert exclusive[0][0, 0, :, :4].eq(1).all() and exclusive[1][0, 0, :, 4:].eq(1).all()
-    held = [torch.zeros(1, 6, 6, dtype=torch.bool), torch.ones(1, 6, 6, dtype=torch.bool)]
-    dropped = personalize.region_masks([star, heart], (6, 6), exclusive_config, held)
-    assert dropped[1].eq(0).all() and dropped[0].equal(exclusive[0])
-
-
 def test_held_by_others_marks_the_cells_another_subject_draws_more_attention_to():
     maps = torch.zeros(1, 2, 3, 6)
     maps[0, :, :, 2] = torch.tensor([[0.5, 0.3, 0.1], [0.4, 0.0, 0.2]])  # the concept's identifier
