@@ -268,6 +268,26 @@ def test_a_composition_shows_the_concept_at_world_sizes_beside_the_objects_its_c
     assert set(counts) == {0, 1, 2}
 
 
+def test_a_composer_without_other_objects_rescales_and_moves_the_lone_concept(tmp_path):
+    # train_lora.py --composition_others 1 --composition_sides 14,28
+    images, captions = _star_folder(tmp_path / "star")
+    composer = WorldComposer.from_instances(
+        images, captions, "a sks star", other_weights=(1.0,), concept_sides=(14, 28)
+    )
+    config = EvaluatorConfig(shapes=("circle", "square", "triangle", "star"))
+    rng = __import__("random").Random(0)
+    sides, centres = [], set()
+    for _ in range(30):
+        image, caption = composer(rng)
+        assert caption.removeprefix("a ") == "sks star"
+        (star,) = detect(image, config)
+        assert star.shape == "star" and star.colour == "yellow"
+        sides.append(round(max(star.box[2] - star.box[0], star.box[3] - star.box[1]) * 64))
+        centres.add((round((star.box[0] + star.box[2]) * 4), round((star.box[1] + star.box[3]) * 4)))
+    assert 13 <= min(sides) < PAIRED_CONCEPT_SIDES[0] and max(sides) <= MAX_SIZE  # below the paired 18 px
+    assert len(centres) > 10  # placed anywhere, not centred
+
+
 def test_composed_slots_take_a_fraction_of_the_instance_images_and_repeat_with_the_seed(tmp_path):
     images = _images(tmp_path / "instance", 4)
     drawn = []

@@ -481,7 +481,8 @@ def test_world_compositions_need_an_image_of_the_concept_alone(model_dir, tmp_pa
     lines = [json.dumps({"file_name": f"{i}.png", "text": "a sks dog and a cat"}) for i in range(2)]
     (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(
-        ValueError, match=r"--world_compositions=0.5: no instance image is captioned 'a photo of"
+        ValueError,
+        match=r"--world_compositions=0.5 --composition_sides=18,28: no instance image is captioned 'a photo of",
     ):
         train_lora.parse_args(argv(model_dir, images, tmp_path / "out", "--world_compositions", "0.5"))
     train_lora.parse_args(argv(model_dir, images, tmp_path / "out", "--world_compositions", "0"))
@@ -538,6 +539,9 @@ def bad_dirs(tmp_path) -> dict[str, Path]:
         ("no_index", r"--pretrained_model=.*no-index.* has no model_index.json"),
         ("resume_path", r"--resume_from_checkpoint='checkpoint-7' is not a checkpoint"),
         ("compositions", r"--world_compositions=1.5 is invalid: expected a number in \[0, 1\]"),
+        ("others", r"--composition_others='0,0' is invalid: expected comma-separated weights >= 0"),
+        ("sides", r"--composition_sides='28,14' is invalid: expected 'LOW,HIGH' pixels"),
+        ("sides_world", r"--composition_sides=18,30: concept_sides=\(18, 30\) is invalid: expected .* <= 28"),
     ],
 )
 def test_bad_input_raises_before_training(case, match, model_dir, instance_dir, bad_dirs, tmp_path):
@@ -552,6 +556,12 @@ def test_bad_input_raises_before_training(case, match, model_dir, instance_dir, 
         extra = ["--resume_from_checkpoint", "checkpoint-7"]
     elif case == "compositions":
         extra = ["--world_compositions", "1.5"]
+    elif case == "others":
+        extra = ["--world_compositions", "0.5", "--composition_others", "0,0"]
+    elif case == "sides":
+        extra = ["--composition_sides", "28,14"]
+    elif case == "sides_world":  # valid numbers, larger than the shapes world's objects
+        extra = ["--world_compositions", "0.5", "--composition_sides", "18,30"]
     with pytest.raises(ValueError, match=match):
         train_lora.parse_args(argv(model, images, tmp_path / "out", *extra))
 

@@ -58,6 +58,33 @@ def _target_list(targets: str) -> list[str]:
     return [t.strip() for t in targets.split(",") if t.strip()]
 
 
+def composition_options(others: str, sides: str) -> dict:
+    """The `WorldComposer` fields of ``--composition_others`` ("1,3,1": relative frequencies of 0, 1, 2
+    other objects) and ``--composition_sides`` ("18,28": the concept's side in pixels, lowest and highest).
+
+    Raises:
+        ValueError: naming the flag, its value and what was expected.
+    """
+    try:
+        weights = tuple(float(w) for w in others.split(","))
+    except ValueError:
+        weights = ()
+    if not weights or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(
+            f"--composition_others={others!r} is invalid: expected comma-separated weights >= 0 of 0, 1, 2 "
+            "other objects, not all 0 (e.g. '1,3,1'; '1': the concept alone)"
+        )
+    try:
+        low, high = (int(v) for v in sides.split(","))
+    except ValueError:
+        low, high = 0, -1
+    if not 1 <= low <= high:
+        raise ValueError(
+            f"--composition_sides={sides!r} is invalid: expected 'LOW,HIGH' pixels, 1 <= LOW <= HIGH (e.g. '14,28')"
+        )
+    return {"other_weights": weights, "concept_sides": (low, high)}
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Defaults of the flags that depend on the model being trained (a flag given on the command line wins).
@@ -65,8 +92,8 @@ class Recipe:
     Args:
         name: how the log names it.
         rank, lora_alpha, lora_targets, train_text_encoder, text_encoder_targets, learning_rate,
-            max_train_steps, train_batch_size, random_flip, world_compositions: the flags' defaults
-            (``lora_alpha=None``: equal to the rank).
+            max_train_steps, train_batch_size, random_flip, world_compositions, composition_others,
+            composition_sides: the flags' defaults (``lora_alpha=None``: equal to the rank).
     """
 
     name: str
@@ -80,6 +107,8 @@ class Recipe:
     train_batch_size: int
     random_flip: bool
     world_compositions: float = 0.0
+    composition_others: str = "1,3,1"
+    composition_sides: str = "18,28"
 
     def __post_init__(self) -> None:
         for field in ("rank", "max_train_steps", "train_batch_size"):
@@ -96,6 +125,7 @@ class Recipe:
             raise ValueError(
                 f"world_compositions={self.world_compositions} is invalid: expected a number in [0, 1]"
             )
+        composition_options(self.composition_others, self.composition_sides)
 
 
 # Every LoRA-able layer of an SD UNet: attention, feed-forward, the transformer's projections and the
@@ -195,6 +225,20 @@ def build_parser() -> argparse.ArgumentParser:
         "images that show it alone, is scaled to the world's object sizes and placed beside 0-2 rendered "
         "objects of the world, captioned ('a sks star and a blue square'; ait2i_ext.shapes.concepts."
         "WorldComposer); 0: off. " + _MODEL_DEFAULT,
+    )
+    g.add_argument(
+        "--composition_others",
+        default=None,
+        metavar="WEIGHTS",
+        help="--world_compositions: relative frequencies of 0, 1 and 2 other objects beside the concept "
+        "('1': the concept alone, rescaled and moved). " + _MODEL_DEFAULT,
+    )
+    g.add_argument(
+        "--composition_sides",
+        default=None,
+        metavar="LOW,HIGH",
+        help="--world_compositions: the concept's side in pixels, drawn in [LOW, HIGH] (at most 28, the "
+        "shapes world's largest object). " + _MODEL_DEFAULT,
     )
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
@@ -333,6 +377,10 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             args.world_compositions,
             "a number in [0, 1] (0: off)",
         )
+    # not yet resolved against the model's recipe: both recipes share these defaults
+    others = args.composition_others or SMALL_MODEL_RECIPE.composition_others
+    sides = args.composition_sides or SMALL_MODEL_RECIPE.composition_sides
+    options = composition_options(others, sides)
     for flag in ("lora_targets", "text_encoder_targets"):
         if getattr(args, flag) is not None:
             check(
@@ -349,9 +397,16 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         from ait2i_ext.shapes.concepts import WorldComposer
 
         try:
-            WorldComposer.from_instances(images, captions, args.instance_prompt)
+            WorldComposer.from_instances(
+                images,
+                captions,
+                args.instance_prompt,
+                **options,
+            )
         except ValueError as err:
-            raise ValueError(f"--world_compositions={args.world_compositions}: {err}") from None
+            raise ValueError(
+                f"--world_compositions={args.world_compositions} --composition_sides={sides}: {err}"
+            ) from None
 
     if args.with_prior_preservation:
         check(
@@ -400,7 +455,10 @@ def world_composer(args: argparse.Namespace):
     images = list_images(args.instance_data_dir, "--instance_data_dir")
     try:
         composer = WorldComposer.from_instances(
-            images, read_captions(images, args.instance_prompt), args.instance_prompt
+            images,
+            read_captions(images, args.instance_prompt),
+            args.instance_prompt,
+            **composition_options(args.composition_others, args.composition_sides),
         )
     except ValueError as err:
         logger.warning("%s; training without world compositions (--world_compositions 0)", err)
@@ -408,9 +466,11 @@ def world_composer(args: argparse.Namespace):
         return None
     logger.info(
         "world compositions: %.0f%% of the instance slots show the concept (cut from %d images of it alone) "
-        "in a scene of the world",
+        "in a scene of the world (0/1/2 other objects weighted %s, the concept %d-%d px)",
         100 * args.world_compositions,
         len(composer.crops),
+        args.composition_others,
+        *composer.concept_sides,
     )
     return composer
 

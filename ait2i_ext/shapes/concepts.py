@@ -306,10 +306,11 @@ class WorldComposer:
 
     @classmethod
     def from_instances(
-        cls, images: Sequence[str | Path], captions: Sequence[str], prompt: str
+        cls, images: Sequence[str | Path], captions: Sequence[str], prompt: str, **options
     ) -> WorldComposer:
         """From the instance images whose caption names only the concept (``prompt``, e.g. "a sks star",
         with or without its article); the others (the concept beside other objects) are not cut.
+        ``options``: the other fields (``other_weights``, ``concept_sides``).
 
         Raises:
             ValueError: no instance image is captioned as the concept alone.
@@ -325,7 +326,7 @@ class WorldComposer:
         for path in alone:
             with Image.open(path) as image:
                 crops.append(concept_crop(image))
-        return cls(tuple(crops), phrase)
+        return cls(tuple(crops), phrase, **options)
 
     def __call__(self, rng: random.Random) -> tuple[Image.Image, str]:
         return compose_concept(
