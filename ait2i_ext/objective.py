@@ -208,7 +208,9 @@ def compute_losses(
       (radius from :func:`group_radii`: fixed, or adaptive to the map's blob);
     - alignment: sum over groups and their members of :func:`~ait2i_ext.losses.alignment_loss` of
       the member's map anchored on the main map (its group's alignment radius);
-    - isolation: :func:`~ait2i_ext.losses.isolation_loss` of the main maps (zero for one group);
+    - isolation: :func:`~ait2i_ext.losses.isolation_loss` of the main maps (zero for one group; with
+      boxes, each pair weighted by :func:`~ait2i_ext.losses.box_pair_weights` when
+      ``cfg.box_isolation_weight`` < 1);
     - split: :func:`split_term` of the main maps (zero, and not computed, when ``cfg.w_split`` is 0);
     - existence: :func:`~ait2i_ext.losses.existence_loss` of :func:`existence_maps`;
     - box: :func:`~ait2i_ext.losses.box_loss` (or with ``cfg.box_energy="extent"``
