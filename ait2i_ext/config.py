@@ -21,7 +21,7 @@ RefinementScope = Literal["image", "batch"]
 MapBlocks = Literal["down_up", "down"]
 RadiusMode = Literal["fixed", "adaptive"]
 BoxEnergy = Literal["centroid", "extent"]
-BoxMaps = Literal["raw", "words"]
+BoxMaps = Literal["raw", "words", "peaked"]
 #: The raw loss terms (``LossTerms`` fields) the box-only updates of the layout schedule may descend.
 BOX_UPDATE_TERMS = ("box", "existence", "isolation", "aggregation", "alignment")
 
@@ -53,14 +53,20 @@ class LossConfig:
     the maps :func:`~ait2i_ext.losses.box_loss` reads: ``"raw"``, the captured probabilities, or
     ``"words"``, the same maps after the existence term's softmax over the prompt's words (sharper: a
     cell counts for the word that wins it, so the diffuse share every token gets everywhere no longer
-    hides where the object is). ``box_energy`` picks how a map is pulled into its box:
+    hides where the object is), or ``"peaked"``, the captured maps less their median
+    (:func:`~ait2i_ext.losses.above_floor`: the floor every token has everywhere no longer counts as
+    mass outside the box). ``box_energy`` picks how a map is pulled into its box:
     ``"centroid"``, the share outside the box plus a pull of the map's centre of mass onto the box's
     (:func:`~ait2i_ext.losses.box_loss`; no pull on a map centred on its box, and a square pull on a
     triangle), or ``"extent"``, the share outside plus a pull of every outside cell by its distance
     to the box (``box_distance_weight``) and BoxDiff's corner-style constraint that the map reaches
     each side of the box (``box_side_weight``; ``box_side_level`` of its peak;
     :func:`~ait2i_ext.losses.box_extent_loss`):
-    an object need not fill its box. ``w_split`` weighs the split term
+    an object need not fill its box. ``box_far_weight`` adds the extent energy's distance pull to
+    the centroid energy (0: off), so a map spread around a centred box moves too.
+    ``box_isolation_weight`` weighs the isolation term between two groups whose boxes do not
+    overlap, rising to 1 with their overlap (:func:`~ait2i_ext.losses.box_pair_weights`; 1: as
+    without boxes). ``w_split`` weighs the split term
     (:func:`~ait2i_ext.losses.split_loss`: a subject's peaked mass farther than ``split_factor`` times
     its blob radius from its strongest peak, cut at ``split_level`` of the peak's rise; no per-model
     radius), against one subject drawn twice. The defaults are
@@ -83,6 +89,8 @@ class LossConfig:
     box_distance_weight: float = 1.0
     box_side_weight: float = 1.0
     box_side_level: float = 0.5
+    box_far_weight: float = 0.0
+    box_isolation_weight: float = 1.0
     isolation: IsolationMode = "euclidean"
     top_k: int = 3
     radius_mode: RadiusMode = "fixed"
@@ -114,6 +122,7 @@ class LossConfig:
             "w_box_topk",
             "box_distance_weight",
             "box_side_weight",
+            "box_far_weight",
             "w_split",
         ):
             value = getattr(self, name)
@@ -161,9 +170,20 @@ class LossConfig:
             "an odd integer >= 1",
         )
         _check(self.box_power >= 1, "box_power", self.box_power, "a number >= 1")
+        _check(
+            0 <= self.box_isolation_weight <= 1,
+            "box_isolation_weight",
+            self.box_isolation_weight,
+            "a fraction in [0, 1]",
+        )
         _check(isinstance(self.box_members, bool), "box_members", self.box_members, "True or False")
         _check(isinstance(self.box_existence, bool), "box_existence", self.box_existence, "True or False")
-        _check(self.box_maps in ("raw", "words"), "box_maps", self.box_maps, "'raw' or 'words'")
+        _check(
+            self.box_maps in ("raw", "words", "peaked"),
+            "box_maps",
+            self.box_maps,
+            "'raw', 'words' or 'peaked'",
+        )
         _check(
             self.box_energy in ("centroid", "extent"), "box_energy", self.box_energy, "'centroid' or 'extent'"
         )

@@ -283,7 +283,9 @@ def _pairs(num_groups: int, device: torch.device) -> torch.Tensor:
     return torch.triu_indices(num_groups, num_groups, offset=1, device=device)
 
 
-def isolation_loss(maps: torch.Tensor, mode: IsolationMode = "euclidean") -> torch.Tensor:
+def isolation_loss(
+    maps: torch.Tensor, mode: IsolationMode = "euclidean", pair_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Isolation ``L_iso`` between the groups' maps, averaged over pairs of groups.
 
     - ``"euclidean"``: ``1 - |c(A_i) - c(A_j)| / sqrt(H^2 + W^2)``, low when the centroids are far
@@ -295,6 +297,8 @@ def isolation_loss(maps: torch.Tensor, mode: IsolationMode = "euclidean") -> tor
     Args:
         maps (`torch.Tensor` of shape `(N, G, H, W)`): one non-negative map per group.
         mode (`str`): ``"euclidean"`` or ``"cosine"``.
+        pair_weights (`torch.Tensor` of shape `(G, G)`, *optional*): each pair's term is multiplied
+            by ``pair_weights[i, j]`` (``i < j``) before the mean, e.g. :func:`box_pair_weights`.
 
     Returns:
         `torch.Tensor` of shape `(N,)`; zeros when ``G < 2``.
@@ -308,9 +312,13 @@ def isolation_loss(maps: torch.Tensor, mode: IsolationMode = "euclidean") -> tor
     if mode == "euclidean":
         centres = centroid(maps.flatten(0, 1)).view(n, num_groups, 2)
         dist = torch.linalg.vector_norm(centres[:, i] - centres[:, j], dim=-1)
-        return (1 - dist / math.hypot(height, width)).mean(dim=1)
-    vectors = maps.flatten(2)
-    return F.cosine_similarity(vectors[:, i], vectors[:, j], dim=-1).mean(dim=1)
+        terms = 1 - dist / math.hypot(height, width)
+    else:
+        vectors = maps.flatten(2)
+        terms = F.cosine_similarity(vectors[:, i], vectors[:, j], dim=-1)
+    if pair_weights is not None:
+        terms = terms * pair_weights.to(terms)[i, j]
+    return terms.mean(dim=1)
 
 
 def smooth(m: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
@@ -393,24 +401,75 @@ def box_masks(boxes: torch.Tensor | Sequence[Sequence[float]], height: int, widt
     return torch.where(empty[:, None, None], nearest, masks).to(boxes.dtype)
 
 
+def above_floor(maps: torch.Tensor) -> torch.Tensor:
+    """Each map less its median over the cells (a constant: no gradient through it), floored at 0.
+
+    A raw cross-attention map gives every token a floor everywhere; a box term reading the raw map
+    counts that floor as mass outside the box, so its share moves little while the object moves.
+
+    Args:
+        maps (`torch.Tensor` of shape `(N, G, H, W)`): non-negative maps.
+
+    Returns:
+        `torch.Tensor` of the same shape.
+    """
+    floor = maps.detach().flatten(2).median(dim=-1).values[..., None, None]
+    return (maps - floor).clamp(min=0)
+
+
+def box_pair_weights(boxes: Sequence[Sequence[float] | None], disjoint_weight: float) -> torch.Tensor:
+    """``(G, G)`` isolation weights for the pairs of groups, from their layout boxes.
+
+    A pair of boxed groups whose boxes do not overlap gets ``disjoint_weight`` (their boxes already
+    keep them apart; isolation's push apart would pull a row of boxes onto other rows), rising
+    linearly to 1 with the overlap's share of the smaller box; a pair with an unboxed group gets 1.
+
+    Args:
+        boxes: one ``(x0, y0, x1, y1)`` box or ``None`` per group.
+        disjoint_weight (`float`): the weight of two disjoint boxes, in ``[0, 1]``.
+
+    Returns:
+        `torch.Tensor` of shape `(G, G)`, float32, symmetric.
+    """
+    if not 0 <= disjoint_weight <= 1:
+        raise ValueError(f"disjoint_weight={disjoint_weight!r} is invalid: expected a fraction in [0, 1]")
+    num_groups = len(boxes)
+    weights = torch.ones(num_groups, num_groups)
+    for a in range(num_groups):
+        for b in range(num_groups):
+            if a == b or boxes[a] is None or boxes[b] is None:
+                continue
+            (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = boxes[a], boxes[b]
+            overlap = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
+            smaller = min((ax1 - ax0) * (ay1 - ay0), (bx1 - bx0) * (by1 - by0))
+            share = overlap / smaller if smaller > 0 else 1.0
+            weights[a, b] = disjoint_weight + (1 - disjoint_weight) * share
+    return weights
+
+
 def box_loss(
     maps: torch.Tensor,
     masks: torch.Tensor,
     centroid_weight: float,
     leak_weight: float = 1.0,
     power: float = 1.0,
+    far_weight: float = 0.0,
 ) -> torch.Tensor:
     """Layout term: each group's attention inside its own box and out of the other groups' boxes.
 
-    Per group ``g`` with total mass ``S_g``::
+    Per group ``g`` with total mass ``S_g`` and ``d(p)`` the distance of cell ``p`` to box ``g`` (0
+    inside, in units of the grid's diagonal)::
 
         (1 - mass(M_g in box_g) / S_g) ** power
           + leak_weight * mass(M_g in the other boxes, outside box_g) / S_g
           + centroid_weight * |c(M_g) - c(box_g)| / sqrt((H - 1)^2 + (W - 1)^2)
+          + far_weight * sum_p d(p) M_g[p] / S_g
 
     averaged over the groups, where ``c(box_g)`` is the centre of the cells the box covers. With
     ``power=2`` the first term is the energy of training-free layout guidance (Chen et al. 2023).
-    Every group passed in must have a box: select the boxed groups before calling.
+    The last term pulls far mass harder than near mass: an object drawn above a box at the image's
+    centre, while the map's centre of mass sits on the box's, still gets a pull (the centroid term
+    gives it none). Every group passed in must have a box: select the boxed groups before calling.
 
     Args:
         maps (`torch.Tensor` of shape `(N, G, H, W)`): non-negative maps of the boxed groups.
@@ -418,6 +477,7 @@ def box_loss(
         centroid_weight (`float`): weight of the centroid-to-box-centre pull.
         leak_weight (`float`): weight of the mass a group puts in the other groups' boxes.
         power (`float`): exponent of the outside-own-box share.
+        far_weight (`float`): weight of the distance-weighted outside mass (0: none).
 
     Returns:
         `torch.Tensor` of shape `(N,)`.
@@ -431,7 +491,10 @@ def box_loss(
     box_centres = centroid(masks)
     map_centres = centroid(maps.flatten(0, 1)).view(n, num_groups, 2)
     offset = torch.linalg.vector_norm(map_centres - box_centres, dim=-1) / _diagonal(height, width)
-    return ((1 - inside).clamp(min=0) ** power + leak_weight * leaked + centroid_weight * offset).mean(dim=1)
+    energy = (1 - inside).clamp(min=0) ** power + leak_weight * leaked + centroid_weight * offset
+    if far_weight:
+        energy = energy + far_weight * (maps * _box_distance(masks)).sum(dim=(2, 3)) / total
+    return energy.mean(dim=1)
 
 
 def box_extent_loss(

@@ -190,7 +190,9 @@ def _box_energy(maps: torch.Tensor, masks: torch.Tensor, cfg: LossConfig) -> tor
             cfg.box_power,
             cfg.box_side_weight,
         )
-    return losses.box_loss(maps, masks, cfg.box_centroid_weight, cfg.box_leak_weight, cfg.box_power)
+    return losses.box_loss(
+        maps, masks, cfg.box_centroid_weight, cfg.box_leak_weight, cfg.box_power, cfg.box_far_weight
+    )
 
 
 def compute_losses(
@@ -206,7 +208,9 @@ def compute_losses(
       (radius from :func:`group_radii`: fixed, or adaptive to the map's blob);
     - alignment: sum over groups and their members of :func:`~ait2i_ext.losses.alignment_loss` of
       the member's map anchored on the main map (its group's alignment radius);
-    - isolation: :func:`~ait2i_ext.losses.isolation_loss` of the main maps (zero for one group);
+    - isolation: :func:`~ait2i_ext.losses.isolation_loss` of the main maps (zero for one group; with
+      boxes, each pair weighted by :func:`~ait2i_ext.losses.box_pair_weights` when
+      ``cfg.box_isolation_weight`` < 1);
     - split: :func:`split_term` of the main maps (zero, and not computed, when ``cfg.w_split`` is 0);
     - existence: :func:`~ait2i_ext.losses.existence_loss` of :func:`existence_maps`;
     - box: :func:`~ait2i_ext.losses.box_loss` (or with ``cfg.box_energy="extent"``
@@ -260,7 +264,10 @@ def compute_losses(
     else:
         alignment = attn.new_zeros(n)
 
-    isolation = losses.isolation_loss(main, cfg.isolation)
+    pair_weights = None
+    if boxes_enabled and cfg.box_isolation_weight < 1 and any(g.box is not None for g in groups):
+        pair_weights = losses.box_pair_weights([g.box for g in groups], cfg.box_isolation_weight)
+    isolation = losses.isolation_loss(main, cfg.isolation, pair_weights)
     split = split_term(main, cfg) if cfg.w_split > 0 else attn.new_zeros(n)
     scaled = existence_maps(attn, groups, eot_index, cfg)
     boxed = [g for g, group in enumerate(groups) if group.box is not None] if boxes_enabled else []
@@ -282,6 +289,8 @@ def compute_losses(
             maps = word_maps(attn, indices, eot_index, cfg)
         else:
             maps = attn[..., indices].permute(0, 3, 1, 2)
+        if cfg.box_maps == "peaked":
+            maps = losses.above_floor(maps)
         box = _box_energy(maps, masks[[k for k, _ in tokens]], cfg)
         if cfg.w_box_topk > 0:
             box = box + cfg.w_box_topk * losses.box_topk_loss(scaled[:, boxed], masks, cfg.box_topk_fraction)

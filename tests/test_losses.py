@@ -156,6 +156,41 @@ def test_isolation_averages_over_pairs_of_three_groups():
     torch.testing.assert_close(loss, sum(pairs) / 3)
 
 
+@pytest.mark.parametrize("mode", ["euclidean", "cosine"])
+def test_isolation_pair_weights_scale_each_pair(mode):
+    maps = torch.stack([blob((2.0, 2.0)), blob((13.0, 13.0)), blob((2.0, 13.0))])[None]
+    pairs = [losses.isolation_loss(maps[:, list(p)], mode) for p in ((0, 1), (0, 2), (1, 2))]
+    weights = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 1.0], [0.5, 1.0, 1.0]])
+    weighted = losses.isolation_loss(maps, mode, weights)
+    torch.testing.assert_close(weighted, (0 * pairs[0] + 0.5 * pairs[1] + pairs[2]) / 3)
+
+
+def test_above_floor_removes_the_median_and_passes_no_gradient_through_it():
+    m = torch.full((1, 1, 4, 4), 0.1, requires_grad=True)
+    with torch.no_grad():
+        m[0, 0, 0, 0] = 0.7
+    peaked = losses.above_floor(m)
+    expected = torch.zeros(1, 1, 4, 4)
+    expected[0, 0, 0, 0] = 0.6
+    torch.testing.assert_close(peaked, expected)
+    (grad,) = torch.autograd.grad(peaked[0, 0, 0, 0], m)
+    assert grad[0, 0, 0, 0] == 1 and grad.sum() == 1  # the median is a constant
+
+
+def test_box_pair_weights_free_disjoint_boxes_only():
+    """A row of three boxes: no pair overlaps, so each gets ``disjoint_weight``; a box half inside
+    another gets halfway to 1; a group without a box keeps isolation's full weight."""
+    row = [(0.02, 0.34, 0.32, 0.66), (0.35, 0.34, 0.65, 0.66), (0.68, 0.34, 0.98, 0.66)]
+    weights = losses.box_pair_weights(row, 0.0)
+    torch.testing.assert_close(weights, torch.eye(3))
+    weights = losses.box_pair_weights([(0.0, 0.0, 0.5, 0.5), (0.25, 0.0, 0.75, 0.5), None], 0.2)
+    torch.testing.assert_close(weights[0, 1], torch.tensor(0.6))
+    assert torch.equal(weights, weights.T) and weights[2].eq(1).all()
+    torch.testing.assert_close(losses.box_pair_weights(row, 1.0), torch.ones(3, 3))
+    with pytest.raises(ValueError, match=r"disjoint_weight=1.5 is invalid: expected a fraction in \[0, 1\]"):
+        losses.box_pair_weights(row, 1.5)
+
+
 def test_isolation_rejects_unknown_mode():
     with pytest.raises(ValueError, match="mode"):
         losses.isolation_loss(torch.rand(1, 2, 8, 8), "manhattan")
@@ -333,16 +368,21 @@ def test_box_extent_loss_costs_nothing_for_a_triangle_in_a_square_box():
     assert float(losses.box_loss(maps[:1].detach(), masks, centroid_weight=1.0, power=2.0)) > 0.02
 
 
-def test_box_extent_loss_pulls_mass_toward_a_centred_box():
-    """A row of three boxes, the middle object's mass above and below its box (centre of mass on
-    the box's centre: the centroid pull gives nothing): the gradient raises the box's cells and lowers
-    far cells more than near ones, so descending it moves the mass toward the box."""
+def middle_of_a_row() -> tuple[torch.Tensor, torch.Tensor]:
+    """The middle box of a row of three and a map drawn above and below it (centred on the box)."""
     boxes = [(0.02, 0.34, 0.32, 0.66), (0.35, 0.34, 0.65, 0.66), (0.68, 0.34, 0.98, 0.66)]
     masks = losses.box_masks(boxes, SIZE, SIZE)[1:2]
     spread = torch.full((SIZE, SIZE), 0.01)
     spread[0:4, 6:10] = 1.0
     spread[12:16, 6:10] = 1.0
-    maps = batch(spread[None])
+    return masks, batch(spread[None])
+
+
+def test_box_extent_loss_pulls_mass_toward_a_centred_box():
+    """A row of three boxes, the middle object's mass above and below its box (centre of mass on
+    the box's centre: the centroid pull gives nothing): the gradient raises the box's cells and lowers
+    far cells more than near ones, so descending it moves the mass toward the box."""
+    masks, maps = middle_of_a_row()
     (grad,) = torch.autograd.grad(losses.box_extent_loss(maps, masks, 1.0, 0.5).sum(), maps)
     column = grad[0, 0, :, 8]
     ys = torch.nonzero(masks[0, :, 8]).flatten()
@@ -351,6 +391,25 @@ def test_box_extent_loss_pulls_mass_toward_a_centred_box():
     stepped = (maps - 0.5 * grad / grad.abs().max()).clamp(min=0)
     share = (stepped * masks).sum() / stepped.sum()
     assert share > (maps * masks).sum() / maps.sum()
+
+
+def test_box_loss_far_weight_pulls_far_mass_harder_toward_a_centred_box():
+    """The middle box of a row, the object drawn above and below it (the map's centre of mass on the
+    box's centre): ``far_weight`` makes the far rows cost more than the near ones, so descending moves
+    the mass toward the box; 0 (the default) is the energy without it."""
+    masks, maps = middle_of_a_row()
+
+    def column(**kwargs):
+        (grad,) = torch.autograd.grad(losses.box_loss(maps, masks, 1.0, **kwargs).sum(), maps)
+        return grad[0, 0, :, 8]
+
+    plain, far = column(), column(far_weight=1.0)
+    added = far - plain
+    assert added[0] > added[2] and added[15] > added[13] and added[0] > 0 and added[15] > 0
+    assert far[0] > far[2] and far[15] > far[13]
+    ys = torch.nonzero(masks[0, :, 8]).flatten()
+    assert (far[ys] < 0).all()
+    torch.testing.assert_close(column(far_weight=0.0), plain)
 
 
 def test_box_extent_loss_raises_the_sides_never_lowers_the_peak():

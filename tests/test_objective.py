@@ -331,8 +331,22 @@ def test_box_maps_words_reads_where_a_word_wins_not_its_diffuse_share():
     assert words.box < raw.box - 0.3
     for name in ("isolation", "aggregation", "alignment", "existence"):
         assert torch.equal(getattr(words, name), getattr(raw, name))
-    with pytest.raises(ValueError, match="box_maps='soft' is invalid: expected 'raw' or 'words'"):
+    with pytest.raises(ValueError, match="box_maps='soft' is invalid: expected 'raw', 'words' or 'peaked'"):
         LossConfig(box_maps="soft")
+
+
+def test_box_maps_peaked_reads_the_map_above_its_floor():
+    """The cat's map: a floor everywhere and its object in its box; the raw map's in-box share is
+    small (the floor outside counts), the map less its median puts it all in the box."""
+    attn = torch.full((1, H, W, T), 0.02)
+    attn[..., 3] = 0.1
+    attn[0, 2:6, 2:6, 3] = 0.5
+    boxed = [dataclasses.replace(CAT, box=(0, 0, 0.5, 0.5), members=())]
+    raw = compute_losses(attn, boxed, EOT, LossConfig())
+    peaked = compute_losses(attn, boxed, EOT, LossConfig(box_maps="peaked"))
+    assert peaked.box < raw.box - 0.3
+    for name in ("isolation", "aggregation", "alignment", "existence"):
+        assert torch.equal(getattr(peaked, name), getattr(raw, name))
 
 
 def test_box_energy_extent_replaces_the_centroid_pull_only():
@@ -344,6 +358,39 @@ def test_box_energy_extent_replaces_the_centroid_pull_only():
     assert not torch.allclose(extent.box, centroid.box)
     for name in ("isolation", "aggregation", "alignment", "existence"):
         assert torch.equal(getattr(extent, name), getattr(centroid, name))
+
+
+def test_box_far_weight_adds_the_distance_pull_to_the_centroid_energy_only():
+    """``box_far_weight`` reaches :func:`~ait2i_ext.losses.box_loss` (off by default), no other term."""
+    attn = torch.rand(2, H, W, T, generator=torch.Generator().manual_seed(0))
+    boxed = [dataclasses.replace(CAT, box=(0, 0, 0.3, 0.3)), dataclasses.replace(DOG, box=(0.5, 0, 1, 1))]
+    base = compute_losses(attn, boxed, EOT, LossConfig())
+    far = compute_losses(attn, boxed, EOT, LossConfig(box_far_weight=2.0))
+    assert (far.box > base.box + 0.01).all()
+    for name in ("isolation", "aggregation", "alignment", "existence"):
+        assert torch.equal(getattr(far, name), getattr(base, name))
+    with pytest.raises(ValueError, match="box_far_weight=-1.0 is invalid: expected a weight >= 0"):
+        LossConfig(box_far_weight=-1.0)
+
+
+def test_box_isolation_weight_frees_groups_in_disjoint_boxes_from_isolation():
+    """``box_isolation_weight`` scales the isolation term between groups whose boxes do not overlap
+    (1, the default: as without boxes); without boxes it changes nothing."""
+    attn = torch.rand(2, H, W, T, generator=torch.Generator().manual_seed(0))
+    boxed = [dataclasses.replace(CAT, box=(0, 0, 0.4, 1)), dataclasses.replace(DOG, box=(0.6, 0, 1, 1))]
+    full = compute_losses(attn, boxed, EOT, LossConfig())
+    half = compute_losses(attn, boxed, EOT, LossConfig(box_isolation_weight=0.5))
+    torch.testing.assert_close(half.isolation, full.isolation / 2)
+    torch.testing.assert_close(half.total, full.total - LossConfig().w_isolation * full.isolation / 2)
+    assert torch.equal(
+        compute_losses(attn, boxed, EOT, LossConfig(box_isolation_weight=0.0)).isolation, torch.zeros(2)
+    )
+    unboxed = compute_losses(attn, [CAT, DOG], EOT, LossConfig(box_isolation_weight=0.0))
+    assert torch.equal(unboxed.isolation, compute_losses(attn, [CAT, DOG], EOT, LossConfig()).isolation)
+    with pytest.raises(
+        ValueError, match=r"box_isolation_weight=2.0 is invalid: expected a fraction in \[0, 1\]"
+    ):
+        LossConfig(box_isolation_weight=2.0)
 
 
 def test_split_term_costs_a_subject_drawn_twice_and_is_off_by_default():

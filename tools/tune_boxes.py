@@ -149,6 +149,20 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # the four above ran with the side term's peak differentiable (commit 3a7b6da): it pushed each
     # map's peak down, and objects faded; from here the peak is a constant
     "default-extent-fixedpeak": ({"box_energy": "extent"}, {}),
+    # issue 10, eighth round, from the route as shipped (with the model's split term): the extent
+    # energy's distance pull added to the centroid energy, so the middle of a row of boxes (a map
+    # spread above and below it, centred on it) is pulled too; the side term (what lost objects) left out
+    "default-split-far1": ({"w_split": SHAPES_LOSS.w_split, "box_far_weight": 1.0}, {}),
+    # isolation pushes the groups' centres apart: with a row of boxes it pulls objects onto the rows
+    # above and below; boxes that do not overlap already keep their objects apart
+    "default-split-iso0": ({"w_split": SHAPES_LOSS.w_split, "box_isolation_weight": 0.0}, {}),
+    # the box term reads the maps less their median: the floor every token has everywhere hides how
+    # little the object moves (a row of three: in-box shares 0.10 -> 0.15-0.30 over the 15 box updates)
+    "default-split-peaked": ({"w_split": SHAPES_LOSS.w_split, "box_maps": "peaked"}, {}),
+    "default-split-iso0-peaked": (
+        {"w_split": SHAPES_LOSS.w_split, "box_isolation_weight": 0.0, "box_maps": "peaked"},
+        {},
+    ),
 }
 #: Variant names with this prefix run on the shipped ControlNet (control image: the edges of the
 #: prompt's objects at their boxes); "cn-plain" is the stock ControlNet pipeline.
