@@ -13,7 +13,7 @@ counting calls, so the store knows before the first forward which layers to reco
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -310,6 +310,34 @@ def _module(unet, processor_name: str):
     return unet.get_submodule(processor_name.removesuffix(".processor"))
 
 
+def capture_layers(
+    unet,
+    latent_hw: tuple[int, int] | int,
+    resolution: int | None = None,
+    vae_scale_factor: int | None = None,
+    blocks: str = "down_up",
+) -> tuple[CrossAttentionLayer, ...]:
+    """The layers :func:`capture_attention` records for these arguments (see there), in execution order.
+
+    Walking the UNet's processors to find them costs more than the swap itself (~1.3 ms on the
+    tiny UNet): a caller that captures many passes of one run (``guidance.Guide``) finds them once
+    and passes them as ``layers``.
+
+    Raises:
+        ValueError: no layer of ``blocks`` at the chosen map side.
+    """
+    if isinstance(latent_hw, int):
+        latent_hw = (latent_hw, latent_hw)
+    factor = select_factor(unet, latent_hw, resolution, vae_scale_factor)
+    layers = tuple(layer for layer in guided_layers(unet, blocks) if layer.factor == factor)
+    if not layers:
+        raise ValueError(
+            f"blocks={blocks!r}: the UNet has no cross-attention layers there at the map side "
+            f"{max(map_shape(latent_hw, factor))}"
+        )
+    return layers
+
+
 @contextmanager
 def capture_attention(
     unet,
@@ -320,6 +348,7 @@ def capture_attention(
     after_last: Callable[[], None] | None = None,
     vae_scale_factor: int | None = None,
     blocks: str = "down_up",
+    layers: Sequence[CrossAttentionLayer] | None = None,
 ) -> Iterator[AttentionStore]:
     """Record cross-attention maps of ``unet`` at one resolution while the block runs.
 
@@ -337,6 +366,8 @@ def capture_attention(
             :func:`select_factor`).
         blocks: ``"down_up"`` records the down- and up-block layers of that resolution,
             ``"down"`` the down-block ones only (:func:`guided_layers`).
+        layers: the layers to record, as :func:`capture_layers` returns them for these arguments
+            (found once by a caller that captures many passes); ``None`` finds them here.
 
     Raises:
         ValueError: a recorded layer has a processor :func:`check_processor` refuses (before any
@@ -347,14 +378,11 @@ def capture_attention(
     """
     if isinstance(latent_hw, int):
         latent_hw = (latent_hw, latent_hw)
-    factor = select_factor(unet, latent_hw, resolution, vae_scale_factor)
-    layers = [layer for layer in guided_layers(unet, blocks) if layer.factor == factor]
-    if not layers:
-        raise ValueError(
-            f"blocks={blocks!r}: the UNet has no cross-attention layers there at the map side "
-            f"{max(map_shape(latent_hw, factor))}"
-        )
-    store = AttentionStore([layer.name for layer in layers], map_shape(latent_hw, factor), detach=detach)
+    if layers is None:
+        layers = capture_layers(unet, latent_hw, resolution, vae_scale_factor, blocks)
+    store = AttentionStore(
+        [layer.name for layer in layers], map_shape(latent_hw, layers[0].factor), detach=detach
+    )
     # Only the recorded layers change processor: the rest of the UNet is never touched.
     modules = [_module(unet, layer.name) for layer in layers]
     originals = [module.processor for module in modules]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .capture import StopForward, capture_attention
+from .capture import CrossAttentionLayer, StopForward, capture_attention, capture_layers
 from .config import AIT2IConfig
 from .objective import LossTerms, compute_losses
 from .tokens import TokenGroup
@@ -65,8 +65,19 @@ def batch_losses(attn: torch.Tensor, targets: Sequence[PromptTarget], config: AI
     return LossTerms(**{name: torch.cat([getattr(p, name) for p in parts]) for name in fields})
 
 
-def capture_maps(unet, forward: UNetForward, latents: torch.Tensor, t, config: AIT2IConfig) -> torch.Tensor:
-    """Run ``forward`` under capture and return the maps ``(B, H, W, T)`` with their graph."""
+def capture_maps(
+    unet,
+    forward: UNetForward,
+    latents: torch.Tensor,
+    t,
+    config: AIT2IConfig,
+    layers: Sequence[CrossAttentionLayer] | None = None,
+) -> torch.Tensor:
+    """Run ``forward`` under capture and return the maps ``(B, H, W, T)`` with their graph.
+
+    ``layers``: the layers to record (``capture.capture_layers`` for these latents and ``config``),
+    or ``None`` to find them here.
+    """
     truncated = config.mode == "truncated"
     with capture_attention(
         unet,
@@ -74,6 +85,7 @@ def capture_maps(unet, forward: UNetForward, latents: torch.Tensor, t, config: A
         config.attention_resolution,
         stop_early=truncated,
         blocks=config.map_blocks,
+        layers=layers,
     ) as store:
         try:
             forward(latents, t)
@@ -93,6 +105,8 @@ def guidance_step(
     input_scale: float = 1.0,
     term: str | tuple[str, ...] = "total",
     box_stop: float | None = None,
+    layers: Sequence[CrossAttentionLayer] | None = None,
+    trainable: Sequence[torch.nn.Parameter] | None = None,
 ) -> tuple[torch.Tensor, LossTerms, torch.Tensor]:
     """One latent update ``z <- z - step_size * grad_z L``, taken in the UNet's input space.
 
@@ -104,7 +118,10 @@ def guidance_step(
     1 for DDIM/PNDM/DPM, ``1/sqrt(sigma^2+1)`` for Euler-type). The step is taken on ``c * z`` so that
     ``step_size`` means the same for every scheduler: ``z <- z - step_size * grad_z L / c^2``.
     ``step_size`` may be a ``(B,)`` tensor, one size per image (0 leaves an image as it is). With
-    ``box_stop`` an image whose box term is at or below it is left as it is.
+    ``box_stop`` an image whose box term is at or below it is left as it is. ``layers`` (the
+    recorded layers, see :func:`capture_maps`) and ``trainable`` (the UNet's parameters that
+    require grad, see :func:`frozen_parameters`) may be found once per run and passed in: finding
+    them walks the whole UNet.
 
     Returns:
         The updated latents (detached, same dtype), the loss terms before the update, and the
@@ -112,9 +129,9 @@ def guidance_step(
     """
     # Frozen weights: the pass is differentiated w.r.t. the latents only, so no layer saves its
     # input for a weight gradient (less memory, ~5 % less time on the shapes UNet).
-    with torch.enable_grad(), frozen_parameters(unet):
+    with torch.enable_grad(), frozen_parameters(unet, trainable):
         z = latents.detach().requires_grad_(True)
-        attn = capture_maps(unet, forward, z, t, config)
+        attn = capture_maps(unet, forward, z, t, config, layers)
         terms = batch_losses(attn, targets, config)
         names = (term,) if isinstance(term, str) else term
         loss = sum(getattr(terms, name) for name in names)
@@ -127,13 +144,22 @@ def guidance_step(
     return new, _detach(terms), attn.detach()
 
 
+def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """``module``'s parameters that require grad (the ones :func:`frozen_parameters` turns off)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 @contextmanager
-def frozen_parameters(module: torch.nn.Module) -> Iterator[None]:
+def frozen_parameters(
+    module: torch.nn.Module, params: Sequence[torch.nn.Parameter] | None = None
+) -> Iterator[None]:
     """Turn off ``requires_grad`` on ``module``'s parameters for the block, and restore it.
 
     A pass differentiated only w.r.t. its input then saves no tensors for weight gradients.
+    ``params``: :func:`trainable_parameters` of ``module``, found once by a caller that freezes it
+    for many passes (``None``: found here).
     """
-    params = [p for p in module.parameters() if p.requires_grad]
+    params = trainable_parameters(module) if params is None else params
     for p in params:
         p.requires_grad_(False)
     try:
@@ -169,6 +195,21 @@ class Guide:
         has_boxes = any(g.box is not None for target in self.targets for g in target.groups)
         self.num_box_steps = config.schedule.num_box_steps(len(self.timesteps)) if has_boxes else 0
         self.records: list[StepRecord] = []
+        # Found on the first guided step, shared by the run's guided passes (each lookup walks the UNet).
+        self._layers: dict[tuple[int, ...], tuple[CrossAttentionLayer, ...]] = {}
+        self._trainable: list[torch.nn.Parameter] | None = None
+
+    def _pass_setup(self, latents: torch.Tensor):
+        """The recorded layers for ``latents``' size and the UNet's trainable parameters, found once."""
+        hw = tuple(latents.shape[-2:])
+        if hw not in self._layers:
+            config = self.config
+            self._layers[hw] = capture_layers(
+                self.unet, hw, config.attention_resolution, blocks=config.map_blocks
+            )
+        if self._trainable is None:
+            self._trainable = trainable_parameters(self.unet)
+        return self._layers[hw], self._trainable
 
     def is_guided(self, i: int) -> bool:
         """Step ``i`` is on the schedule: a guided step (``ScheduleConfig.guided_steps``) or a box step
@@ -181,12 +222,24 @@ class Guide:
             return latents
         t, alpha = self.timesteps[i], self.step_sizes[i]
         c = self.input_scale(t)
+        layers, trainable = self._pass_setup(latents)
 
         def step(
             z: torch.Tensor, size: float | torch.Tensor, term: str | tuple[str, ...] = "total", stop=None
         ):
             return guidance_step(
-                self.unet, self.forward, z, t, self.targets, self.config, size, c, term, stop
+                self.unet,
+                self.forward,
+                z,
+                t,
+                self.targets,
+                self.config,
+                size,
+                c,
+                term,
+                stop,
+                layers,
+                trainable,
             )
 
         latents, terms, _ = step(latents, alpha)

@@ -14,6 +14,7 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -66,10 +67,20 @@ def blob_radius(m: torch.Tensor, level: float) -> torch.Tensor:
 
 
 def _grid(height: int, width: int, like: torch.Tensor) -> torch.Tensor:
-    """``(H, W, 2)`` tensor of cell coordinates ``(y, x)`` in the dtype and on the device of ``like``."""
-    ys = torch.arange(height, dtype=like.dtype, device=like.device)
-    xs = torch.arange(width, dtype=like.dtype, device=like.device)
-    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1)
+    """``(H, W, 2)`` tensor of cell coordinates ``(y, x)`` in the dtype and on the device of ``like``.
+
+    One tensor per size, dtype and device, made once and shared (read it, never write to it): a
+    guided pass asks for it a dozen times, and on small maps making it cost as much as using it.
+    """
+    return _coordinates(height, width, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _coordinates(height: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable in any later pass
+        ys = torch.arange(height, dtype=dtype, device=device)
+        xs = torch.arange(width, dtype=dtype, device=device)
+        return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1)
 
 
 def _diagonal(height: int, width: int) -> float:

@@ -169,8 +169,9 @@ def generate(
         steps = kwargs.pop("num_inference_steps", defaults.get("num_inference_steps", 50))
         embeds, forward = adapter.encode(prompts, num_images, guidance_scale > 1.0, kwargs)
         kwargs.update(embeds, num_images_per_prompt=1)  # the embeddings are already repeated per image
-        timesteps = _timesteps(pipe, steps, kwargs)
-        noise = _initial_noise(pipe, len(prompts) * num_images, kwargs)
+        device = pipe._execution_device  # walks every component's modules: looked up once
+        timesteps = _timesteps(pipe, steps, kwargs, device)
+        noise = _initial_noise(pipe, len(prompts) * num_images, kwargs, device)
         # The pipeline scales the latents it is given by init_noise_sigma: hand it the noise plus the
         # update in noise units, so that a zero update gives it exactly the noise it would draw.
         latents = noise * pipe.scheduler.init_noise_sigma  # what prepare_latents makes of it
@@ -237,11 +238,11 @@ def _latent_hw(pipe, kwargs: dict) -> tuple[int, int]:
     return int(height) // pipe.vae_scale_factor, int(width) // pipe.vae_scale_factor
 
 
-def _timesteps(pipe, steps: int, kwargs: dict):
+def _timesteps(pipe, steps: int, kwargs: dict, device):
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
     timesteps, _ = retrieve_timesteps(
-        pipe.scheduler, steps, pipe._execution_device, kwargs.get("timesteps"), kwargs.get("sigmas")
+        pipe.scheduler, steps, device, kwargs.get("timesteps"), kwargs.get("sigmas")
     )
     if hasattr(pipe.scheduler, "set_begin_index"):
         pipe.scheduler.set_begin_index(0)
@@ -254,7 +255,7 @@ def _input_scale(scheduler, t) -> float:
     return float(scheduler.scale_model_input(one, t))
 
 
-def _initial_noise(pipe, batch: int, kwargs: dict) -> torch.Tensor:
+def _initial_noise(pipe, batch: int, kwargs: dict, device) -> torch.Tensor:
     """The unit-variance noise the pipeline would draw (``prepare_latents`` before its scaling by
     ``init_noise_sigma``): the same generator calls, so the stock call would draw the same values."""
     from diffusers.utils.torch_utils import randn_tensor
@@ -267,4 +268,4 @@ def _initial_noise(pipe, batch: int, kwargs: dict) -> torch.Tensor:
             f"got {len(generator)} generators for a batch of {batch} images: expected one per image"
         )
     dtype = kwargs["prompt_embeds"].dtype
-    return randn_tensor(shape, generator=generator, device=pipe._execution_device, dtype=dtype)
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)

@@ -269,6 +269,40 @@ def test_truncated_mode_matches_full(tiny_sd):
     assert abs(full.images - fast.images).max() < 1e-4
 
 
+def test_a_run_finds_its_layers_and_parameters_once_with_the_same_images(tiny_sd, monkeypatch):
+    """The layers a guided pass records and the UNet's trainable parameters are found once per run
+    (each lookup walks the whole UNet), and the images are the ones a lookup per pass gives."""
+    from ait2i_ext import guidance
+
+    pipe = sharpen_attention(tiny_sd)
+    config = AIT2IConfig(schedule=ScheduleConfig(step_scale=100.0, guided_fraction=0.5))
+    looked_up = {"layers": 0, "parameters": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            looked_up[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(guidance, "capture_layers", counted("layers", guidance.capture_layers))
+    monkeypatch.setattr(
+        guidance, "trainable_parameters", counted("parameters", guidance.trainable_parameters)
+    )
+    once = _run(pipe, config)
+    assert len(once.steps) == 3 and looked_up == {"layers": 1, "parameters": 1}
+    assert all(p.requires_grad for p in pipe.unet.parameters())  # restored after the run
+    # The same passes with the lookups made in every pass (no layers or parameters handed in).
+    from ait2i_ext import capture
+
+    monkeypatch.setattr(capture, "capture_layers", counted("per pass", capture.capture_layers))
+    looked_up["per pass"] = 0
+    step = guidance.guidance_step
+    monkeypatch.setattr(guidance, "guidance_step", lambda *args: step(*args[:10]))
+    every_pass = _run(pipe, config)
+    assert looked_up["per pass"] == 3 and np.array_equal(once.images, every_pass.images)
+
+
 def test_bad_inputs(tiny_sd):
     with pytest.raises(ValueError, match="prompt_embeds= is not supported"):
         generate(tiny_sd, PROMPT, prompt_embeds=torch.zeros(1, 77, 32))

@@ -532,3 +532,19 @@ def test_split_sees_two_blobs_that_aggregation_with_k_2_sees_as_gathered():
     one = blob((4, 4), mass=1.9)
     assert losses.split_loss(two[None], 3.0, 0.3) > 0.05
     assert losses.split_loss(one[None], 3.0, 0.3) < 1e-6
+
+
+def test_the_coordinate_grid_is_made_once_and_serves_passes_with_grad_after_inference_mode():
+    """The losses ask for the cell grid a dozen times per guided pass: one tensor per size is made
+    and shared, also when it was first made under ``torch.inference_mode`` (the one later used in a
+    pass with grad must be a plain tensor, or the backward refuses it)."""
+    losses._coordinates.cache_clear()
+    with torch.inference_mode():
+        first = losses._grid(7, 5, torch.zeros(1))
+        losses.aggregation_loss(torch.rand(2, 7, 5), 3, 2.0)
+    assert losses._grid(7, 5, torch.ones(3)) is first
+    assert first[3, 4].tolist() == [3.0, 4.0] and not first.is_inference()
+    m = torch.rand(2, 7, 5, requires_grad=True)
+    (grad,) = torch.autograd.grad(losses.aggregation_loss(m, 3, 2.0).sum(), m)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert losses._grid(7, 5, torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
