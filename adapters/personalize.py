@@ -235,9 +235,7 @@ def _load_embedding_only_lora(
     if not config:  # no peft metadata: alpha = rank, as diffusers assumes
         rank = next(v.shape[0] for k, v in state.items() if "lora_embedding_A" in k)
         config = {"r": rank, "lora_alpha": rank, "target_modules": ["token_embedding"]}
-    with warnings.catch_warnings():  # peft warns that a second adapter is a second adapter
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        inject_adapter_in_model(LoraConfig(**config), text_encoder, adapter_name=adapter_name)
+    inject_adapter_in_model(LoraConfig(**config), text_encoder, adapter_name=adapter_name)
     set_peft_model_state_dict(text_encoder, state, adapter_name=adapter_name)
 
 
@@ -300,12 +298,15 @@ def load_lora(
 
     try:
         text_encoder_state = {k: v for k, v in state_dict.items() if k.startswith("text_encoder.")}
-        if is_embedding_only(text_encoder_state):
-            _load_embedding_only_lora(pipe, file, state_dict, adapter_name)
-        else:
-            pipe.load_lora_weights(
-                str(file.parent), weight_name=file.name, adapter_name=adapter_name, use_safetensors=True
-            )
+        # peft warns, for every model, that a second adapter is a second adapter
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            if is_embedding_only(text_encoder_state):
+                _load_embedding_only_lora(pipe, file, state_dict, adapter_name)
+            else:
+                pipe.load_lora_weights(
+                    str(file.parent), weight_name=file.name, adapter_name=adapter_name, use_safetensors=True
+                )
         components = _components(pipe)
         for prefix, layers in expected.items():
             missing = layers - _injected(components[prefix], adapter_name)
