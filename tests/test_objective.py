@@ -315,6 +315,12 @@ def test_box_existence_reads_a_boxed_groups_map_inside_its_box_only():
         LossConfig(box_existence=1)
 
 
+def _assert_other_terms_equal(a: LossTerms, b: LossTerms) -> None:
+    """Every term but the box term is the same in ``a`` and ``b`` (a box option changed only that)."""
+    for name in ("isolation", "aggregation", "alignment", "existence"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
 def test_box_maps_words_reads_where_a_word_wins_not_its_diffuse_share():
     """A subject's probability is spread over the whole image and only wins inside its box: the raw
     maps' in-box share is about the box's area, the maps after the softmax over the words put it in
@@ -329,8 +335,7 @@ def test_box_maps_words_reads_where_a_word_wins_not_its_diffuse_share():
     raw = compute_losses(attn, boxed, EOT, LossConfig())
     words = compute_losses(attn, boxed, EOT, LossConfig(box_maps="words"))
     assert words.box < raw.box - 0.3
-    for name in ("isolation", "aggregation", "alignment", "existence"):
-        assert torch.equal(getattr(words, name), getattr(raw, name))
+    _assert_other_terms_equal(words, raw)
     with pytest.raises(ValueError, match="box_maps='soft' is invalid: expected 'raw', 'words' or 'peaked'"):
         LossConfig(box_maps="soft")
 
@@ -345,8 +350,7 @@ def test_box_maps_peaked_reads_the_map_above_its_floor():
     raw = compute_losses(attn, boxed, EOT, LossConfig())
     peaked = compute_losses(attn, boxed, EOT, LossConfig(box_maps="peaked"))
     assert peaked.box < raw.box - 0.3
-    for name in ("isolation", "aggregation", "alignment", "existence"):
-        assert torch.equal(getattr(peaked, name), getattr(raw, name))
+    _assert_other_terms_equal(peaked, raw)
 
 
 def test_box_energy_extent_replaces_the_centroid_pull_only():
@@ -356,8 +360,7 @@ def test_box_energy_extent_replaces_the_centroid_pull_only():
     centroid = compute_losses(attn, boxed, EOT, LossConfig())
     extent = compute_losses(attn, boxed, EOT, LossConfig(box_energy="extent"))
     assert not torch.allclose(extent.box, centroid.box)
-    for name in ("isolation", "aggregation", "alignment", "existence"):
-        assert torch.equal(getattr(extent, name), getattr(centroid, name))
+    _assert_other_terms_equal(extent, centroid)
 
 
 def test_box_far_weight_adds_the_distance_pull_to_the_centroid_energy_only():
@@ -367,8 +370,7 @@ def test_box_far_weight_adds_the_distance_pull_to_the_centroid_energy_only():
     base = compute_losses(attn, boxed, EOT, LossConfig())
     far = compute_losses(attn, boxed, EOT, LossConfig(box_far_weight=2.0))
     assert (far.box > base.box + 0.01).all()
-    for name in ("isolation", "aggregation", "alignment", "existence"):
-        assert torch.equal(getattr(far, name), getattr(base, name))
+    _assert_other_terms_equal(far, base)
     with pytest.raises(ValueError, match="box_far_weight=-1.0 is invalid: expected a weight >= 0"):
         LossConfig(box_far_weight=-1.0)
 
