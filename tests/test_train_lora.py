@@ -566,6 +566,20 @@ def test_bad_input_raises_before_training(case, match, model_dir, instance_dir, 
         train_lora.parse_args(argv(model, images, tmp_path / "out", *extra))
 
 
+def test_the_command_line_reports_a_bad_input_in_one_line(model_dir, instance_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    status = train_lora.cli(
+        argv(model_dir, instance_dir, out, "--world_compositions", "0.5", "--composition_sides", "10")
+    )
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert err.strip() == (
+        "ait2i-train-lora: error: --composition_sides='10' is invalid: expected 'LOW,HIGH' pixels, "
+        "1 <= LOW <= HIGH (e.g. '14,28')"
+    )
+    assert not out.exists()
+
+
 def test_lora_target_matching_no_layer_raises_before_training(model_dir, instance_dir, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"\['to_qq'\] match no layer of the UNet2DConditionModel"):

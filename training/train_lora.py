@@ -21,6 +21,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -1047,8 +1048,14 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """Console entry point (``ait2i-train-lora``): like `main`, returning an exit status."""
-    main(argv)
+    """Console entry point (``ait2i-train-lora``): like `main`, returning an exit status; a bad input
+    (a flag, a folder, a model: ``ValueError`` / ``OSError``) is one line on stderr and status 2, as
+    ``ait2i``'s commands do, not a traceback."""
+    try:
+        main(argv)
+    except (ValueError, OSError) as err:
+        print(f"ait2i-train-lora: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
