@@ -21,7 +21,7 @@ RefinementScope = Literal["image", "batch"]
 MapBlocks = Literal["down_up", "down"]
 RadiusMode = Literal["fixed", "adaptive"]
 BoxEnergy = Literal["centroid", "extent"]
-BoxMaps = Literal["raw", "words", "peaked"]
+BoxMaps = Literal["raw", "words", "peaked", "softmax"]
 #: The raw loss terms (``LossTerms`` fields) the box-only updates of the layout schedule may descend.
 BOX_UPDATE_TERMS = ("box", "existence", "isolation", "aggregation", "alignment")
 
@@ -55,7 +55,9 @@ class LossConfig:
     cell counts for the word that wins it, so the diffuse share every token gets everywhere no longer
     hides where the object is), or ``"peaked"``, the captured maps less their median
     (:func:`~ait2i_ext.losses.above_floor`: the floor every token has everywhere no longer counts as
-    mass outside the box). ``box_energy`` picks how a map is pulled into its box:
+    mass outside the box), or ``"softmax"``, each map's softmax over the cells at
+    ``box_temperature`` times its peak's rise over its median (:func:`~ait2i_ext.losses.spatial_softmax`: the floor
+    vanishes and the strongest cells carry the mass). ``box_energy`` picks how a map is pulled into its box:
     ``"centroid"``, the share outside the box plus a pull of the map's centre of mass onto the box's
     (:func:`~ait2i_ext.losses.box_loss`; no pull on a map centred on its box, and a square pull on a
     triangle), or ``"extent"``, the share outside plus a pull of every outside cell by its distance
@@ -91,6 +93,7 @@ class LossConfig:
     box_side_level: float = 0.5
     box_far_weight: float = 0.0
     box_isolation_weight: float = 1.0
+    box_temperature: float = 0.1
     isolation: IsolationMode = "euclidean"
     top_k: int = 3
     radius_mode: RadiusMode = "fixed"
@@ -179,11 +182,12 @@ class LossConfig:
         _check(isinstance(self.box_members, bool), "box_members", self.box_members, "True or False")
         _check(isinstance(self.box_existence, bool), "box_existence", self.box_existence, "True or False")
         _check(
-            self.box_maps in ("raw", "words", "peaked"),
+            self.box_maps in ("raw", "words", "peaked", "softmax"),
             "box_maps",
             self.box_maps,
-            "'raw', 'words' or 'peaked'",
+            "'raw', 'words', 'peaked' or 'softmax'",
         )
+        _check(self.box_temperature > 0, "box_temperature", self.box_temperature, "a number > 0")
         _check(
             self.box_energy in ("centroid", "extent"), "box_energy", self.box_energy, "'centroid' or 'extent'"
         )
@@ -214,7 +218,11 @@ class ScheduleConfig:
     ``("box", "existence")`` with ``LossConfig(box_members=True)`` traded in-box for correctness on
     boxes alone in earlier rounds and lost on ControlNet: measured in docs/layout.md). An image whose box term is
     at or below ``box_stop`` gets no more of these updates at that step (layout guidance's loss
-    threshold; ``None``: every image gets every update). Each layout route may start
+    threshold; ``None``: every image gets every update). Before the first step, ``box_init_iterations``
+    updates of the initial noise descend the same terms, each a step of ``box_init_step`` times the
+    latent's RMS along the normalised gradient, the latent rescaled to its norm after each
+    (InitNO's optimisation of the initial noise, with the box energy;
+    :func:`ait2i_ext.guidance.norm_preserving_step`; 0: off). Each layout route may start
     from its own box settings (``ait2i_ext.adapters.layout.ROUTE_SETTINGS``, applied by
     :func:`model_config`'s ``defaults``).
     Without boxes these fields do nothing.
@@ -233,6 +241,8 @@ class ScheduleConfig:
     box_step_scale: float = 20.0
     box_update_terms: tuple[str, ...] = ("box",)
     box_stop: float | None = None
+    box_init_iterations: int = 0
+    box_init_step: float = 0.05
 
     def __post_init__(self) -> None:
         _check(
@@ -250,6 +260,13 @@ class ScheduleConfig:
             "a fraction in [0, 1]",
         )
         _check(self.box_step_scale >= 0, "box_step_scale", self.box_step_scale, "a number >= 0")
+        _check(
+            isinstance(self.box_init_iterations, int) and self.box_init_iterations >= 0,
+            "box_init_iterations",
+            self.box_init_iterations,
+            "an integer >= 0",
+        )
+        _check(0 < self.box_init_step <= 1, "box_init_step", self.box_init_step, "a fraction in (0, 1]")
         _check(
             self.box_stop is None or self.box_stop >= 0, "box_stop", self.box_stop, "None or a number >= 0"
         )

@@ -127,6 +127,29 @@ def guidance_step(
         The updated latents (detached, same dtype), the loss terms before the update, and the
         captured maps ``(B, H, W, T)`` (detached).
     """
+    z = latents.detach()
+    grad, terms, attn = latent_gradient(unet, forward, z, t, targets, config, term, layers, trainable)
+    if box_stop is not None:
+        step_size = torch.as_tensor(step_size) * (terms.box.detach() > box_stop).float()
+    if torch.is_tensor(step_size):
+        step_size = step_size.to(grad.device, grad.dtype).view(-1, *[1] * (grad.ndim - 1))
+    new = (z - (step_size / input_scale**2) * grad.to(z.dtype)).to(latents.dtype)
+    return new, terms, attn
+
+
+def latent_gradient(
+    unet,
+    forward: UNetForward,
+    latents: torch.Tensor,
+    t,
+    targets: Sequence[PromptTarget],
+    config: AIT2IConfig,
+    term: str | tuple[str, ...] = "total",
+    layers: Sequence[CrossAttentionLayer] | None = None,
+    trainable: Sequence[torch.nn.Parameter] | None = None,
+) -> tuple[torch.Tensor, LossTerms, torch.Tensor]:
+    """``grad_z L`` at ``latents`` (``L``: the ``term`` fields of :class:`LossTerms`, summed, as in
+    :func:`guidance_step`), with the loss terms and the captured maps (both detached)."""
     # Frozen weights: the pass is differentiated w.r.t. the latents only, so no layer saves its
     # input for a weight gradient (less memory, ~5 % less time on the shapes UNet).
     with torch.enable_grad(), frozen_parameters(unet, trainable):
@@ -136,12 +159,26 @@ def guidance_step(
         names = (term,) if isinstance(term, str) else term
         loss = sum(getattr(terms, name) for name in names)
         (grad,) = torch.autograd.grad(loss.sum(), z)
-    if box_stop is not None:
-        step_size = torch.as_tensor(step_size) * (terms.box.detach() > box_stop).float()
-    if torch.is_tensor(step_size):
-        step_size = step_size.to(grad.device, grad.dtype).view(-1, *[1] * (grad.ndim - 1))
-    new = (z.detach() - (step_size / input_scale**2) * grad.to(z.dtype)).to(latents.dtype)
-    return new, _detach(terms), attn.detach()
+    return grad, _detach(terms), attn.detach()
+
+
+def norm_preserving_step(latents: torch.Tensor, grad: torch.Tensor, size: float) -> torch.Tensor:
+    """Move each image's latent against ``grad`` by ``size`` times its RMS, then rescale it to its
+    former norm (InitNO-style: the initial noise stays on the Gaussian's shell however far it turns).
+
+    Args:
+        latents (`torch.Tensor` of shape `(B, ...)`): the latents, one row per image.
+        grad (`torch.Tensor` of the same shape): the loss's gradient; only its direction per image is used.
+        size (`float`): the step as a fraction of each latent's RMS.
+    """
+    dims = tuple(range(1, latents.ndim))
+    z = latents.float()
+    g = grad.float()
+    direction = g / g.pow(2).mean(dims, keepdim=True).sqrt().clamp_min(1e-12)
+    rms = z.pow(2).mean(dims, keepdim=True).sqrt()
+    moved = z - size * rms * direction
+    new_rms = moved.pow(2).mean(dims, keepdim=True).sqrt().clamp_min(1e-12)
+    return (moved * (rms / new_rms)).to(latents.dtype)
 
 
 def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -242,10 +279,18 @@ class Guide:
                 trainable,
             )
 
+        schedule = self.config.schedule
+        if i == 0 and self.num_box_steps and schedule.box_init_iterations:
+            # The initial noise first, on the box terms alone (InitNO's idea, with the box energy).
+            names = schedule.box_update_terms
+            for _ in range(schedule.box_init_iterations):
+                grad, _, _ = latent_gradient(
+                    self.unet, self.forward, latents, t, self.targets, self.config, names, layers, trainable
+                )
+                latents = norm_preserving_step(latents, grad, schedule.box_init_step)
         latents, terms, _ = step(latents, alpha)
         iterations = 1
         if i < self.num_box_steps:  # the layout schedule: extra updates on the box term (+ box_update_terms)
-            schedule = self.config.schedule
             size, names, stop = schedule.box_step_scale, schedule.box_update_terms, schedule.box_stop
             for _ in range(schedule.box_iterations):
                 latents, box_terms, _ = step(latents, size, names, stop)

@@ -428,6 +428,26 @@ def above_floor(maps: torch.Tensor) -> torch.Tensor:
     return (maps - floor).clamp(min=0)
 
 
+def spatial_softmax(maps: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Each map's softmax over its cells at ``temperature`` times its peak's rise over its median
+    (a constant: no gradient through it).
+
+    A floor added everywhere changes nothing (the softmax and the rise ignore it); a cell
+    ``temperature`` of the rise below the strongest weighs ``e`` times less.
+
+    Args:
+        maps (`torch.Tensor` of shape `(N, G, H, W)`): non-negative maps.
+        temperature (`float`): > 0, as a fraction of each map's rise.
+
+    Returns:
+        `torch.Tensor` of the same shape, each map summing to 1.
+    """
+    flat = maps.flatten(2)
+    still = flat.detach()
+    rise = still.amax(dim=-1, keepdim=True) - still.median(dim=-1, keepdim=True).values
+    return torch.softmax(flat / (temperature * rise.clamp_min(1e-12)), dim=-1).view_as(maps)
+
+
 def box_pair_weights(boxes: Sequence[Sequence[float] | None], disjoint_weight: float) -> torch.Tensor:
     """``(G, G)`` isolation weights for the pairs of groups, from their layout boxes.
 

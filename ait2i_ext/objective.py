@@ -291,6 +291,8 @@ def compute_losses(
             maps = attn[..., indices].permute(0, 3, 1, 2)
         if cfg.box_maps == "peaked":
             maps = losses.above_floor(maps)
+        elif cfg.box_maps == "softmax":
+            maps = losses.spatial_softmax(maps, cfg.box_temperature)
         box = _box_energy(maps, masks[[k for k, _ in tokens]], cfg)
         if cfg.w_box_topk > 0:
             box = box + cfg.w_box_topk * losses.box_topk_loss(scaled[:, boxed], masks, cfg.box_topk_fraction)

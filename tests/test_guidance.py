@@ -8,7 +8,7 @@ from conftest import sharpen_attention
 
 from ait2i_ext import AIT2IConfig, LossConfig, ScheduleConfig, generate
 from ait2i_ext.config import model_config, model_loss, write_model_settings
-from ait2i_ext.guidance import guidance_step
+from ait2i_ext.guidance import guidance_step, norm_preserving_step
 from ait2i_ext.pipeline import _input_scale, resolve_targets
 
 PROMPT = "a red circle and a blue square"
@@ -469,3 +469,41 @@ def test_box_only_updates_stop_for_an_image_whose_box_term_is_at_box_stop(tiny_s
     assert torch.equal(run(box_stop=0.0).images, pulled.images)
     with pytest.raises(ValueError, match="box_stop"):
         ScheduleConfig(box_stop=-1.0)
+
+
+def test_norm_preserving_step_descends_and_keeps_each_latents_norm():
+    z = torch.randn(3, 4, 8, 8, generator=_gen())
+    weights = torch.randn(3, 4, 8, 8, generator=_gen(1))  # a linear loss per image: its gradient
+    moved = norm_preserving_step(z, weights, 0.1)
+    torch.testing.assert_close(moved.flatten(1).norm(dim=1), z.flatten(1).norm(dim=1))
+    assert ((moved * weights).flatten(1).sum(1) < (z * weights).flatten(1).sum(1)).all()
+    # only the gradient's direction counts, image by image
+    torch.testing.assert_close(
+        norm_preserving_step(z, weights * torch.tensor([1.0, 10.0, 1e-3])[:, None, None, None], 0.1), moved
+    )
+
+
+def test_box_init_iterations_move_the_initial_noise_only_with_boxes(tiny_sd):
+    """``box_init_iterations``: updates of the initial noise on the box terms before step 0 change a
+    run with boxes, leave a run without boxes as it was, and 0 (the default) is the run without them."""
+    from ait2i_ext import Subject
+
+    pipe = sharpen_attention(tiny_sd)
+    boxed = [
+        Subject("circle", ("red",), box=(0, 0, 0.5, 1)),
+        Subject("square", ("blue",), box=(0.5, 0, 1, 1)),
+    ]
+
+    def run(subjects, **fields):
+        config = AIT2IConfig(schedule=ScheduleConfig(box_guided_fraction=0.5, **fields))
+        call = dict(generator=_gen(), num_inference_steps=4, output_type="latent")
+        return generate(pipe, PROMPT, subjects, config=config, **call)
+
+    base, init = run(boxed), run(boxed, box_init_iterations=2)
+    assert not torch.equal(init.images, base.images)
+    assert torch.equal(run(boxed, box_init_iterations=0).images, base.images)
+    assert torch.equal(run(None, box_init_iterations=2).images, run(None).images)
+    with pytest.raises(ValueError, match="box_init_iterations=-1 is invalid: expected an integer >= 0"):
+        ScheduleConfig(box_init_iterations=-1)
+    with pytest.raises(ValueError, match=r"box_init_step=0.0 is invalid: expected a fraction in \(0, 1\]"):
+        ScheduleConfig(box_init_step=0.0)

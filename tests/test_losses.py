@@ -548,3 +548,13 @@ def test_the_coordinate_grid_is_made_once_and_serves_passes_with_grad_after_infe
     (grad,) = torch.autograd.grad(losses.aggregation_loss(m, 3, 2.0).sum(), m)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     assert losses._grid(7, 5, torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_spatial_softmax_sums_to_one_drops_the_floor_and_sharpens_with_a_lower_temperature():
+    maps = torch.stack([blob((4.0, 4.0)) + 0.05, blob((10.0, 12.0), sigma=2.0) + 0.2])[:, None]
+    soft = losses.spatial_softmax(maps, 0.1)
+    torch.testing.assert_close(soft.sum(dim=(2, 3)), torch.ones(2, 1))
+    torch.testing.assert_close(losses.spatial_softmax(maps + 0.3, 0.1), soft)
+    peak = soft.flatten(2).amax(-1)
+    assert (losses.spatial_softmax(maps, 0.05).flatten(2).amax(-1) > peak).all()
+    assert (peak > (maps / maps.sum(dim=(2, 3), keepdim=True)).flatten(2).amax(-1)).all()

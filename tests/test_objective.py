@@ -336,21 +336,45 @@ def test_box_maps_words_reads_where_a_word_wins_not_its_diffuse_share():
     words = compute_losses(attn, boxed, EOT, LossConfig(box_maps="words"))
     assert words.box < raw.box - 0.3
     _assert_other_terms_equal(words, raw)
-    with pytest.raises(ValueError, match="box_maps='soft' is invalid: expected 'raw', 'words' or 'peaked'"):
+    with pytest.raises(
+        ValueError, match="box_maps='soft' is invalid: expected 'raw', 'words', 'peaked' or 'softmax'"
+    ):
         LossConfig(box_maps="soft")
+
+
+def _cat_over_a_floor():
+    """The cat's map: a floor everywhere and its object in its box (the top-left quarter)."""
+    attn = torch.full((1, H, W, T), 0.02)
+    attn[..., 3] = 0.1
+    attn[0, 2:6, 2:6, 3] = 0.5
+    return attn, [dataclasses.replace(CAT, box=(0, 0, 0.5, 0.5), members=())]
 
 
 def test_box_maps_peaked_reads_the_map_above_its_floor():
     """The cat's map: a floor everywhere and its object in its box; the raw map's in-box share is
     small (the floor outside counts), the map less its median puts it all in the box."""
-    attn = torch.full((1, H, W, T), 0.02)
-    attn[..., 3] = 0.1
-    attn[0, 2:6, 2:6, 3] = 0.5
-    boxed = [dataclasses.replace(CAT, box=(0, 0, 0.5, 0.5), members=())]
+    attn, boxed = _cat_over_a_floor()
     raw = compute_losses(attn, boxed, EOT, LossConfig())
     peaked = compute_losses(attn, boxed, EOT, LossConfig(box_maps="peaked"))
     assert peaked.box < raw.box - 0.3
     _assert_other_terms_equal(peaked, raw)
+
+
+def test_box_maps_softmax_ignores_the_floor_and_puts_the_peak_in_the_box():
+    """The cat's map as above: its softmax over the cells puts nearly all of it in the box, whatever
+    the floor (the same map with a higher floor gives the same box term)."""
+    attn, boxed = _cat_over_a_floor()
+    raw = compute_losses(attn, boxed, EOT, LossConfig())
+    soft = compute_losses(attn, boxed, EOT, LossConfig(box_maps="softmax"))
+    assert soft.box < raw.box - 0.5 and float(soft.box) < 0.05
+    _assert_other_terms_equal(soft, raw)
+    higher = attn.clone()
+    higher[..., 3] += 0.2
+    torch.testing.assert_close(
+        compute_losses(higher, boxed, EOT, LossConfig(box_maps="softmax")).box, soft.box
+    )
+    with pytest.raises(ValueError, match="box_temperature=0.0 is invalid: expected a number > 0"):
+        LossConfig(box_maps="softmax", box_temperature=0.0)
 
 
 def test_box_energy_extent_replaces_the_centroid_pull_only():

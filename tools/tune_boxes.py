@@ -163,6 +163,23 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
         {"w_split": SHAPES_LOSS.w_split, "box_isolation_weight": 0.0, "box_maps": "peaked"},
         {},
     ),
+    # issue 10, ninth round, from the route as shipped: optimise the initial noise for the box terms
+    # first (InitNO's idea: normalised steps, the latent kept at its norm), the box term on each map's
+    # softmax over the cells (the floor drops out), and isolation off between disjoint boxes with them
+    **{
+        f"default-split-{name}": ({"w_split": SHAPES_LOSS.w_split, **loss}, schedule)
+        for name, (loss, schedule) in {
+            "init10": ({}, {"box_init_iterations": 10, "box_init_step": 0.05}),
+            "init10-s15": ({}, {"box_init_iterations": 10, "box_init_step": 0.15}),
+            "init20": ({}, {"box_init_iterations": 20, "box_init_step": 0.05}),
+            "soft10": ({"box_maps": "softmax", "box_temperature": 0.1}, {}),
+            "soft25": ({"box_maps": "softmax", "box_temperature": 0.25}, {}),
+            "init10-iso0": (
+                {"box_isolation_weight": 0.0},
+                {"box_init_iterations": 10, "box_init_step": 0.05},
+            ),
+        }.items()
+    },
 }
 #: Variant names with this prefix run on the shipped ControlNet (control image: the edges of the
 #: prompt's objects at their boxes); "cn-plain" is the stock ControlNet pipeline.
