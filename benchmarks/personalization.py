@@ -19,7 +19,9 @@
    group of the noun it precedes (:func:`personalized_subjects`), and ``regional`` / ``ait2i+id+regional``:
    plain / ait2i+id with each LoRA only where its concept is (:func:`regional_loras`, ``--regional``
    for its :class:`RegionalConfig` fields; base prompts then run no LoRA), and ``ait2i+id+regional2``,
-   the same with the fields of ``--regional2`` (two regional settings side by side in one run).
+   the same with the fields of ``--regional2`` (two regional settings side by side in one run). With
+   ``mask_source="regions"`` the concepts get the automatic layout (:func:`with_layout`): the regional
+   passes share the image among its boxes and ait2i's box term guides each group into its box.
 4. Score each image with ``ait2i_ext.shapes.evaluator``: every requested object (the concept in its
    colour and shape, the other subject) present.
 
@@ -47,6 +49,7 @@ from ait2i_ext.adapters.personalize import (
     parse_regional,
     personalized_subjects,
     regional_loras,
+    with_layout,
 )
 from PIL import Image
 
@@ -166,11 +169,17 @@ def run_job(job: dict) -> dict:
         generator=[torch.Generator().manual_seed(s) for s in seeds],
     )
     start = time.process_time()
+    subjects = case["nouns"]
+    if method.startswith("ait2i+id") or (regional and case["identifiers"]):
+        subjects = personalized_subjects(case["prompt"], case["identifiers"], subjects)
     if regional:  # adapters default_<i> in the order of the case's LoRAs
         adapters = {ident: f"default_{case['loras'].index(LORA_OF[ident])}" for ident in case["identifiers"]}
+        fields = job["regional2" if method.endswith("2") else "regional"]
+        if case["identifiers"]:  # boxes (given, or the automatic layout) for mask_source "boxes"
+            subjects = with_layout(subjects, RegionalConfig(**fields))
         context = regional_loras(
-            pipe, case["prompt"], adapters, len(seeds), RegionalConfig(**job["regional2" if method.endswith("2") else "regional"]),
-            weights={ident: _unet_scale(job["lora_scale"]) for ident in adapters},
+            pipe, case["prompt"], adapters, len(seeds), RegionalConfig(**fields),
+            weights={ident: _unet_scale(job["lora_scale"]) for ident in adapters}, subjects=subjects,
         )  # fmt: skip
     else:
         context = contextlib.nullcontext()
@@ -178,9 +187,6 @@ def run_job(job: dict) -> dict:
         if method in ("plain", "regional"):
             images = pipe(case["prompt"], **call).images
         else:
-            subjects = case["nouns"]
-            if method.startswith("ait2i+id"):
-                subjects = personalized_subjects(case["prompt"], case["identifiers"], subjects)
             config = AIT2IConfig(loss=LossConfig(**job["radii"]))
             images = generate(pipe, case["prompt"], subjects, config=config, **call).images
     seconds = (time.process_time() - start) / len(seeds)
