@@ -553,7 +553,8 @@ def auto_layout(count: int, size: float, aspect: float = 1.0) -> list[tuple[floa
         centre = (i + 0.5) / count
         a0, a1 = centre - along / 2, centre + along / 2
         c0, c1 = 0.5 - across / 2, 0.5 + across / 2
-        boxes.append((a0, c0, a1, c1) if wide else (c0, a0, c1, a1))
+        box = (a0, c0, a1, c1) if wide else (c0, a0, c1, a1)
+        boxes.append(tuple(round(v, 6) for v in box))  # no float noise in run.json
     return boxes
 
 
