@@ -456,8 +456,9 @@ class RegionalConfig:
             subject whose box is nearest (:func:`box_regions`), the same at every step; without boxes,
             every subject gets one of the automatic layout (:func:`auto_layout`: side by side along
             the long axis); a subject that is no concept leaves its region to the no-LoRA pass;
-            ``"auto"``: ``"regions"`` when a concept has a box or the prompt names two or more
-            concepts, else ``"mean"`` (:func:`for_concepts`).
+            ``"auto"`` (default): ``"regions"`` when a concept has a box (the user's layout), else
+            ``"mean"`` (:func:`for_concepts`; the automatic layout did not beat ``"mean"`` for two
+            concepts, docs/personalization.md, ninth sitting).
         box_size: the side of the automatic layout's boxes, as a fraction of the image side (the shapes
             world draws objects 14-28 px of 64: 0.22-0.44).
         box_softness: the width of the ramp between two regions, as a fraction of the image side
@@ -486,7 +487,7 @@ class RegionalConfig:
     softness: float = 0.2
     dilation: int = 1
     layout_fraction: float = 0.0
-    mask_source: str = "mean"
+    mask_source: str = "auto"
     assign: str = "strongest"
     concept_prompt: str = "auto"
     full_prompt_fraction: float = 0.3
@@ -518,12 +519,12 @@ class RegionalConfig:
 def for_concepts(config: RegionalConfig, count: int, boxed: bool = False) -> RegionalConfig:
     """``config`` with its ``"auto"`` fields settled for a prompt naming ``count`` concepts, ``boxed``
     when one of them has a layout box: ``concept_prompt`` ``"own"`` for two or more concepts, else
-    ``"full"``; ``mask_source`` ``"regions"`` for two or more concepts or a box, else ``"mean"`` (other
-    values are kept as they are)."""
+    ``"full"``; ``mask_source`` ``"regions"`` when a concept has a box, else ``"mean"`` (other values are
+    kept as they are)."""
     if config.concept_prompt == "auto":
         config = replace(config, concept_prompt="own" if count >= 2 else "full")
     if config.mask_source == "auto":
-        config = replace(config, mask_source="regions" if count >= 2 or boxed else "mean")
+        config = replace(config, mask_source="regions" if boxed else "mean")
     return config
 
 

@@ -727,8 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="each --lora acts only where its concept is (the i-th --identifier names the i-th --lora's "
         "concept; one extra UNet pass per concept per step); a prompt without identifier runs no LoRA; "
-        "with --box (and --regional mask_source=regions) the image is shared among the boxes, each "
-        "concept's LoRA in its box's region, the box term guiding its group there",
+        "with --box the image is shared among the boxes, each concept's LoRA in its box's region, the "
+        "box term guiding its group there (without boxes: --regional mask_source=regions, the automatic layout)",
     )
     g.add_argument(
         "--regional",

@@ -175,7 +175,7 @@ def run_job(job: dict) -> dict:
     if regional:  # adapters default_<i> in the order of the case's LoRAs
         adapters = {ident: f"default_{case['loras'].index(LORA_OF[ident])}" for ident in case["identifiers"]}
         fields = job["regional2" if method.endswith("2") else "regional"]
-        if case["identifiers"]:  # boxes (given, or the automatic layout) for mask_source "boxes"
+        if case["identifiers"]:  # the automatic layout's boxes for mask_source "regions"
             subjects = with_layout(subjects, RegionalConfig(**fields))
         context = regional_loras(
             pipe, case["prompt"], adapters, len(seeds), RegionalConfig(**fields),

@@ -777,10 +777,12 @@ def test_box_regions_share_the_image_among_the_boxes_nearest_first():
 
 def test_for_concepts_settles_the_mask_source_by_concepts_and_boxes():
     auto = RegionalConfig(mask_source="auto")
-    assert for_concepts(auto, 2).mask_source == "regions"
+    assert RegionalConfig().mask_source == "auto"  # the default
+    assert for_concepts(auto, 2).mask_source == "mean"  # no boxes: attention, as measured best
     assert for_concepts(auto, 1).mask_source == "mean"
     assert for_concepts(auto, 1, boxed=True).mask_source == "regions"
-    assert for_concepts(RegionalConfig(mask_source="current"), 2).mask_source == "current"
+    assert for_concepts(auto, 2, boxed=True).mask_source == "regions"
+    assert for_concepts(RegionalConfig(mask_source="current"), 2, boxed=True).mask_source == "current"
 
 
 def test_with_layout_gives_every_subject_a_box_only_when_the_concepts_have_none():
@@ -819,7 +821,7 @@ def test_regional_lora_with_boxes_gives_each_region_to_its_subject(tmp_path):
 
 
 def test_two_concepts_without_boxes_get_the_automatic_layout(trained, tmp_path, monkeypatch):
-    """Two concepts, mask_source="auto", no boxes: the image is shared between auto_layout's two boxes."""
+    """Two concepts, mask_source="regions", no boxes: the image is shared between auto_layout's two boxes."""
     pipe = tiny_sd_pipeline()
     names = load_loras(pipe, [trained, _save_random_lora(tmp_path / "other")])
     seen = []
@@ -827,7 +829,7 @@ def test_two_concepts_without_boxes_get_the_automatic_layout(trained, tmp_path, 
     monkeypatch.setattr(
         personalize, "box_regions", lambda boxes, *args: seen.append(boxes) or real(boxes, *args)
     )
-    config = RegionalConfig(mask_source="auto", concept_prompt="full")
+    config = RegionalConfig(mask_source="regions", concept_prompt="full")
     with regional_loras(pipe, TWO, dict(zip(["sks", "xyz"], names)), config=config) as hook:
         pipe(TWO, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
     layout = auto_layout(2, config.box_size)
