@@ -68,6 +68,7 @@ BASE_PROMPTS = (
     "a red circle and a blue square",
     "a green triangle and a purple circle",
 )
+GROUPS = ("concept alone", "concept + other", "two concepts", "base prompt")
 METHODS = ("plain", "ait2i", "ait2i+id", "regional", "ait2i+id+regional", "ait2i+id+regional2")
 #: Methods run by default ("regional", plain sampling with each LoRA confined to its concept's place,
 #: only on request: docs/personalization.md measured it below ait2i + regional).
@@ -334,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         help="RegionalConfig fields for the method ait2i+id+regional2, e.g. 'assign=strongest' "
         "(default: RegionalConfig's)",
     )
+    parser.add_argument(
+        "--groups",
+        default=",".join(GROUPS),
+        help=f"the row groups to run, comma-separated, of {', '.join(GROUPS)} (default: all)",
+    )
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--workers", type=int, default=2, help="processes, one CPU thread each")
@@ -378,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
         regional2 = dataclasses.asdict(parse_regional(args.regional2))
     except ValueError as e:
         raise SystemExit(f"--regional2: {e}") from None
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    if not groups or any(g not in GROUPS for g in groups):
+        raise SystemExit(
+            f"--groups={args.groups!r} is invalid: expected a comma-separated subset of {GROUPS}"
+        )
     others = [o.strip() for o in args.others.split(",") if o.strip()]
     from ait2i_ext.shapes.data import COLOURS, SHAPES
 
@@ -421,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     chunks = [seeds[i : i + 16] for i in range(0, len(seeds), 16)]
     example_seeds = seeds[:2]
-    all_cases = cases(others, base_prompts, base_loras, methods)
+    all_cases = [c for c in cases(others, base_prompts, base_loras, methods) if c["group"] in groups]
     jobs = [
         {"case_id": i, "case": case, "method": method, "seeds": chunk, "model": model, "radii": radii,
          "lora_paths": [lora_paths[name] for name in case["loras"]], "lora_scale": lora_scale,
