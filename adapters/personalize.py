@@ -432,6 +432,9 @@ def personalized_subjects(
 # --- regional LoRA: each concept's LoRA acts only where its concept is -------------------------
 
 
+MASK_SOURCES = ("current", "mean", "regions", "auto")
+
+
 @dataclass(frozen=True)
 class RegionalConfig:
     """How :func:`regional_loras` confines each concept's LoRA to its region.
@@ -448,7 +451,18 @@ class RegionalConfig:
         layout_fraction: the first part of the denoising, by timestep (``t > (1 - layout_fraction) * T``),
             runs each LoRA everywhere (``m_k = 1``: the concept's layout), the rest masked.
         mask_source: ``"current"`` the mask from this step's maps; ``"mean"`` from the maps averaged over
-            the steps so far (steadier, as aggregation over steps is).
+            the steps so far (steadier, as aggregation over steps is); ``"regions"``: the image shared
+            among the subjects' layout boxes (``Subject.box``, the CLI's ``--box``), each cell to the
+            subject whose box is nearest (:func:`box_regions`), the same at every step; without boxes,
+            every subject gets one of the automatic layout (:func:`auto_layout`: side by side along
+            the long axis); a subject that is no concept leaves its region to the no-LoRA pass;
+            ``"auto"`` (default): ``"regions"`` when a concept has a box (the user's layout), else
+            ``"mean"`` (:func:`for_concepts`; the automatic layout did not beat ``"mean"`` for two
+            concepts, docs/personalization.md, ninth sitting).
+        box_size: the side of the automatic layout's boxes, as a fraction of the image side (the shapes
+            world draws objects 14-28 px of 64: 0.22-0.44).
+        box_softness: the width of the ramp between two regions, as a fraction of the image side
+            (0: hard borders).
         assign: ``"independent"``: each concept's mask from its own map alone (masks may overlap, and
             share a cell in proportion); ``"strongest"``: each map cell to at most one concept, the one
             whose normalised group level is highest there (:func:`strongest_only`), before the ramp.
@@ -473,11 +487,13 @@ class RegionalConfig:
     softness: float = 0.2
     dilation: int = 1
     layout_fraction: float = 0.0
-    mask_source: str = "mean"
+    mask_source: str = "auto"
     assign: str = "strongest"
     concept_prompt: str = "auto"
     full_prompt_fraction: float = 0.3
     exclude_others: bool = False
+    box_size: float = 0.42
+    box_softness: float = 0.1
 
     def __post_init__(self):
         checks = (
@@ -485,11 +501,13 @@ class RegionalConfig:
             ("softness", 0.0 <= self.softness <= 1.0, "a number in [0, 1]"),
             ("dilation", isinstance(self.dilation, int) and self.dilation >= 0, "an integer >= 0"),
             ("layout_fraction", 0.0 <= self.layout_fraction <= 1.0, "a number in [0, 1]"),
-            ("mask_source", self.mask_source in ("current", "mean"), "'current' or 'mean'"),
+            ("mask_source", self.mask_source in MASK_SOURCES, "one of " + ", ".join(map(repr, MASK_SOURCES))),
             ("assign", self.assign in ("independent", "strongest"), "'independent' or 'strongest'"),
             ("concept_prompt", self.concept_prompt in ("full", "own", "auto"), "'full', 'own' or 'auto'"),
             ("full_prompt_fraction", 0.0 <= self.full_prompt_fraction <= 1.0, "a number in [0, 1]"),
             ("exclude_others", isinstance(self.exclude_others, bool), "True or False"),
+            ("box_size", 0.0 < self.box_size <= 1.0, "a number in (0, 1]"),
+            ("box_softness", 0.0 <= self.box_softness <= 1.0, "a number in [0, 1]"),
         )
         for name, ok, expected in checks:
             if not ok:
@@ -498,12 +516,117 @@ class RegionalConfig:
                 )
 
 
-def for_concepts(config: RegionalConfig, count: int) -> RegionalConfig:
-    """``config`` with ``concept_prompt="auto"`` settled for a prompt naming ``count`` concepts:
-    ``"own"`` for two or more, ``"full"`` for one (any other value is returned as it is)."""
-    if config.concept_prompt != "auto":
-        return config
-    return replace(config, concept_prompt="own" if count >= 2 else "full")
+def for_concepts(config: RegionalConfig, count: int, boxed: bool = False) -> RegionalConfig:
+    """``config`` with its ``"auto"`` fields settled for a prompt naming ``count`` concepts, ``boxed``
+    when one of them has a layout box: ``concept_prompt`` ``"own"`` for two or more concepts, else
+    ``"full"``; ``mask_source`` ``"regions"`` when a concept has a box, else ``"mean"`` (other values are
+    kept as they are)."""
+    if config.concept_prompt == "auto":
+        config = replace(config, concept_prompt="own" if count >= 2 else "full")
+    if config.mask_source == "auto":
+        config = replace(config, mask_source="regions" if boxed else "mean")
+    return config
+
+
+def auto_layout(count: int, size: float, aspect: float = 1.0) -> list[tuple[float, float, float, float]]:
+    """``count`` boxes side by side along the image's long axis, in order, each centred in its equal
+    share of that axis and on the other: squares of side ``size`` (a fraction of the short side, cut to
+    the share's width).
+
+    Args:
+        count: how many boxes (the prompt's subjects).
+        size: the boxes' side, as a fraction of the image's short side, in (0, 1].
+        aspect: the image's width / height (> 1: side by side left to right; < 1: top to bottom).
+
+    Returns:
+        ``(x0, y0, x1, y1)`` boxes normalised to [0, 1], not overlapping.
+    """
+    if count < 1:
+        raise ValueError(f"count={count!r} is invalid: expected an integer >= 1")
+    if not 0.0 < size <= 1.0 or aspect <= 0:
+        raise ValueError(f"size={size!r}, aspect={aspect!r} is invalid: expected size in (0, 1], aspect > 0")
+    wide = aspect >= 1.0
+    long_side = max(aspect, 1.0 / aspect)  # the long side in units of the short side
+    along = min(size / long_side, 1.0 / count)  # the side along the long axis, as a fraction of it
+    across = min(size, along * long_side)  # the same length across, as a fraction of the short side
+    boxes = []
+    for i in range(count):
+        centre = (i + 0.5) / count
+        a0, a1 = centre - along / 2, centre + along / 2
+        c0, c1 = 0.5 - across / 2, 0.5 + across / 2
+        box = (a0, c0, a1, c1) if wide else (c0, a0, c1, a1)
+        boxes.append(tuple(round(v, 6) for v in box))  # no float noise in run.json
+    return boxes
+
+
+def with_layout(subjects: Sequence[SubjectSpec], config: RegionalConfig | None = None) -> list[Subject]:
+    """The subjects with the layout :func:`regional_loras` uses: as given when no concept (subject with an
+    identifier) lacks a box or the config's mask source (settled by :func:`for_concepts`) is not
+    ``"regions"``; else every subject gets its box of :func:`auto_layout`, in order. Pass the result to
+    ``generate`` as well, so the box term guides each group into its box.
+
+    Raises:
+        ValueError: some concepts have boxes and others not (name them).
+    """
+    config = config or RegionalConfig()
+    subjects = [Subject.parse(s) for s in subjects]
+    concepts = [s for s in subjects if s.identifier is not None]
+    boxed = [s for s in concepts if s.box is not None]
+    settled = for_concepts(config, len(concepts), bool(boxed))
+    if settled.mask_source != "regions" or len(boxed) == len(concepts):
+        return subjects
+    if boxed:
+        missing = [s.identifier for s in concepts if s.box is None]
+        raise ValueError(
+            f"concepts {missing} have no box while {[s.identifier for s in boxed]} have one: "
+            "expected a box for every concept, or none (the automatic layout)"
+        )
+    if any(s.box is not None for s in subjects):
+        raise ValueError(
+            f"concepts {[s.identifier for s in concepts]} have no box while other subjects have one: "
+            "expected a box for every concept, or no box at all (the automatic layout)"
+        )
+    boxes = auto_layout(len(subjects), config.box_size)
+    return [replace(s, box=box) for s, box in zip(subjects, boxes)]
+
+
+def _box_distance(box: Sequence[float], size: tuple[int, int]) -> torch.Tensor:
+    """`(H, W)`: each cell centre's distance to a normalised box, negative inside (minus the distance
+    to the nearest side)."""
+    x0, y0, x1, y1 = box
+    v = (torch.arange(size[0], dtype=torch.float32) + 0.5) / size[0]
+    u = (torch.arange(size[1], dtype=torch.float32) + 0.5) / size[1]
+    dy = torch.maximum(y0 - v, v - y1)[:, None].expand(*size)  # > 0 outside, along each axis
+    dx = torch.maximum(x0 - u, u - x1)[None, :].expand(*size)
+    outside = torch.hypot(dx.clamp_min(0), dy.clamp_min(0))
+    return torch.where((dx <= 0) & (dy <= 0), torch.maximum(dx, dy), outside)
+
+
+def box_regions(
+    boxes: Sequence[Sequence[float]], size: tuple[int, int], softness: float
+) -> list[torch.Tensor]:
+    """The image shared among ``boxes``: each cell of a ``size = (H, W)`` grid to the box nearest to it
+    (a cell inside several boxes: the one it is deepest in), the border between two regions ramped over
+    ``softness`` (a fraction of the image side; 0: hard).
+
+    Returns:
+        Per box, `(1, 1, H, W)` in [0, 1]; they sum to 1 where two regions meet with a ramp, and to 1
+        everywhere with ``softness=0``.
+    """
+    distances = torch.stack([_box_distance(box, size) for box in boxes])
+    regions = []
+    for k in range(len(boxes)):
+        if len(boxes) == 1:
+            regions.append(torch.ones(1, 1, *size))
+            continue
+        nearest_other = torch.cat([distances[:k], distances[k + 1 :]]).amin(0)
+        gap = nearest_other - distances[k]  # > 0 where box k is the nearest
+        if softness > 0:
+            region = (gap / softness + 0.5).clamp(0.0, 1.0)
+        else:
+            region = (gap > 0).float()
+        regions.append(region[None, None])
+    return regions
 
 
 def _flag(text: str) -> bool:
@@ -711,7 +834,8 @@ class _RegionalHook:
     def __init__(self, pipe, adapters: dict[str, str], tokens: dict[str, tuple[int, ...]], num_images: int,
                  config: RegionalConfig, weights: dict[str, float], embeds: dict[str, dict[str, torch.Tensor]],
                  own_tokens: dict[str, tuple[int, ...]] | None = None,
-                 others: Sequence[tuple[int, ...]] = ()):  # fmt: skip
+                 others: Sequence[tuple[int, ...]] = (), layout: Sequence[tuple[float, ...]] = (),
+                 boxes: dict[str, int] | None = None):  # fmt: skip
         # embeds: per phase ("full", "own"), per identifier, the prompt as concept k's pass reads it
         self.pipe, self.adapters, self.tokens, self.embeds = pipe, adapters, tokens, embeds
         self.own_tokens = own_tokens or tokens  # the group's tokens in the concept's own prompt
@@ -724,6 +848,8 @@ class _RegionalHook:
         self.phase = "full"  # the prompt the concept passes read now ("full" or "own")
         self.last_t = float("inf")  # a timestep above the last one starts a new sampling run
         self.passes = 0  # UNet passes with a LoRA, for tests and cost reports
+        self.layout = list(layout)  # every subject's box (mask_source="regions")
+        self.boxes = boxes  # identifier -> index of its box in layout; None: masks from attention
 
     def applies(self) -> bool:
         # Guidance passes (grad enabled) keep every concept's LoRA on: their maps are the LoRA's.
@@ -766,10 +892,14 @@ class _RegionalHook:
             for ident, name in self.adapters.items():
                 unet.set_adapters([name], [self.weights.get(ident, 1.0)])
                 size = tuple(base.shape[-2:])
+                own_args, own_kwargs = _own_text(args, kwargs, self.embeds[phase][ident], self.num_images)
+                if self.boxes is not None:  # the masks are the layout's regions: no maps needed
+                    predictions.append(_sample(unet.forward(*own_args, **own_kwargs)))
+                    self.passes += 1
+                    continue
                 with capture_attention(
                     unet, size, detach=True, vae_scale_factor=getattr(self.pipe, "vae_scale_factor", None)
                 ) as store:
-                    own_args, own_kwargs = _own_text(args, kwargs, self.embeds[phase][ident], self.num_images)
                     eps = _sample(unet.forward(*own_args, **own_kwargs))
                     maps = store.maps()[-self.num_images :]  # with CFG the batch is [uncond, cond]
                 self.passes += 1
@@ -785,6 +915,10 @@ class _RegionalHook:
             unet.enable_lora()
         if everywhere:
             masks = [torch.ones_like(base[:, :1]) for _ in predictions]
+        elif self.boxes is not None:
+            regions = box_regions(self.layout, tuple(base.shape[-2:]), self.config.box_softness)
+            masks = [regions[self.boxes[i]].to(base.device, base.dtype) for i in self.adapters]
+            masks = [m.expand(batch, -1, -1, -1) for m in masks]
         else:
             masks = self.masks(group_maps, tuple(base.shape[-2:]))
             masks = [m.repeat(batch // self.num_images, 1, 1, 1).to(base.device, base.dtype) for m in masks]
@@ -814,6 +948,7 @@ def regional_loras(
     num_images: int = 1,
     config: RegionalConfig | None = None,
     weights: Mapping[str, float] | None = None,
+    subjects: Sequence[SubjectSpec] | None = None,
 ) -> Iterator[_RegionalHook | None]:
     """Run ``pipe`` (or :func:`ait2i_ext.generate` on it) with each concept's LoRA acting only where its
     concept is (regional LoRA, as Mix-of-Show's regional sampling, with the region from ait2i's maps).
@@ -837,6 +972,10 @@ def regional_loras(
         num_images: images per call (``num_images_per_prompt``).
         config: the mask; default :class:`RegionalConfig`.
         weights: identifier -> LoRA weight in the UNet passes (default 1.0, as trained).
+        subjects: the prompt's subjects as ``generate`` gets them (:func:`personalized_subjects`, with
+            layout boxes: :func:`with_layout`); ``None``: inferred from the prompt. With
+            ``mask_source="regions"`` the image is shared among the subjects' boxes (or the automatic
+            layout's, :func:`with_layout`).
 
     Yields:
         The hook (its ``passes`` counts the LoRA passes), or ``None`` for a prompt without identifiers.
@@ -863,7 +1002,13 @@ def regional_loras(
             yield None
             return
         pipe.set_adapters(list(present.values()), [weights.get(i, 1.0) for i in present])
-        config = for_concepts(config, len(present))
+        subjects = personalized_subjects(prompt, list(present), subjects)
+        config = for_concepts(config, len(present), any(s.box is not None for s in subjects if s.identifier))
+        boxes, layout = None, []
+        if config.mask_source == "regions":
+            boxed = [s for s in with_layout(subjects, config) if s.box is not None]
+            layout = [s.box for s in boxed]
+            boxes = {s.identifier: k for k, s in enumerate(boxed) if s.identifier in present}
         tokens = concept_tokens(pipe.tokenizer, prompt, list(present))
         texts = {"full": {i: prompt for i in present}}  # what each concept's pass reads
         own_tokens = None
@@ -877,7 +1022,9 @@ def regional_loras(
                 embeds[phase][ident] = pipe.encode_prompt(text[ident], pipe._execution_device, 1, False)[0]
         pipe.set_adapters(list(present.values()), [weights.get(i, 1.0) for i in present])
         others = other_tokens(pipe.tokenizer, prompt, list(present)) if config.exclude_others else ()
-        hook = _RegionalHook(pipe, present, tokens, num_images, config, weights, embeds, own_tokens, others)
+        hook = _RegionalHook(
+            pipe, present, tokens, num_images, config, weights, embeds, own_tokens, others, layout, boxes
+        )
         pre = pipe.unet.register_forward_pre_hook(hook.before, with_kwargs=True)
         post = pipe.unet.register_forward_hook(hook.after, with_kwargs=True)
         try:
@@ -892,7 +1039,10 @@ def regional_loras(
 
 __all__ = [
     "LORA_WEIGHT_NAME",
+    "MASK_SOURCES",
     "RegionalConfig",
+    "auto_layout",
+    "box_regions",
     "check_lora_fits",
     "concept_mask",
     "concept_tokens",
@@ -912,4 +1062,5 @@ __all__ = [
     "regional_prediction",
     "strongest_only",
     "unload_lora",
+    "with_layout",
 ]

@@ -86,6 +86,8 @@ def layout_route(args: argparse.Namespace) -> str | None:
         return "controlnet"
     if args.gligen:
         return "gligen"
+    if getattr(args, "regional_lora", False) and args.layout is None:
+        return None  # --box confines each LoRA to its box (_layout_subjects), on the schedule measured so
     wants_gligen = args.layout == "gligen" or (args.layout is None and args.box)
     if not wants_gligen:
         return "boxes" if args.box else None
@@ -225,7 +227,18 @@ def _as_list(value) -> list:
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _regional(args, pipe):
+def _layout_subjects(args, subjects):
+    """With ``--regional-lora``: the subjects with the boxes the concepts' LoRAs are confined to (``--box``,
+    or the automatic layout of ``with_layout`` for two or more concepts), so the box term guides each
+    group into its box; else the subjects as they are."""
+    if not getattr(args, "regional_lora", False):
+        return subjects
+    from .adapters.personalize import parse_regional, with_layout
+
+    return with_layout(subjects, parse_regional(args.regional or ""))
+
+
+def _regional(args, pipe, subjects=None):
     """``--regional-lora``: each LoRA confined to its concept's region (``regional_loras``), else nothing."""
     if not getattr(args, "regional_lora", False):
         return contextlib.nullcontext()
@@ -236,7 +249,9 @@ def _regional(args, pipe):
     scales = _lora_scales(args) or [1.0] * len(names)
     weights = {i: s["unet"] if isinstance(s, dict) else s for i, s in zip(adapters, scales)}
     config = parse_regional(args.regional or "")
-    return regional_loras(pipe, args.prompt, adapters, num_images=1, config=config, weights=weights)
+    return regional_loras(
+        pipe, args.prompt, adapters, num_images=1, config=config, weights=weights, subjects=subjects
+    )
 
 
 def _lora_scales(args) -> list | None:
@@ -411,6 +426,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     route = layout_route(args)  # may pick the shipped GLIGEN for --box on the shipped model
     config = _config(args, route)  # the route's box settings, the model's ait2i.json, the flags
     subjects = _subjects(args, args.prompt)  # bad words and boxes fail before anything loads
+    subjects = _layout_subjects(args, subjects)
     objects = None
     if args.evaluate or (shipped and default_model() is not None):
         try:
@@ -465,7 +481,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             for label, guided in runs:
                 generator = torch.Generator(device="cpu").manual_seed(seed)
                 t0 = time.perf_counter()
-                with _regional(args, pipe):
+                with _regional(args, pipe, subjects):
                     result = generate(
                         pipe,
                         args.prompt,
@@ -710,7 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--regional-lora",
         action="store_true",
         help="each --lora acts only where its concept is (the i-th --identifier names the i-th --lora's "
-        "concept; one extra UNet pass per concept per step); a prompt without identifier runs no LoRA",
+        "concept; one extra UNet pass per concept per step); a prompt without identifier runs no LoRA; "
+        "with --box the image is shared among the boxes, each concept's LoRA in its box's region, the "
+        "box term guiding its group there (without boxes: --regional mask_source=regions, the automatic layout)",
     )
     g.add_argument(
         "--regional",

@@ -19,7 +19,9 @@
    group of the noun it precedes (:func:`personalized_subjects`), and ``regional`` / ``ait2i+id+regional``:
    plain / ait2i+id with each LoRA only where its concept is (:func:`regional_loras`, ``--regional``
    for its :class:`RegionalConfig` fields; base prompts then run no LoRA), and ``ait2i+id+regional2``,
-   the same with the fields of ``--regional2`` (two regional settings side by side in one run).
+   the same with the fields of ``--regional2`` (two regional settings side by side in one run). With
+   ``mask_source="regions"`` the concepts get the automatic layout (:func:`with_layout`): the regional
+   passes share the image among its boxes and ait2i's box term guides each group into its box.
 4. Score each image with ``ait2i_ext.shapes.evaluator``: every requested object (the concept in its
    colour and shape, the other subject) present.
 
@@ -47,6 +49,7 @@ from ait2i_ext.adapters.personalize import (
     parse_regional,
     personalized_subjects,
     regional_loras,
+    with_layout,
 )
 from PIL import Image
 
@@ -65,6 +68,7 @@ BASE_PROMPTS = (
     "a red circle and a blue square",
     "a green triangle and a purple circle",
 )
+GROUPS = ("concept alone", "concept + other", "two concepts", "base prompt")
 METHODS = ("plain", "ait2i", "ait2i+id", "regional", "ait2i+id+regional", "ait2i+id+regional2")
 #: Methods run by default ("regional", plain sampling with each LoRA confined to its concept's place,
 #: only on request: docs/personalization.md measured it below ait2i + regional).
@@ -166,11 +170,17 @@ def run_job(job: dict) -> dict:
         generator=[torch.Generator().manual_seed(s) for s in seeds],
     )
     start = time.process_time()
+    subjects = case["nouns"]
+    if method.startswith("ait2i+id") or (regional and case["identifiers"]):
+        subjects = personalized_subjects(case["prompt"], case["identifiers"], subjects)
     if regional:  # adapters default_<i> in the order of the case's LoRAs
         adapters = {ident: f"default_{case['loras'].index(LORA_OF[ident])}" for ident in case["identifiers"]}
+        fields = job["regional2" if method.endswith("2") else "regional"]
+        if case["identifiers"]:  # the automatic layout's boxes for mask_source "regions"
+            subjects = with_layout(subjects, RegionalConfig(**fields))
         context = regional_loras(
-            pipe, case["prompt"], adapters, len(seeds), RegionalConfig(**job["regional2" if method.endswith("2") else "regional"]),
-            weights={ident: _unet_scale(job["lora_scale"]) for ident in adapters},
+            pipe, case["prompt"], adapters, len(seeds), RegionalConfig(**fields),
+            weights={ident: _unet_scale(job["lora_scale"]) for ident in adapters}, subjects=subjects,
         )  # fmt: skip
     else:
         context = contextlib.nullcontext()
@@ -178,9 +188,6 @@ def run_job(job: dict) -> dict:
         if method in ("plain", "regional"):
             images = pipe(case["prompt"], **call).images
         else:
-            subjects = case["nouns"]
-            if method.startswith("ait2i+id"):
-                subjects = personalized_subjects(case["prompt"], case["identifiers"], subjects)
             config = AIT2IConfig(loss=LossConfig(**job["radii"]))
             images = generate(pipe, case["prompt"], subjects, config=config, **call).images
     seconds = (time.process_time() - start) / len(seeds)
@@ -328,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         help="RegionalConfig fields for the method ait2i+id+regional2, e.g. 'assign=strongest' "
         "(default: RegionalConfig's)",
     )
+    parser.add_argument(
+        "--groups",
+        default=",".join(GROUPS),
+        help=f"the row groups to run, comma-separated, of {', '.join(GROUPS)} (default: all)",
+    )
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--workers", type=int, default=2, help="processes, one CPU thread each")
@@ -372,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
         regional2 = dataclasses.asdict(parse_regional(args.regional2))
     except ValueError as e:
         raise SystemExit(f"--regional2: {e}") from None
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    if not groups or any(g not in GROUPS for g in groups):
+        raise SystemExit(
+            f"--groups={args.groups!r} is invalid: expected a comma-separated subset of {GROUPS}"
+        )
     others = [o.strip() for o in args.others.split(",") if o.strip()]
     from ait2i_ext.shapes.data import COLOURS, SHAPES
 
@@ -415,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     chunks = [seeds[i : i + 16] for i in range(0, len(seeds), 16)]
     example_seeds = seeds[:2]
-    all_cases = cases(others, base_prompts, base_loras, methods)
+    all_cases = [c for c in cases(others, base_prompts, base_loras, methods) if c["group"] in groups]
     jobs = [
         {"case_id": i, "case": case, "method": method, "seeds": chunk, "model": model, "radii": radii,
          "lora_paths": [lora_paths[name] for name in case["loras"]], "lora_scale": lora_scale,

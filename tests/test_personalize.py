@@ -15,6 +15,8 @@ from ait2i_ext.adapters import personalize
 from ait2i_ext.adapters.layout import subjects_with_boxes
 from ait2i_ext.adapters.personalize import (
     RegionalConfig,
+    auto_layout,
+    box_regions,
     concept_mask,
     for_concepts,
     load_lora,
@@ -27,6 +29,7 @@ from ait2i_ext.adapters.personalize import (
     regional_prediction,
     strongest_only,
     unload_lora,
+    with_layout,
 )
 
 from ait2i_ext import AIT2IConfig, ScheduleConfig, Subject, cli, generate, resolve_groups
@@ -383,17 +386,23 @@ def _unet_call(pipe, prompt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return latents, torch.tensor(500), embeds
 
 
-def test_regional_lora_confines_the_lora_to_its_mask(tmp_path, monkeypatch):
-    """Outside the mask the prediction is the base UNet's (no LoRA), inside it the LoRA's."""
-    pipe = tiny_sd_pipeline()
-    name = load_lora(pipe, _save_random_lora(tmp_path / "concept"))
-    x, t, embeds = _unet_call(pipe, "a sks dog")
+def _predictions(pipe, x, t, embeds) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's prediction with its LoRA and without (and the LoRA must change it)."""
     with torch.no_grad():
         lora = pipe.unet(x, t, encoder_hidden_states=embeds).sample
         pipe.unet.disable_lora()
         base = pipe.unet(x, t, encoder_hidden_states=embeds).sample
         pipe.unet.enable_lora()
     assert (lora - base).abs().max() > 1e-4, "the LoRA had no effect: the comparison proves nothing"
+    return lora, base
+
+
+def test_regional_lora_confines_the_lora_to_its_mask(tmp_path, monkeypatch):
+    """Outside the mask the prediction is the base UNet's (no LoRA), inside it the LoRA's."""
+    pipe = tiny_sd_pipeline()
+    name = load_lora(pipe, _save_random_lora(tmp_path / "concept"))
+    x, t, embeds = _unet_call(pipe, "a sks dog")
+    lora, base = _predictions(pipe, x, t, embeds)
 
     def right_half(level, size, *args):
         mask = torch.zeros(level.shape[0], 1, *size)
@@ -561,22 +570,29 @@ def test_parse_regional_reads_typed_fields_and_names_a_bad_item():
         parse_regional("exclude_others=maybe")
 
 
-def test_cli_regional_fields_reach_the_regional_mode(model_dir, trained, tmp_path, monkeypatch):
-    seen = []
+def _cli_regional(monkeypatch, model_dir, trained, out, *flags) -> tuple[list[dict], dict]:
+    """``ait2i generate --lora --identifier sks --regional-lora *flags`` on PROMPT: the keyword arguments of
+    every ``regional_loras`` call, and ``run.json``."""
+    calls = []
     real = personalize.regional_loras
 
-    def spy(*args, config=None, **kwargs):
-        seen.append(config)
-        return real(*args, config=config, **kwargs)
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(personalize, "regional_loras", spy)
-    out = tmp_path / "out"
     argv = ["generate", "--model", str(model_dir), "--lora", str(trained), "--identifier", "sks",
-            "--regional-lora", "--regional", "assign=strongest,concept_prompt=own", "--prompt", PROMPT,
-            "--steps", "2", "--out", str(out), "--device", "cpu", "--quiet"]  # fmt: skip
+            "--regional-lora", *flags, "--prompt", PROMPT, "--steps", "2", "--out", str(out),
+            "--device", "cpu", "--quiet"]  # fmt: skip
     assert cli.main(argv) == 0
-    assert seen == [RegionalConfig(assign="strongest", concept_prompt="own")]
-    assert json.loads((out / "run.json").read_text())["regional"] == "assign=strongest,concept_prompt=own"
+    return calls, json.loads((out / "run.json").read_text())
+
+
+def test_cli_regional_fields_reach_the_regional_mode(model_dir, trained, tmp_path, monkeypatch):
+    fields = "assign=strongest,concept_prompt=own"
+    calls, record = _cli_regional(monkeypatch, model_dir, trained, tmp_path / "out", "--regional", fields)
+    assert [c["config"] for c in calls] == [RegionalConfig(assign="strongest", concept_prompt="own")]
+    assert record["regional"] == fields
 
 
 def test_cli_bad_regional_fields_are_one_line_errors(model_dir, trained, tmp_path, capsys):
@@ -720,3 +736,110 @@ def test_lora_file_accepts_a_training_checkpoint_folder(trained, tmp_path):
     with pytest.raises(ValueError, match=r"is not a \.safetensors file"):
         (tmp_path / "weights.txt").write_text("x")
         lora_file(tmp_path / "weights.txt")
+
+
+# --- regions that do not move: layout boxes ------------------------------------------------------
+
+
+def _overlap(a, b) -> float:
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+@pytest.mark.parametrize("aspect", [1.0, 2.0, 0.5])
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+def test_auto_layout_places_equal_boxes_in_order_along_the_long_axis(count, aspect):
+    boxes = auto_layout(count, 0.42, aspect)
+    assert len(boxes) == count
+    axis = 0 if aspect >= 1 else 1
+    for box in boxes:
+        assert all(0.0 <= v <= 1.0 for v in box) and box[0] < box[2] and box[1] < box[3]
+        width, height = (box[2] - box[0]) * aspect, box[3] - box[1]  # in units of the image height
+        assert width == pytest.approx(height, abs=1e-5)  # square in pixels (6 decimals)
+        assert min(width, height) <= 0.42 + 1e-9
+        assert (box[1] + box[3]) / 2 == pytest.approx(0.5) or (box[0] + box[2]) / 2 == pytest.approx(0.5)
+    centres = [(b[axis] + b[axis + 2]) / 2 for b in boxes]
+    assert centres == sorted(centres) and len(set(centres)) == count
+    assert all(_overlap(a, b) < 1e-12 for i, a in enumerate(boxes) for b in boxes[i + 1 :])  # may touch
+    with pytest.raises(ValueError, match=r"count=0 is invalid"):
+        auto_layout(0, 0.4)
+
+
+def test_box_regions_share_the_image_among_the_boxes_nearest_first():
+    left, right = (0.05, 0.3, 0.45, 0.7), (0.55, 0.3, 0.95, 0.7)
+    hard = box_regions([left, right], (16, 16), 0.0)
+    torch.testing.assert_close(hard[0] + hard[1], torch.ones(1, 1, 16, 16))  # every cell to one box
+    assert bool((hard[0][..., :8] == 1).all()) and bool((hard[1][..., 8:] == 1).all())
+    soft = box_regions([left, right], (16, 16), 0.25)
+    torch.testing.assert_close(soft[0] + soft[1], torch.ones(1, 1, 16, 16))  # a ramp between the two
+    assert 0.0 < float(soft[0][0, 0, 8, 8]) < 1.0 and float(soft[0][0, 0, 8, 0]) == 1.0
+    torch.testing.assert_close(box_regions([left], (4, 4), 0.1)[0], torch.ones(1, 1, 4, 4))
+
+
+def test_for_concepts_settles_the_mask_source_by_concepts_and_boxes():
+    auto = RegionalConfig(mask_source="auto")
+    assert RegionalConfig().mask_source == "auto"  # the default
+    assert for_concepts(auto, 2).mask_source == "mean"  # no boxes: attention, as measured best
+    assert for_concepts(auto, 1).mask_source == "mean"
+    assert for_concepts(auto, 1, boxed=True).mask_source == "regions"
+    assert for_concepts(auto, 2, boxed=True).mask_source == "regions"
+    assert for_concepts(RegionalConfig(mask_source="current"), 2, boxed=True).mask_source == "current"
+
+
+def test_with_layout_gives_every_subject_a_box_only_when_the_concepts_have_none():
+    two = personalized_subjects(TWO, ["sks", "xyz"])
+    boxes = RegionalConfig(mask_source="regions", box_size=0.4)
+    laid = with_layout(two, boxes)
+    assert [s.box for s in laid] == auto_layout(2, 0.4) and [s.identifier for s in laid] == ["sks", "xyz"]
+    assert [s.box for s in with_layout(two, RegionalConfig(mask_source="mean"))] == [None, None]
+    given = subjects_with_boxes(two, {"dog": (0.5, 0.1, 0.9, 0.5), "cat": (0.0, 0.5, 0.4, 0.9)}, TWO)
+    assert with_layout(given, boxes) == given  # the user's boxes win
+    one = personalized_subjects(PROMPT, "sks")  # one concept and a cat: boxes for both on request
+    assert [s.box for s in with_layout(one, boxes)] == auto_layout(2, 0.4)
+    assert [s.box for s in with_layout(one, RegionalConfig(mask_source="auto"))] == [None, None]
+    half = subjects_with_boxes(two, {"dog": (0.5, 0.1, 0.9, 0.5)}, TWO)
+    with pytest.raises(ValueError, match=r"concepts \['xyz'\] have no box while \['sks'\] have one"):
+        with_layout(half, boxes)
+
+
+def test_regional_lora_with_boxes_gives_each_region_to_its_subject(tmp_path):
+    """mask_source="regions": the LoRA's prediction on the concept's side (its box nearest), the no-LoRA
+    prediction on the other subject's side, at every step."""
+    pipe = tiny_sd_pipeline()
+    name = load_lora(pipe, _save_random_lora(tmp_path / "concept"))
+    x, t, embeds = _unet_call(pipe, PROMPT)
+    lora, base = _predictions(pipe, x, t, embeds)
+    boxes = {"dog": (0.6, 0.2, 0.9, 0.8), "cat": (0.1, 0.2, 0.4, 0.8)}
+    subjects = subjects_with_boxes(personalized_subjects(PROMPT, "sks"), boxes, PROMPT)
+    config = RegionalConfig(mask_source="regions", box_softness=0.0)
+    with regional_loras(pipe, PROMPT, {"sks": name}, config=config, subjects=subjects) as hook:
+        with torch.no_grad():
+            outs = [pipe.unet(x, t, encoder_hidden_states=embeds).sample for _ in range(2)]
+    assert hook.passes == 2
+    for out in outs:
+        torch.testing.assert_close(out[..., :8], base[..., :8])
+        torch.testing.assert_close(out[..., 8:], lora[..., 8:])
+
+
+def test_two_concepts_without_boxes_get_the_automatic_layout(trained, tmp_path, monkeypatch):
+    """Two concepts, mask_source="regions", no boxes: the image is shared between auto_layout's two boxes."""
+    pipe = tiny_sd_pipeline()
+    names = load_loras(pipe, [trained, _save_random_lora(tmp_path / "other")])
+    seen = []
+    real = personalize.box_regions
+    monkeypatch.setattr(
+        personalize, "box_regions", lambda boxes, *args: seen.append(boxes) or real(boxes, *args)
+    )
+    config = RegionalConfig(mask_source="regions", concept_prompt="full")
+    with regional_loras(pipe, TWO, dict(zip(["sks", "xyz"], names)), config=config) as hook:
+        pipe(TWO, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    layout = auto_layout(2, config.box_size)
+    assert hook.layout == layout and hook.boxes == {"sks": 0, "xyz": 1}
+    assert seen == [layout] and hook.passes == 2
+
+
+def test_cli_box_with_regional_lora_reaches_the_regions(model_dir, trained, tmp_path, monkeypatch):
+    box = ("--box", "dog:0.5,0.1,0.9,0.6")
+    calls, record = _cli_regional(monkeypatch, model_dir, trained, tmp_path / "out", *box)
+    boxes = [(s.identifier, s.box) for s in calls[0]["subjects"]]
+    assert boxes == [("sks", (0.5, 0.1, 0.9, 0.6)), (None, None)]
+    assert record["layout"]["route"] is None and record["layout"]["gligen"] is None  # no GLIGEN for a LoRA
