@@ -19,7 +19,7 @@ PeakSource = Literal["remaining", "full"]
 ExistenceTokens = Literal["words", "all"]
 RefinementScope = Literal["image", "batch"]
 MapBlocks = Literal["down_up", "down"]
-RadiusMode = Literal["fixed", "adaptive"]
+RadiusMode = Literal["fixed", "adaptive", "calibrated"]
 BoxEnergy = Literal["centroid", "extent"]
 BoxMaps = Literal["raw", "words", "peaked", "softmax"]
 #: The raw loss terms (``LossTerms`` fields) the box-only updates of the layout schedule may descend.
@@ -41,7 +41,9 @@ class LossConfig:
     how big the model draws its subjects. ``"adaptive"``: at every step, each group's radii are
     ``aggregation_factor`` / ``alignment_factor`` times the size of its main map's blob
     (:func:`ait2i_ext.losses.blob_radius`: the cells above ``radius_level`` of its peak's rise over
-    the map's median), so no per-model setting.
+    the map's median), so no per-model setting. ``"calibrated"``: the same factors times each
+    subject's blob size measured once, on the run's first guided pass, then held for the run (a
+    fixed radius per subject that the maps chose; ``Guide`` keeps it).
 
     ``peak_source`` picks the map the peak centroids are taken from (``"remaining"``: with earlier
     peak regions removed; ``"full"``: the whole map, as the authors' code does; see
@@ -147,10 +149,10 @@ class LossConfig:
             "'words' or 'all'",
         )
         _check(
-            self.radius_mode in ("fixed", "adaptive"),
+            self.radius_mode in ("fixed", "adaptive", "calibrated"),
             "radius_mode",
             self.radius_mode,
-            "'fixed' or 'adaptive'",
+            "'fixed', 'adaptive' or 'calibrated'",
         )
         _check(0 < self.radius_level <= 1, "radius_level", self.radius_level, "a fraction in (0, 1]")
         _check(0 <= self.split_level < 1, "split_level", self.split_level, "a fraction in [0, 1)")

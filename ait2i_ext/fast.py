@@ -156,9 +156,10 @@ class LaggedGuide(Guide):
         i, t = self._step, self.timesteps[self._step]
         with torch.enable_grad():
             maps = store.maps()[-self._batch :]  # with CFG the batch is [uncond, cond]
-            terms = batch_losses(maps, self.targets, self.config)
+            terms = batch_losses(maps, self.targets, self.config, self.radii)
             (grad,) = torch.autograd.grad(terms.total.sum(), x)
         torch.set_grad_enabled(self._grad_mode)
+        self._calibrate(maps)
         # grad is w.r.t. the UNet input c * z: grad_z L = c * grad, step = alpha / c^2 * grad_z L.
         self._pending = (i, grad[-self._batch :].detach() / self.input_scale(t))
         self.records.append(StepRecord(i, float(t), self.step_sizes[i], 1, terms.as_floats()))

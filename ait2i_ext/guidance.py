@@ -18,7 +18,7 @@ import torch
 
 from .capture import CrossAttentionLayer, StopForward, capture_attention, capture_layers
 from .config import AIT2IConfig
-from .objective import LossTerms, compute_losses
+from .objective import LossTerms, compute_losses, group_maps, group_radii
 from .tokens import TokenGroup
 
 logger = logging.getLogger(__name__)
@@ -47,22 +47,51 @@ class StepRecord:
     losses: dict[str, float]
 
 
-def batch_losses(attn: torch.Tensor, targets: Sequence[PromptTarget], config: AIT2IConfig) -> LossTerms:
+Radii = tuple[torch.Tensor, torch.Tensor]  # aggregation and alignment radii of one prompt's rows, (N, G) each
+
+
+def _prompt_rows(attn: torch.Tensor, targets: Sequence[PromptTarget]) -> list[torch.Tensor]:
+    """``attn`` cut into each prompt's rows (``num_images`` each, in batch order)."""
+    starts = [0]
+    for target in targets:
+        starts.append(starts[-1] + target.num_images)
+    if starts[-1] != attn.shape[0]:
+        raise ValueError(f"batch of {attn.shape[0]} maps does not match the prompts' {starts[-1]} images")
+    return [attn[a:b] for a, b in zip(starts, starts[1:])]
+
+
+def batch_losses(
+    attn: torch.Tensor,
+    targets: Sequence[PromptTarget],
+    config: AIT2IConfig,
+    radii: Sequence[Radii] | None = None,
+) -> LossTerms:
     """Losses of a batch laid out prompt after prompt (``num_images`` rows each).
 
     Args:
         attn: ``(B, H, W, T)`` captured maps, ``B = sum(t.num_images)``.
         targets: one :class:`PromptTarget` per prompt, in batch order.
+        radii: per prompt, the radii its losses use (:func:`batch_radii`; ``None``: each step's own).
     """
-    parts, start = [], 0
-    for target in targets:
-        rows = attn[start : start + target.num_images]
-        parts.append(compute_losses(rows, target.groups, target.eot_index, config.loss))
-        start += target.num_images
-    if start != attn.shape[0]:
-        raise ValueError(f"batch of {attn.shape[0]} maps does not match the prompts' {start} images")
+    rows = _prompt_rows(attn, targets)
+    radii = radii if radii is not None else [None] * len(rows)
+    parts = [
+        compute_losses(part, target.groups, target.eot_index, config.loss, radii=held)
+        for part, target, held in zip(rows, targets, radii)
+    ]
     fields = LossTerms.__dataclass_fields__
     return LossTerms(**{name: torch.cat([getattr(p, name) for p in parts]) for name in fields})
+
+
+def batch_radii(
+    attn: torch.Tensor, targets: Sequence[PromptTarget], config: AIT2IConfig
+) -> tuple[Radii, ...]:
+    """Each prompt's group radii on these maps (:func:`~ait2i_ext.objective.group_radii`), detached:
+    what a ``radius_mode="calibrated"`` run measures on its first guided pass and then holds."""
+    return tuple(
+        group_radii(group_maps(part.float(), target.groups), config.loss)
+        for part, target in zip(_prompt_rows(attn.detach(), targets), targets)
+    )
 
 
 def capture_maps(
@@ -107,6 +136,7 @@ def guidance_step(
     box_stop: float | None = None,
     layers: Sequence[CrossAttentionLayer] | None = None,
     trainable: Sequence[torch.nn.Parameter] | None = None,
+    radii: Sequence[Radii] | None = None,
 ) -> tuple[torch.Tensor, LossTerms, torch.Tensor]:
     """One latent update ``z <- z - step_size * grad_z L``, taken in the UNet's input space.
 
@@ -121,14 +151,15 @@ def guidance_step(
     ``box_stop`` an image whose box term is at or below it is left as it is. ``layers`` (the
     recorded layers, see :func:`capture_maps`) and ``trainable`` (the UNet's parameters that
     require grad, see :func:`frozen_parameters`) may be found once per run and passed in: finding
-    them walks the whole UNet.
+    them walks the whole UNet. ``radii``: per prompt, the radii the losses use (see
+    :func:`batch_losses`).
 
     Returns:
         The updated latents (detached, same dtype), the loss terms before the update, and the
         captured maps ``(B, H, W, T)`` (detached).
     """
     z = latents.detach()
-    grad, terms, attn = latent_gradient(unet, forward, z, t, targets, config, term, layers, trainable)
+    grad, terms, attn = latent_gradient(unet, forward, z, t, targets, config, term, layers, trainable, radii)
     if box_stop is not None:
         step_size = torch.as_tensor(step_size) * (terms.box.detach() > box_stop).float()
     if torch.is_tensor(step_size):
@@ -147,15 +178,16 @@ def latent_gradient(
     term: str | tuple[str, ...] = "total",
     layers: Sequence[CrossAttentionLayer] | None = None,
     trainable: Sequence[torch.nn.Parameter] | None = None,
+    radii: Sequence[Radii] | None = None,
 ) -> tuple[torch.Tensor, LossTerms, torch.Tensor]:
     """``grad_z L`` at ``latents`` (``L``: the ``term`` fields of :class:`LossTerms`, summed, as in
-    :func:`guidance_step`), with the loss terms and the captured maps (both detached)."""
+    :func:`guidance_step`; ``radii`` as there), with the loss terms and the captured maps (both detached)."""
     # Frozen weights: the pass is differentiated w.r.t. the latents only, so no layer saves its
     # input for a weight gradient (less memory, ~5 % less time on the shapes UNet).
     with torch.enable_grad(), frozen_parameters(unet, trainable):
         z = latents.detach().requires_grad_(True)
         attn = capture_maps(unet, forward, z, t, config, layers)
-        terms = batch_losses(attn, targets, config)
+        terms = batch_losses(attn, targets, config, radii)
         names = (term,) if isinstance(term, str) else term
         loss = sum(getattr(terms, name) for name in names)
         (grad,) = torch.autograd.grad(loss.sum(), z)
@@ -235,6 +267,13 @@ class Guide:
         # Found on the first guided step, shared by the run's guided passes (each lookup walks the UNet).
         self._layers: dict[tuple[int, ...], tuple[CrossAttentionLayer, ...]] = {}
         self._trainable: list[torch.nn.Parameter] | None = None
+        # radius_mode="calibrated": each prompt's radii, measured on the first guided pass, then held.
+        self.radii: tuple[Radii, ...] | None = None
+
+    def _calibrate(self, attn: torch.Tensor) -> None:
+        """Hold the radii measured on ``attn`` (the run's first guided pass) for a calibrated run."""
+        if self.radii is None and self.config.loss.radius_mode == "calibrated":
+            self.radii = batch_radii(attn, self.targets, self.config)
 
     def _pass_setup(self, latents: torch.Tensor):
         """The recorded layers for ``latents``' size and the UNet's trainable parameters, found once."""
@@ -277,6 +316,7 @@ class Guide:
                 stop,
                 layers,
                 trainable,
+                self.radii,
             )
 
         schedule = self.config.schedule
@@ -285,10 +325,20 @@ class Guide:
             names = schedule.box_update_terms
             for _ in range(schedule.box_init_iterations):
                 grad, _, _ = latent_gradient(
-                    self.unet, self.forward, latents, t, self.targets, self.config, names, layers, trainable
+                    self.unet,
+                    self.forward,
+                    latents,
+                    t,
+                    self.targets,
+                    self.config,
+                    names,
+                    layers,
+                    trainable,
+                    self.radii,
                 )
                 latents = norm_preserving_step(latents, grad, schedule.box_init_step)
-        latents, terms, _ = step(latents, alpha)
+        latents, terms, attn = step(latents, alpha)
+        self._calibrate(attn)
         iterations = 1
         if i < self.num_box_steps:  # the layout schedule: extra updates on the box term (+ box_update_terms)
             size, names, stop = schedule.box_step_scale, schedule.box_update_terms, schedule.box_stop

@@ -131,10 +131,11 @@ def group_radii(main: torch.Tensor, cfg: LossConfig) -> tuple[torch.Tensor, torc
     """Each group's aggregation and alignment radius, in cells of the maps' grid.
 
     ``cfg.radius_mode="fixed"``: ``cfg.aggregation_radius`` / ``cfg.alignment_radius`` scaled from
-    ``cfg.reference_resolution`` to the maps' height, the same for every map. ``"adaptive"``:
-    ``cfg.aggregation_factor`` / ``cfg.alignment_factor`` times
+    ``cfg.reference_resolution`` to the maps' height, the same for every map. ``"adaptive"`` and
+    ``"calibrated"``: ``cfg.aggregation_factor`` / ``cfg.alignment_factor`` times
     :func:`~ait2i_ext.losses.blob_radius` of the group's main map (a group's members are aligned with
-    the radius of their subject).
+    the radius of their subject); ``"calibrated"`` measures them so on a run's first guided pass and
+    the run then passes them in (``compute_losses(radii=...)``).
 
     Args:
         main (`torch.Tensor` of shape `(N, G, H, W)`): the groups' main maps.
@@ -144,7 +145,7 @@ def group_radii(main: torch.Tensor, cfg: LossConfig) -> tuple[torch.Tensor, torc
         `tuple`: aggregation and alignment radii, each a detached `torch.Tensor` of shape `(N, G)`.
     """
     n, num_groups, height, width = main.shape
-    if cfg.radius_mode == "adaptive":
+    if cfg.radius_mode in ("adaptive", "calibrated"):
         size = losses.blob_radius(main.reshape(n * num_groups, height, width), cfg.radius_level)
         size = size.view(n, num_groups)
         return cfg.aggregation_factor * size, cfg.alignment_factor * size
@@ -201,6 +202,7 @@ def compute_losses(
     eot_index: int,
     cfg: LossConfig,
     boxes_enabled: bool = True,
+    radii: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LossTerms:
     """The AI-T2I objective on one captured attention tensor.
 
@@ -232,6 +234,8 @@ def compute_losses(
         eot_index (`int`): index of the prompt's end-of-text token.
         cfg (`LossConfig`): weights and geometry.
         boxes_enabled (`bool`): whether the groups' boxes add the box term.
+        radii (`tuple`, *optional*): the aggregation and alignment radii, each of shape `(N, G)` in
+            cells of these maps, instead of :func:`group_radii`'s (a ``"calibrated"`` run's held radii).
 
     Returns:
         `LossTerms`: the weighted total and every unweighted term, each of shape `(N,)`.
@@ -246,7 +250,10 @@ def compute_losses(
     # Every map of every group goes through one batched call (the losses are per map).
     num_groups = main.shape[1]
     flat_main = main.reshape(n * num_groups, height, width)
-    aggregation_radius, alignment_radius = group_radii(main, cfg)
+    if radii is not None and tuple(r.shape for r in radii) != ((n, num_groups),) * 2:
+        shapes = [tuple(r.shape) for r in radii]
+        raise ValueError(f"radii of shapes {shapes} are invalid: expected two of shape {(n, num_groups)}")
+    aggregation_radius, alignment_radius = group_radii(main, cfg) if radii is None else radii
     aggregation = losses.aggregation_loss(flat_main, cfg.top_k, aggregation_radius.flatten(), cfg.peak_source)
     aggregation = aggregation.view(n, num_groups).sum(1)
     owners = [g for g, group in enumerate(groups) for _ in group.members]

@@ -413,6 +413,34 @@ def test_the_box_only_updates_descend_the_schedules_box_update_terms(tiny_sd):
     assert not torch.equal(box.images, with_existence.images)
 
 
+@pytest.mark.parametrize("mode", ["truncated", "lagged"])
+def test_calibrated_radii_are_measured_on_the_first_pass_and_held(tiny_sd, monkeypatch, mode):
+    """A ``"calibrated"`` run's first guided pass measures each subject's radii from its maps (as
+    ``"adaptive"``); every later pass uses those radii, although its own maps would give others."""
+    from ait2i_ext import guidance, objective
+
+    passes = []
+
+    def spy(attn, groups, eot_index, cfg, boxes_enabled=True, radii=None):
+        measured = objective.group_radii(objective.group_maps(attn.detach().float(), groups), cfg)
+        passes.append((radii, measured))
+        return objective.compute_losses(attn, groups, eot_index, cfg, boxes_enabled, radii=radii)
+
+    monkeypatch.setattr(guidance, "compute_losses", spy)
+    pipe = sharpen_attention(tiny_sd)
+    config = dataclasses.replace(STRONG, mode=mode, loss=LossConfig(radius_mode="calibrated"))
+    guided = _run(pipe, config)
+    assert len(guided.steps) == len(passes) == 3
+    assert passes[0][0] is None  # the first pass measures its own
+    first = passes[0][1]
+    for radii, _ in passes[1:]:
+        assert all(torch.equal(held, r) for held, r in zip(first, radii))
+    assert any(not torch.equal(first[0], measured[0]) for _, measured in passes[1:])
+    adaptive = _run(pipe, dataclasses.replace(config, loss=LossConfig(radius_mode="adaptive")))
+    assert adaptive.steps[0].losses == guided.steps[0].losses
+    assert not np.array_equal(adaptive.images, guided.images)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_adaptive_radii_guide_the_tiny_pipeline(tiny_sd, seed):
     """Radii from the maps, end to end: a guided run records its steps and changes the images, and

@@ -273,10 +273,48 @@ def test_adaptive_mode_gives_the_per_group_sums_with_each_groups_radius():
     )
 
 
+def test_calibrated_radii_are_measured_as_adaptive_ones_and_given_radii_replace_them():
+    """``"calibrated"`` measures as ``"adaptive"`` (on a run's first pass); radii passed in are used as
+    they are, whatever the mode (a calibrated run's held radii), and must be one per image and group."""
+    attn = _two_subjects(2, 6)
+    attn[0, 12:14, 1:3, CAT.members[0]] = 1.0
+    main = group_maps(attn, [CAT, DOG])
+    adaptive, calibrated = LossConfig(radius_mode="adaptive"), LossConfig(radius_mode="calibrated")
+    for got, want in zip(group_radii(main, calibrated), group_radii(main, adaptive)):
+        torch.testing.assert_close(got, want)
+    held = (main.new_tensor([[1.5, 4.0]]), main.new_tensor([[2.0, 5.0]]))
+    given = compute_losses(attn, [CAT, DOG], EOT, calibrated, radii=held)
+    assert not torch.equal(given.aggregation, compute_losses(attn, [CAT, DOG], EOT, calibrated).aggregation)
+    agg = sum(losses.aggregation_loss(main[:, g], calibrated.top_k, held[0][:, g]) for g in range(2))
+    align = losses.alignment_loss(attn[..., CAT.members[0]], main[:, 0], calibrated.top_k, held[1][:, 0])
+    torch.testing.assert_close(given.aggregation, agg)
+    torch.testing.assert_close(given.alignment, align)
+    fixed = LossConfig(radius_mode="fixed", aggregation_radius=1.5, alignment_radius=2.0)
+    torch.testing.assert_close(
+        compute_losses(
+            attn,
+            [CAT, DOG],
+            EOT,
+            calibrated,
+            radii=(held[0][:, :1].repeat(1, 2), held[1][:, :1].repeat(1, 2)),
+        ).total,
+        compute_losses(attn, [CAT, DOG], EOT, fixed).total,
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"radii of shapes \[\(1, 1\), \(1, 2\)\] are invalid: expected two of shape \(1, 2\)",
+    ):
+        compute_losses(attn, [CAT, DOG], EOT, calibrated, radii=(held[0][:, :1], held[1]))
+
+
 @pytest.mark.parametrize(
     "field, value, match",
     [
-        ("radius_mode", "auto", "radius_mode='auto' is invalid: expected 'fixed' or 'adaptive'"),
+        (
+            "radius_mode",
+            "auto",
+            "radius_mode='auto' is invalid: expected 'fixed', 'adaptive' or 'calibrated'",
+        ),
         ("aggregation_factor", 0.0, "aggregation_factor=0.0 is invalid: expected a number > 0"),
         ("alignment_factor", -1.0, "alignment_factor=-1.0 is invalid"),
         ("radius_level", 1.5, r"radius_level=1.5 is invalid: expected a fraction in \(0, 1\]"),
