@@ -288,6 +288,34 @@ def test_a_composer_without_other_objects_rescales_and_moves_the_lone_concept(tm
     assert len(centres) > 10  # placed anywhere, not centred
 
 
+def _pasted_as_drawn(image: Image.Image, crop: Image.Image) -> bool:
+    """Whether ``crop``'s opaque pixels appear in ``image`` unchanged, somewhere."""
+    rgb, cut = np.asarray(image.convert("RGB")), np.asarray(crop)
+    mask, h, w = cut[..., 3] > 127, crop.height, crop.width
+    return any(
+        np.array_equal(rgb[y : y + h, x : x + w][mask], cut[..., :3][mask])
+        for y in range(image.height - h + 1)
+        for x in range(image.width - w + 1)
+    )
+
+
+def test_a_composer_at_the_concepts_own_size_pastes_its_pixels_beside_another_object(tmp_path):
+    # train_lora.py --composition_others 0,1 --composition_sides own
+    images, captions = _star_folder(tmp_path / "star")
+    composer = WorldComposer.from_instances(
+        images, captions, "a sks star", other_weights=(0.0, 1.0), concept_sides=None
+    )
+    config = EvaluatorConfig(shapes=("circle", "square", "triangle", "star"))
+    rng = __import__("random").Random(0)
+    for _ in range(12):
+        image, caption = composer(rng)
+        (other,) = parse_prompt(caption.replace("sks star", ""))
+        assert evaluate(image, [("yellow", "star"), (other.colour, other.shape)], config).all_present, caption
+        assert any(_pasted_as_drawn(image, crop) for crop in composer.crops), "the star was resampled"
+    with pytest.raises(ValueError, match=r"a crop of 60 px is invalid with concept_sides=None .* at most 41 px"):
+        WorldComposer((Image.new("RGBA", (60, 60)),), "sks star", concept_sides=None)
+
+
 def test_composed_slots_take_a_fraction_of_the_instance_images_and_repeat_with_the_seed(tmp_path):
     images = _images(tmp_path / "instance", 4)
     drawn = []

@@ -329,6 +329,56 @@ def test_captioned_class_images_need_no_class_prompt(model_dir, instance_dir, tm
         train_lora.parse_args(argv(model_dir, instance_dir, tmp_path / "out2", *extra))
 
 
+def _captioned_class_dir(folder: Path, count: int = 2) -> Path:
+    class_dir = _write_images(folder, count, seed=1)
+    (class_dir / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"{i}.png", "text": f"a photo of dog {i}"}) + "\n" for i in range(count))
+    )
+    return class_dir
+
+
+def test_adapters_off_is_the_base_model_and_gives_the_lora_back(model_dir, instance_dir, tmp_path):
+    """--prior_target base's teacher: inside the block the trained UNet and text encoder compute exactly
+    what the base models do; after it the LoRA is back and the same parameters train."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    result = train_lora.main(argv(model_dir, instance_dir, tmp_path / "out", "--max_train_steps", "2"))
+    unet, text_encoder = result.unet, result.text_encoder
+    base_unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    base_text = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+    ids = torch.randint(0, base_text.config.vocab_size, (1, 77), generator=torch.Generator().manual_seed(0))
+    size = unet.config.sample_size
+    latents = torch.randn(1, unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(1))
+
+    def run(u, t):
+        with torch.no_grad():
+            return u(latents, 500, encoder_hidden_states=t(ids)[0]).sample
+
+    trainable = [n for m in (unet, text_encoder) for n, p in m.named_parameters() if p.requires_grad]
+    lora_out, base_out = run(unet, text_encoder), run(base_unet, base_text)
+    assert (lora_out - base_out).abs().max() > 1e-4, "the LoRA had no effect: the comparison proves nothing"
+    with train_lora.adapters_off(unet, text_encoder):
+        torch.testing.assert_close(run(unet, text_encoder), base_out)
+        assert not any(p.requires_grad for m in (unet, text_encoder) for p in m.parameters())
+    torch.testing.assert_close(run(unet, text_encoder), lora_out)
+    assert [n for m in (unet, text_encoder) for n, p in m.named_parameters() if p.requires_grad] == trainable
+
+
+def test_prior_target_base_changes_the_prior_loss_and_is_saved(model_dir, instance_dir, tmp_path):
+    class_dir = _captioned_class_dir(tmp_path / "class")
+    extra = ["--with_prior_preservation", "--class_data_dir", str(class_dir), "--num_class_images", "2",
+             "--max_train_steps", "2"]  # fmt: skip
+    noise = train_lora.main(argv(model_dir, instance_dir, tmp_path / "noise", *extra))
+    base = train_lora.main(argv(model_dir, instance_dir, tmp_path / "base", *extra, "--prior_target", "base"))
+    assert base.global_step == 2
+    assert json.loads((tmp_path / "base" / "train_config.json").read_text())["prior_target"] == "base"
+    a, b = _lora_tensors(noise.weights_path), _lora_tensors(base.weights_path)
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a), "the prior target had no effect"
+    with pytest.raises(SystemExit):
+        train_lora.parse_args(argv(model_dir, instance_dir, tmp_path / "x", *extra, "--prior_target", "teacher"))
+
+
 # --- defaults from the model (issue 15) ----------------------------------------------------------
 
 
@@ -575,7 +625,7 @@ def test_the_command_line_reports_a_bad_input_in_one_line(model_dir, instance_di
     assert status == 2 and "Traceback" not in err
     assert err.strip() == (
         "ait2i-train-lora: error: --composition_sides='10' is invalid: expected 'LOW,HIGH' pixels, "
-        "1 <= LOW <= HIGH (e.g. '14,28')"
+        "1 <= LOW <= HIGH (e.g. '14,28'), or 'own'"
     )
     assert not out.exists()
 

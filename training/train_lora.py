@@ -14,6 +14,7 @@ class images, LoRA adapters, data, resume, loss, loop, save.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -61,7 +62,8 @@ def _target_list(targets: str) -> list[str]:
 
 def composition_options(others: str, sides: str) -> dict:
     """The `WorldComposer` fields of ``--composition_others`` ("1,3,1": relative frequencies of 0, 1, 2
-    other objects) and ``--composition_sides`` ("18,28": the concept's side in pixels, lowest and highest).
+    other objects) and ``--composition_sides`` ("18,28": the concept's side in pixels, lowest and highest;
+    "own": the concept at its own size, not rescaled).
 
     Raises:
         ValueError: naming the flag, its value and what was expected.
@@ -75,13 +77,16 @@ def composition_options(others: str, sides: str) -> dict:
             f"--composition_others={others!r} is invalid: expected comma-separated weights >= 0 of 0, 1, 2 "
             "other objects, not all 0 (e.g. '1,3,1'; '1': the concept alone)"
         )
+    if sides.strip() == "own":
+        return {"other_weights": weights, "concept_sides": None}
     try:
         low, high = (int(v) for v in sides.split(","))
     except ValueError:
         low, high = 0, -1
     if not 1 <= low <= high:
         raise ValueError(
-            f"--composition_sides={sides!r} is invalid: expected 'LOW,HIGH' pixels, 1 <= LOW <= HIGH (e.g. '14,28')"
+            f"--composition_sides={sides!r} is invalid: expected 'LOW,HIGH' pixels, 1 <= LOW <= HIGH (e.g. '14,28'), "
+            "or 'own'"
         )
     return {"other_weights": weights, "concept_sides": (low, high)}
 
@@ -128,6 +133,9 @@ class Recipe:
             )
         composition_options(self.composition_others, self.composition_sides)
 
+
+# --prior_target: DreamBooth's noise, or the base model's prediction (a distillation of the base model).
+PRIOR_TARGETS = ("noise", "base")
 
 # Every LoRA-able layer of an SD UNet: attention, feed-forward, the transformer's projections and the
 # ResNet convolutions.
@@ -239,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="LOW,HIGH",
         help="--world_compositions: the concept's side in pixels, drawn in [LOW, HIGH] (at most 28, the "
-        "shapes world's largest object). " + _MODEL_DEFAULT,
+        "shapes world's largest object), or 'own': the concept at its size in the instance images, its pixels "
+        "pasted as drawn. " + _MODEL_DEFAULT,
     )
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
@@ -254,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--num_class_images", type=int, default=100)
     g.add_argument("--prior_loss_weight", type=float, default=1.0)
+    g.add_argument(
+        "--prior_target",
+        choices=PRIOR_TARGETS,
+        default="noise",
+        help="what the class half is pulled to: 'noise' (DreamBooth: the noise added to the class image) or "
+        "'base' (the base model's own prediction for the same noisy class image and caption, adapters "
+        "off: the LoRA is pulled back only where it changes the base model, without the noise's variance)",
+    )
     g.add_argument("--class_batch_size", type=int, default=4, help="images per call when generating")
     g.add_argument("--class_inference_steps", type=int, default=25)
 
@@ -467,11 +484,11 @@ def world_composer(args: argparse.Namespace):
         return None
     logger.info(
         "world compositions: %.0f%% of the instance slots show the concept (cut from %d images of it alone) "
-        "in a scene of the world (0/1/2 other objects weighted %s, the concept %d-%d px)",
+        "in a scene of the world (0/1/2 other objects weighted %s, the concept %s px)",
         100 * args.world_compositions,
         len(composer.crops),
         args.composition_others,
-        *composer.concept_sides,
+        "-".join(map(str, composer.concept_sides)) if composer.concept_sides else "at its own",
     )
     return composer
 
@@ -627,6 +644,26 @@ def new_token_ids(instance_ids: torch.Tensor, class_ids: torch.Tensor | None) ->
     noun the class captions never use. Without class captions, every instance caption token."""
     seen = set() if class_ids is None else set(class_ids.flatten().tolist())
     return sorted(set(instance_ids.flatten().tolist()) - seen)
+
+
+@contextlib.contextmanager
+def adapters_off(*models: torch.nn.Module):
+    """The base ``models`` inside the block: every peft adapter layer of theirs bypassed, no gradients.
+
+    peft's ``enable_adapters(False)`` also stops the adapters' gradients; ``enable_adapters(True)``
+    restores them, so the trained parameters are the same after the block.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def restrict_embedding_lora(text_encoder, token_ids: Sequence[int]) -> int:
@@ -979,6 +1016,11 @@ def train(args: argparse.Namespace) -> TrainingResult:
         loss = F.mse_loss(pred[:n].float(), target[:n].float())
         logs = {"loss": loss.item()}
         if args.with_prior_preservation:
+            if args.prior_target == "base":
+                target = target.clone()
+                with adapters_off(unet, text_encoder):
+                    base = text_encoder(batch["input_ids"][n:].to(accelerator.device), return_dict=False)[0]
+                    target[n:] = unet(noisy[n:], timesteps[n:], encoder_hidden_states=base, return_dict=False)[0]
             prior = F.mse_loss(pred[n:].float(), target[n:].float())
             loss = loss + args.prior_loss_weight * prior
             logs["prior"] = prior.item()

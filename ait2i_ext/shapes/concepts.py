@@ -243,22 +243,26 @@ def compose_concept(
     phrase: str,
     rng: random.Random,
     other_weights: Sequence[float] = COMPOSED_OTHER_WEIGHTS,
-    concept_sides: tuple[int, int] = PAIRED_CONCEPT_SIDES,
+    concept_sides: tuple[int, int] | None = PAIRED_CONCEPT_SIDES,
 ) -> tuple[Image.Image, str]:
     """A scene of the world with the concept in it: ``crop`` (:func:`concept_crop`) at a side drawn from
     ``concept_sides`` (default 18-28 px: the world's object sizes, 14-28, from the smallest at which the
     shipped VAE still draws a star's points), placed apart from 0, 1 or 2 rendered objects of the world
     (``other_weights``; colour-shape pairs of the training world in other colours than the concept's, at
     the world's sizes, 4 px less with three objects), with a caption naming all of them in a random order
-    ("a sks star and a blue square"; ``phrase`` is the concept's, e.g. "sks star")."""
+    ("a sks star and a blue square"; ``phrase`` is the concept's, e.g. "sks star"). ``concept_sides=None``:
+    the concept at its own size, its pixels pasted as drawn (not resampled)."""
     count = rng.choices(range(len(other_weights)), weights=other_weights)[0]
     colour = nearest_colour(crop)
     others = rng.sample([p for p in training_pairs() if p[0] != colour], count)
     boxes = None
     while boxes is None:
         high = MAX_SIZE if count < 2 else MAX_SIZE - 4
-        top = min(concept_sides[1], high)
-        sides = [rng.randint(min(concept_sides[0], top), top)]
+        if concept_sides is None:
+            sides = [max(crop.size)]
+        else:
+            top = min(concept_sides[1], high)
+            sides = [rng.randint(min(concept_sides[0], top), top)]
         boxes = _place(rng, sides + [rng.randint(MIN_SIZE, high) for _ in range(count)])
     placed = tuple(
         ShapeObject(c, s, tuple(v / IMAGE_SIZE for v in box)) for (c, s), box in zip(others, boxes[1:])
@@ -279,13 +283,13 @@ class WorldComposer:
         crops: the concept as its instance images draw it alone (:func:`concept_crop`).
         phrase: the concept's words without article, e.g. ``"sks star"``.
         other_weights: relative frequencies of 0, 1 and 2 other objects.
-        concept_sides: the concept's side in pixels, lowest and highest.
+        concept_sides: the concept's side in pixels, lowest and highest; None: its own size (not rescaled).
     """
 
     crops: tuple[Image.Image, ...]
     phrase: str
     other_weights: tuple[float, ...] = field(default=COMPOSED_OTHER_WEIGHTS)
-    concept_sides: tuple[int, int] = PAIRED_CONCEPT_SIDES
+    concept_sides: tuple[int, int] | None = PAIRED_CONCEPT_SIDES
 
     def __post_init__(self) -> None:
         if not self.crops:
@@ -298,11 +302,20 @@ class WorldComposer:
             raise ValueError(
                 f"other_weights={self.other_weights!r} is invalid: expected weights >= 0, not all 0"
             )
-        low, high = self.concept_sides
-        if not 1 <= low <= high <= MAX_SIZE:
-            raise ValueError(
-                f"concept_sides={self.concept_sides!r} is invalid: expected 1 <= low <= high <= {MAX_SIZE}"
-            )
+        if self.concept_sides is not None:
+            low, high = self.concept_sides
+            if not 1 <= low <= high <= MAX_SIZE:
+                raise ValueError(
+                    f"concept_sides={self.concept_sides!r} is invalid: expected 1 <= low <= high <= {MAX_SIZE}, "
+                    "or None (its own size)"
+                )
+        else:  # its own size: room for the concept and one more object of the world
+            largest, room = max(max(c.size) for c in self.crops), IMAGE_SIZE - 3 * MARGIN - MIN_SIZE
+            if largest > room:
+                raise ValueError(
+                    f"a crop of {largest} px is invalid with concept_sides=None (its own size): expected at most "
+                    f"{room} px, to leave room for another object"
+                )
 
     @classmethod
     def from_instances(
