@@ -312,7 +312,9 @@ def test_a_composer_at_the_concepts_own_size_pastes_its_pixels_beside_another_ob
         (other,) = parse_prompt(caption.replace("sks star", ""))
         assert evaluate(image, [("yellow", "star"), (other.colour, other.shape)], config).all_present, caption
         assert any(_pasted_as_drawn(image, crop) for crop in composer.crops), "the star was resampled"
-    with pytest.raises(ValueError, match=r"a crop of 60 px is invalid with concept_sides=None .* at most 41 px"):
+    with pytest.raises(
+        ValueError, match=r"a crop of 60 px is invalid with concept_sides=None .* at most 41 px"
+    ):
         WorldComposer((Image.new("RGBA", (60, 60)),), "sks star", concept_sides=None)
 
 

@@ -332,7 +332,9 @@ def test_captioned_class_images_need_no_class_prompt(model_dir, instance_dir, tm
 def _captioned_class_dir(folder: Path, count: int = 2) -> Path:
     class_dir = _write_images(folder, count, seed=1)
     (class_dir / "metadata.jsonl").write_text(
-        "".join(json.dumps({"file_name": f"{i}.png", "text": f"a photo of dog {i}"}) + "\n" for i in range(count))
+        "".join(
+            json.dumps({"file_name": f"{i}.png", "text": f"a photo of dog {i}"}) + "\n" for i in range(count)
+        )
     )
     return class_dir
 
@@ -374,9 +376,13 @@ def test_prior_target_base_changes_the_prior_loss_and_is_saved(model_dir, instan
     assert base.global_step == 2
     assert json.loads((tmp_path / "base" / "train_config.json").read_text())["prior_target"] == "base"
     a, b = _lora_tensors(noise.weights_path), _lora_tensors(base.weights_path)
-    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a), "the prior target had no effect"
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a), (
+        "the prior target had no effect"
+    )
     with pytest.raises(SystemExit):
-        train_lora.parse_args(argv(model_dir, instance_dir, tmp_path / "x", *extra, "--prior_target", "teacher"))
+        train_lora.parse_args(
+            argv(model_dir, instance_dir, tmp_path / "x", *extra, "--prior_target", "teacher")
+        )
 
 
 # --- defaults from the model (issue 15) ----------------------------------------------------------

@@ -1020,7 +1020,9 @@ def train(args: argparse.Namespace) -> TrainingResult:
                 target = target.clone()
                 with adapters_off(unet, text_encoder):
                     base = text_encoder(batch["input_ids"][n:].to(accelerator.device), return_dict=False)[0]
-                    target[n:] = unet(noisy[n:], timesteps[n:], encoder_hidden_states=base, return_dict=False)[0]
+                    target[n:] = unet(
+                        noisy[n:], timesteps[n:], encoder_hidden_states=base, return_dict=False
+                    )[0]
             prior = F.mse_loss(pred[n:].float(), target[n:].float())
             loss = loss + args.prior_loss_weight * prior
             logs["prior"] = prior.item()
