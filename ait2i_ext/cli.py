@@ -87,7 +87,9 @@ def layout_route(args: argparse.Namespace) -> str | None:
     if args.gligen:
         return "gligen"
     if getattr(args, "regional_lora", False) and args.layout is None:
-        return None  # --box confines each LoRA to its box (_layout_subjects), on the schedule measured so
+        # --box confines each LoRA to its box (_layout_subjects) on the personalisation route's own schedule
+        # (the one its figures were measured with), not the boxes route's settings
+        return None
     wants_gligen = args.layout == "gligen" or (args.layout is None and args.box)
     if not wants_gligen:
         return "boxes" if args.box else None
