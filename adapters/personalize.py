@@ -590,7 +590,7 @@ def with_layout(subjects: Sequence[SubjectSpec], config: RegionalConfig | None =
     return [replace(s, box=box) for s, box in zip(subjects, boxes)]
 
 
-def _box_distance(box: Sequence[float], size: tuple[int, int]) -> torch.Tensor:
+def _signed_box_distance(box: Sequence[float], size: tuple[int, int]) -> torch.Tensor:
     """`(H, W)`: each cell centre's distance to a normalised box, negative inside (minus the distance
     to the nearest side)."""
     x0, y0, x1, y1 = box
@@ -613,7 +613,7 @@ def box_regions(
         Per box, `(1, 1, H, W)` in [0, 1]; they sum to 1 where two regions meet with a ramp, and to 1
         everywhere with ``softness=0``.
     """
-    distances = torch.stack([_box_distance(box, size) for box in boxes])
+    distances = torch.stack([_signed_box_distance(box, size) for box in boxes])
     regions = []
     for k in range(len(boxes)):
         if len(boxes) == 1:
