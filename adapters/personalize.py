@@ -432,7 +432,9 @@ def personalized_subjects(
 # --- regional LoRA: each concept's LoRA acts only where its concept is -------------------------
 
 
-MASK_SOURCES = ("current", "mean", "regions", "auto")
+MASK_SOURCES = ("current", "mean", "regions", "mixed", "auto")
+LAID_OUT = ("regions", "mixed")  # the mask sources that share the image among layout boxes
+ARRANGEMENTS = ("row", "diagonal")
 
 
 @dataclass(frozen=True)
@@ -456,13 +458,25 @@ class RegionalConfig:
             subject whose box is nearest (:func:`box_regions`), the same at every step; without boxes,
             every subject gets one of the automatic layout (:func:`auto_layout`: side by side along
             the long axis); a subject that is no concept leaves its region to the no-LoRA pass;
+            ``"mixed"``: ``"regions"`` for the first ``regions_fraction`` of the denoising (by timestep,
+            as ``layout_fraction``: where the layout forms), then ``"mean"`` from the maps of the steps
+            after it (each concept's mask follows what was drawn in its region);
             ``"auto"`` (default): ``"regions"`` when a concept has a box (the user's layout), else
             ``"mean"`` (:func:`for_concepts`; the automatic layout did not beat ``"mean"`` for two
             concepts, docs/personalization.md, ninth sitting).
+        regions_fraction: with ``mask_source="mixed"``, the first part of the denoising that uses the
+            layout's regions.
         box_size: the side of the automatic layout's boxes, as a fraction of the image side (the shapes
             world draws objects 14-28 px of 64: 0.22-0.44).
         box_softness: the width of the ramp between two regions, as a fraction of the image side
             (0: hard borders).
+        arrangement: the automatic layout's order (:func:`auto_layout`): ``"row"``, side by side along
+            the long axis; ``"diagonal"``, along the diagonal from the top left (two subjects' centres
+            0.71 of the side apart instead of 0.5, so two objects drawn larger than their boxes do not
+            touch).
+        gain: each concept's change to the prediction is multiplied by ``gain`` inside its mask
+            (``eps_base + gain * sum_k m_k * (eps_k - eps_base)``; 1: as trained, > 1: the concept's
+            shape pushed further from the base model's).
         assign: ``"independent"``: each concept's mask from its own map alone (masks may overlap, and
             share a cell in proportion); ``"strongest"``: each map cell to at most one concept, the one
             whose normalised group level is highest there (:func:`strongest_only`), before the ramp.
@@ -492,8 +506,11 @@ class RegionalConfig:
     concept_prompt: str = "auto"
     full_prompt_fraction: float = 0.3
     exclude_others: bool = False
+    regions_fraction: float = 0.3
     box_size: float = 0.42
     box_softness: float = 0.1
+    arrangement: str = "row"
+    gain: float = 1.0
 
     def __post_init__(self):
         checks = (
@@ -506,8 +523,11 @@ class RegionalConfig:
             ("concept_prompt", self.concept_prompt in ("full", "own", "auto"), "'full', 'own' or 'auto'"),
             ("full_prompt_fraction", 0.0 <= self.full_prompt_fraction <= 1.0, "a number in [0, 1]"),
             ("exclude_others", isinstance(self.exclude_others, bool), "True or False"),
+            ("regions_fraction", 0.0 <= self.regions_fraction <= 1.0, "a number in [0, 1]"),
             ("box_size", 0.0 < self.box_size <= 1.0, "a number in (0, 1]"),
             ("box_softness", 0.0 <= self.box_softness <= 1.0, "a number in [0, 1]"),
+            ("arrangement", self.arrangement in ARRANGEMENTS, "one of " + ", ".join(map(repr, ARRANGEMENTS))),
+            ("gain", 0.0 <= self.gain <= 4.0, "a number in [0, 4]"),
         )
         for name, ok, expected in checks:
             if not ok:
@@ -528,15 +548,19 @@ def for_concepts(config: RegionalConfig, count: int, boxed: bool = False) -> Reg
     return config
 
 
-def auto_layout(count: int, size: float, aspect: float = 1.0) -> list[tuple[float, float, float, float]]:
+def auto_layout(
+    count: int, size: float, aspect: float = 1.0, arrangement: str = "row"
+) -> list[tuple[float, float, float, float]]:
     """``count`` boxes side by side along the image's long axis, in order, each centred in its equal
     share of that axis and on the other: squares of side ``size`` (a fraction of the short side, cut to
-    the share's width).
+    the share's width). ``arrangement="diagonal"``: the same boxes, each also centred in its equal share
+    of the other axis (top left to bottom right).
 
     Args:
         count: how many boxes (the prompt's subjects).
         size: the boxes' side, as a fraction of the image's short side, in (0, 1].
         aspect: the image's width / height (> 1: side by side left to right; < 1: top to bottom).
+        arrangement: ``"row"`` or ``"diagonal"`` (see :class:`RegionalConfig`).
 
     Returns:
         ``(x0, y0, x1, y1)`` boxes normalised to [0, 1], not overlapping.
@@ -545,6 +569,8 @@ def auto_layout(count: int, size: float, aspect: float = 1.0) -> list[tuple[floa
         raise ValueError(f"count={count!r} is invalid: expected an integer >= 1")
     if not 0.0 < size <= 1.0 or aspect <= 0:
         raise ValueError(f"size={size!r}, aspect={aspect!r} is invalid: expected size in (0, 1], aspect > 0")
+    if arrangement not in ARRANGEMENTS:
+        raise ValueError(f"arrangement={arrangement!r} is invalid: expected one of {ARRANGEMENTS}")
     wide = aspect >= 1.0
     long_side = max(aspect, 1.0 / aspect)  # the long side in units of the short side
     along = min(size / long_side, 1.0 / count)  # the side along the long axis, as a fraction of it
@@ -553,7 +579,8 @@ def auto_layout(count: int, size: float, aspect: float = 1.0) -> list[tuple[floa
     for i in range(count):
         centre = (i + 0.5) / count
         a0, a1 = centre - along / 2, centre + along / 2
-        c0, c1 = 0.5 - across / 2, 0.5 + across / 2
+        middle = centre if arrangement == "diagonal" else 0.5  # the box's centre on the other axis
+        c0, c1 = middle - across / 2, middle + across / 2
         box = (a0, c0, a1, c1) if wide else (c0, a0, c1, a1)
         boxes.append(tuple(round(v, 6) for v in box))  # no float noise in run.json
     return boxes
@@ -573,7 +600,7 @@ def with_layout(subjects: Sequence[SubjectSpec], config: RegionalConfig | None =
     concepts = [s for s in subjects if s.identifier is not None]
     boxed = [s for s in concepts if s.box is not None]
     settled = for_concepts(config, len(concepts), bool(boxed))
-    if settled.mask_source != "regions" or len(boxed) == len(concepts):
+    if settled.mask_source not in LAID_OUT or len(boxed) == len(concepts):
         return subjects
     if boxed:
         missing = [s.identifier for s in concepts if s.box is None]
@@ -586,7 +613,7 @@ def with_layout(subjects: Sequence[SubjectSpec], config: RegionalConfig | None =
             f"concepts {[s.identifier for s in concepts]} have no box while other subjects have one: "
             "expected a box for every concept, or no box at all (the automatic layout)"
         )
-    boxes = auto_layout(len(subjects), config.box_size)
+    boxes = auto_layout(len(subjects), config.box_size, arrangement=config.arrangement)
     return [replace(s, box=box) for s, box in zip(subjects, boxes)]
 
 
@@ -744,14 +771,15 @@ def concept_mask(
 
 
 def regional_prediction(
-    base: torch.Tensor, concepts: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
+    base: torch.Tensor, concepts: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], gain: float = 1.0
 ) -> torch.Tensor:
-    """``base + sum_k m_k * (concepts[k] - base)``, the masks scaled down where they sum above 1.
+    """``base + gain * sum_k m_k * (concepts[k] - base)``, the masks scaled down where they sum above 1.
 
     Args:
         base (`torch.Tensor` of shape `(B, C, H, W)`): the prediction with no LoRA.
         concepts: per concept, the prediction with its LoRA alone, shaped as ``base``.
         masks: per concept, `(B, 1, H, W)` in [0, 1].
+        gain: the factor on each concept's change (:class:`RegionalConfig`'s ``gain``).
 
     Returns:
         The combined prediction: ``base`` wherever every mask is 0, ``concepts[k]`` where only mask ``k``
@@ -764,7 +792,7 @@ def regional_prediction(
     total = torch.stack(list(masks)).sum(0).clamp_min(1.0)
     out = base
     for eps, mask in zip(concepts, masks):
-        out = out + (mask / total).to(base.dtype) * (eps - base)
+        out = out + (gain * mask / total).to(base.dtype) * (eps - base)
     return out
 
 
@@ -848,8 +876,8 @@ class _RegionalHook:
         self.phase = "full"  # the prompt the concept passes read now ("full" or "own")
         self.last_t = float("inf")  # a timestep above the last one starts a new sampling run
         self.passes = 0  # UNet passes with a LoRA, for tests and cost reports
-        self.layout = list(layout)  # every subject's box (mask_source="regions")
-        self.boxes = boxes  # identifier -> index of its box in layout; None: masks from attention
+        self.layout = list(layout)  # every subject's box (mask_source "regions" or "mixed")
+        self.boxes = boxes  # identifier -> index of its box in layout; None: masks from attention only
 
     def applies(self) -> bool:
         # Guidance passes (grad enabled) keep every concept's LoRA on: their maps are the LoRA's.
@@ -885,6 +913,9 @@ class _RegionalHook:
             self.sums.clear()
             self.counts.clear()
         self.phase = phase
+        by_region = self.boxes is not None and (
+            self.config.mask_source == "regions" or t > (1.0 - self.config.regions_fraction) * total
+        )
         predictions, group_maps = [], []
         self.inside = True
         try:
@@ -893,7 +924,7 @@ class _RegionalHook:
                 unet.set_adapters([name], [self.weights.get(ident, 1.0)])
                 size = tuple(base.shape[-2:])
                 own_args, own_kwargs = _own_text(args, kwargs, self.embeds[phase][ident], self.num_images)
-                if self.boxes is not None:  # the masks are the layout's regions: no maps needed
+                if by_region:  # the masks are the layout's regions: no maps needed
                     predictions.append(_sample(unet.forward(*own_args, **own_kwargs)))
                     self.passes += 1
                     continue
@@ -903,7 +934,7 @@ class _RegionalHook:
                     eps = _sample(unet.forward(*own_args, **own_kwargs))
                     maps = store.maps()[-self.num_images :]  # with CFG the batch is [uncond, cond]
                 self.passes += 1
-                if self.config.mask_source == "mean":
+                if self.config.mask_source in ("mean", "mixed"):
                     self.sums[ident] = maps if ident not in self.sums else self.sums[ident] + maps
                     self.counts[ident] = self.counts.get(ident, 0) + 1
                     maps = self.sums[ident] / self.counts[ident]
@@ -915,14 +946,14 @@ class _RegionalHook:
             unet.enable_lora()
         if everywhere:
             masks = [torch.ones_like(base[:, :1]) for _ in predictions]
-        elif self.boxes is not None:
+        elif by_region:
             regions = box_regions(self.layout, tuple(base.shape[-2:]), self.config.box_softness)
             masks = [regions[self.boxes[i]].to(base.device, base.dtype) for i in self.adapters]
             masks = [m.expand(batch, -1, -1, -1) for m in masks]
         else:
             masks = self.masks(group_maps, tuple(base.shape[-2:]))
             masks = [m.repeat(batch // self.num_images, 1, 1, 1).to(base.device, base.dtype) for m in masks]
-        return _with_sample(output, regional_prediction(base, predictions, masks))
+        return _with_sample(output, regional_prediction(base, predictions, masks, self.config.gain))
 
     def masks(self, group_maps: list[torch.Tensor], size: tuple[int, int]) -> list[torch.Tensor]:
         c = self.config
@@ -1005,7 +1036,7 @@ def regional_loras(
         subjects = personalized_subjects(prompt, list(present), subjects)
         config = for_concepts(config, len(present), any(s.box is not None for s in subjects if s.identifier))
         boxes, layout = None, []
-        if config.mask_source == "regions":
+        if config.mask_source in LAID_OUT:
             boxed = [s for s in with_layout(subjects, config) if s.box is not None]
             layout = [s.box for s in boxed]
             boxes = {s.identifier: k for k, s in enumerate(boxed) if s.identifier in present}

@@ -4,8 +4,10 @@ generate from Python and the CLI, and refuse bad LoRAs without touching the pipe
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -365,6 +367,15 @@ def test_regional_prediction_is_the_base_outside_every_mask():
     torch.testing.assert_close(regional_prediction(base, [], []), base)
 
 
+def test_regional_prediction_gain_pushes_each_concept_further_inside_its_mask():
+    base, star = torch.randn(2, 2, 4, 6, 6)
+    left = torch.zeros(2, 1, 6, 6)
+    left[..., :3] = 1.0
+    out = regional_prediction(base, [star], [left], gain=1.5)
+    torch.testing.assert_close(out[..., 3:], base[..., 3:])
+    torch.testing.assert_close(out[..., :3], base[..., :3] + 1.5 * (star[..., :3] - base[..., :3]))
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("threshold", 1.5), ("softness", -0.1), ("dilation", -1), ("mask_source", "next"), ("assign", "max")]
@@ -372,6 +383,8 @@ def test_regional_prediction_is_the_base_outside_every_mask():
         ("concept_prompt", "mine"),
         ("full_prompt_fraction", 2.0),
         ("exclude_others", "yes"),
+        ("arrangement", "ring"),
+        ("gain", -1.0),
     ],
 )
 def test_regional_config_names_a_bad_value(field, value):
@@ -764,6 +777,19 @@ def test_auto_layout_places_equal_boxes_in_order_along_the_long_axis(count, aspe
         auto_layout(0, 0.4)
 
 
+@pytest.mark.parametrize("count", [2, 3])
+def test_auto_layout_diagonal_puts_the_boxes_farther_apart_on_the_diagonal(count):
+    row, diagonal = auto_layout(count, 0.42), auto_layout(count, 0.42, arrangement="diagonal")
+    assert [(b[0], b[2]) for b in diagonal] == [(b[0], b[2]) for b in row]  # the same columns
+    centres = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in diagonal]
+    assert all(x == pytest.approx(y) for x, y in centres)  # on the diagonal, top left first
+    spread = [math.dist(a, b) for a, b in zip(centres, centres[1:])]
+    assert all(s > 1.4 * (1 / count) for s in spread)  # the row's centres are 1 / count apart
+    assert all(_overlap(a, b) < 1e-12 for i, a in enumerate(diagonal) for b in diagonal[i + 1 :])
+    with pytest.raises(ValueError, match=r"arrangement='ring' is invalid"):
+        auto_layout(2, 0.4, arrangement="ring")
+
+
 def test_box_regions_share_the_image_among_the_boxes_nearest_first():
     left, right = (0.05, 0.3, 0.45, 0.7), (0.55, 0.3, 0.95, 0.7)
     hard = box_regions([left, right], (16, 16), 0.0)
@@ -796,28 +822,31 @@ def test_with_layout_gives_every_subject_a_box_only_when_the_concepts_have_none(
     one = personalized_subjects(PROMPT, "sks")  # one concept and a cat: boxes for both on request
     assert [s.box for s in with_layout(one, boxes)] == auto_layout(2, 0.4)
     assert [s.box for s in with_layout(one, RegionalConfig(mask_source="auto"))] == [None, None]
+    diagonal = with_layout(two, replace(boxes, arrangement="diagonal"))
+    assert [s.box for s in diagonal] == auto_layout(2, 0.4, arrangement="diagonal")
     half = subjects_with_boxes(two, {"dog": (0.5, 0.1, 0.9, 0.5)}, TWO)
     with pytest.raises(ValueError, match=r"concepts \['xyz'\] have no box while \['sks'\] have one"):
         with_layout(half, boxes)
 
 
-def test_regional_lora_with_boxes_gives_each_region_to_its_subject(tmp_path):
+@pytest.mark.parametrize("gain", [1.0, 2.0])
+def test_regional_lora_with_boxes_gives_each_region_to_its_subject(tmp_path, gain):
     """mask_source="regions": the LoRA's prediction on the concept's side (its box nearest), the no-LoRA
-    prediction on the other subject's side, at every step."""
+    prediction on the other subject's side, at every step; ``gain`` multiplies the LoRA's change there."""
     pipe = tiny_sd_pipeline()
     name = load_lora(pipe, _save_random_lora(tmp_path / "concept"))
     x, t, embeds = _unet_call(pipe, PROMPT)
     lora, base = _predictions(pipe, x, t, embeds)
     boxes = {"dog": (0.6, 0.2, 0.9, 0.8), "cat": (0.1, 0.2, 0.4, 0.8)}
     subjects = subjects_with_boxes(personalized_subjects(PROMPT, "sks"), boxes, PROMPT)
-    config = RegionalConfig(mask_source="regions", box_softness=0.0)
+    config = RegionalConfig(mask_source="regions", box_softness=0.0, gain=gain)
     with regional_loras(pipe, PROMPT, {"sks": name}, config=config, subjects=subjects) as hook:
         with torch.no_grad():
             outs = [pipe.unet(x, t, encoder_hidden_states=embeds).sample for _ in range(2)]
     assert hook.passes == 2
     for out in outs:
         torch.testing.assert_close(out[..., :8], base[..., :8])
-        torch.testing.assert_close(out[..., 8:], lora[..., 8:])
+        torch.testing.assert_close(out[..., 8:], base[..., 8:] + gain * (lora[..., 8:] - base[..., 8:]))
 
 
 def test_two_concepts_without_boxes_get_the_automatic_layout(trained, tmp_path, monkeypatch):
@@ -835,6 +864,38 @@ def test_two_concepts_without_boxes_get_the_automatic_layout(trained, tmp_path, 
     layout = auto_layout(2, config.box_size)
     assert hook.layout == layout and hook.boxes == {"sks": 0, "xyz": 1}
     assert seen == [layout] and hook.passes == 2
+
+
+def test_mixed_masks_take_the_layout_first_then_the_attention(trained, tmp_path, monkeypatch):
+    """mask_source="mixed": the layout's regions while t > (1 - regions_fraction) * T, then the
+    attention masks (their mean over the steps after the switch)."""
+    pipe = tiny_sd_pipeline()
+    names = load_loras(pipe, [trained, _save_random_lora(tmp_path / "other")])
+    used = []
+    real_regions, real_masks = personalize.box_regions, personalize._RegionalHook.masks
+    monkeypatch.setattr(
+        personalize, "box_regions", lambda boxes, *args: used.append("regions") or real_regions(boxes, *args)
+    )
+    monkeypatch.setattr(
+        personalize._RegionalHook, "masks", lambda self, *args: used.append("maps") or real_masks(self, *args)
+    )
+    config = RegionalConfig(mask_source="mixed", regions_fraction=0.5, concept_prompt="full")
+    with regional_loras(pipe, TWO, dict(zip(["sks", "xyz"], names)), config=config) as hook:
+        pipe(TWO, num_inference_steps=4, generator=torch.Generator().manual_seed(0))
+    steps = [float(t) for t in pipe.scheduler.timesteps]
+    early = sum(t > 500 for t in steps)
+    assert 0 < early < 4 and used == ["regions"] * early + ["maps"] * (4 - early)
+    assert hook.layout == auto_layout(2, config.box_size) and hook.passes == 2 * 4
+    assert all(count == 4 - early for count in hook.counts.values())  # the mean starts after the switch
+
+
+def test_cli_mixed_masks_get_the_automatic_layout(model_dir, trained, tmp_path, monkeypatch):
+    fields = "mask_source=mixed,arrangement=diagonal,gain=1.2"
+    calls, _ = _cli_regional(monkeypatch, model_dir, trained, tmp_path / "out", "--regional", fields)
+    config = RegionalConfig(mask_source="mixed", arrangement="diagonal", gain=1.2)
+    assert [c["config"] for c in calls] == [config]
+    boxes = [(s.identifier, s.box) for s in calls[0]["subjects"]]
+    assert boxes == list(zip(["sks", None], auto_layout(2, config.box_size, arrangement="diagonal")))
 
 
 def test_cli_box_with_regional_lora_reaches_the_regions(model_dir, trained, tmp_path, monkeypatch):
