@@ -20,8 +20,9 @@
    plain / ait2i+id with each LoRA only where its concept is (:func:`regional_loras`, ``--regional``
    for its :class:`RegionalConfig` fields; base prompts then run no LoRA), and ``ait2i+id+regional2``,
    the same with the fields of ``--regional2`` (two regional settings side by side in one run). With
-   ``mask_source="regions"`` the concepts get the automatic layout (:func:`with_layout`): the regional
-   passes share the image among its boxes and ait2i's box term guides each group into its box.
+   ``mask_source="regions"`` (or ``"mixed"``: the regions first, then the attention masks) the concepts
+   get the automatic layout (:func:`with_layout`): the regional passes share the image among its boxes
+   and ait2i's box term guides each group into its box.
 4. Score each image with ``ait2i_ext.shapes.evaluator``: every requested object (the concept in its
    colour and shape, the other subject) present.
 
@@ -176,7 +177,7 @@ def run_job(job: dict) -> dict:
     if regional:  # adapters default_<i> in the order of the case's LoRAs
         adapters = {ident: f"default_{case['loras'].index(LORA_OF[ident])}" for ident in case["identifiers"]}
         fields = job["regional2" if method.endswith("2") else "regional"]
-        if case["identifiers"]:  # the automatic layout's boxes for mask_source "regions"
+        if case["identifiers"]:  # the automatic layout's boxes for mask_source "regions" / "mixed"
             subjects = with_layout(subjects, RegionalConfig(**fields))
         context = regional_loras(
             pipe, case["prompt"], adapters, len(seeds), RegionalConfig(**fields),
