@@ -22,6 +22,7 @@ MapBlocks = Literal["down_up", "down"]
 RadiusMode = Literal["fixed", "adaptive", "calibrated"]
 BoxEnergy = Literal["centroid", "extent"]
 BoxMaps = Literal["raw", "words", "peaked", "softmax"]
+BoxReduce = Literal["mean", "max"]
 #: The raw loss terms (``LossTerms`` fields) the box-only updates of the layout schedule may descend.
 BOX_UPDATE_TERMS = ("box", "existence", "isolation", "aggregation", "alignment")
 
@@ -70,7 +71,9 @@ class LossConfig:
     the centroid energy (0: off), so a map spread around a centred box moves too.
     ``box_isolation_weight`` weighs the isolation term between two groups whose boxes do not
     overlap, rising to 1 with their overlap (:func:`~ait2i_ext.losses.box_pair_weights`; 1: as
-    without boxes). ``w_split`` weighs the split term
+    without boxes). ``box_reduce`` makes one box energy of the groups': ``"mean"``, or ``"max"``, the
+    worst-placed group's alone (:func:`~ait2i_ext.losses.reduce_box_energy`: Attend-and-Excite's most
+    neglected token, with boxes). ``w_split`` weighs the split term
     (:func:`~ait2i_ext.losses.split_loss`: a subject's peaked mass farther than ``split_factor`` times
     its blob radius from its strongest peak, cut at ``split_level`` of the peak's rise; no per-model
     radius), against one subject drawn twice. The defaults are
@@ -96,6 +99,7 @@ class LossConfig:
     box_far_weight: float = 0.0
     box_isolation_weight: float = 1.0
     box_temperature: float = 0.1
+    box_reduce: BoxReduce = "mean"
     isolation: IsolationMode = "euclidean"
     top_k: int = 3
     radius_mode: RadiusMode = "fixed"
@@ -190,6 +194,7 @@ class LossConfig:
             "'raw', 'words', 'peaked' or 'softmax'",
         )
         _check(self.box_temperature > 0, "box_temperature", self.box_temperature, "a number > 0")
+        _check(self.box_reduce in ("mean", "max"), "box_reduce", self.box_reduce, "'mean' or 'max'")
         _check(
             self.box_energy in ("centroid", "extent"), "box_energy", self.box_energy, "'centroid' or 'extent'"
         )
@@ -224,7 +229,10 @@ class ScheduleConfig:
     updates of the initial noise descend the same terms, each a step of ``box_init_step`` times the
     latent's RMS along the normalised gradient, the latent rescaled to its norm after each
     (InitNO's optimisation of the initial noise, with the box energy;
-    :func:`ait2i_ext.guidance.norm_preserving_step`; 0: off). Each layout route may start
+    :func:`ait2i_ext.guidance.norm_preserving_step`; 0: off). With ``box_norm_step`` > 0 the box-only
+    updates are such steps too, of that fraction of each image's latent RMS, instead of
+    ``box_step_scale`` times the raw gradient (whose size follows how strongly the maps respond: the
+    first-named object's most). Each layout route may start
     from its own box settings (``ait2i_ext.adapters.layout.ROUTE_SETTINGS``, applied by
     :func:`model_config`'s ``defaults``).
     Without boxes these fields do nothing.
@@ -245,6 +253,7 @@ class ScheduleConfig:
     box_stop: float | None = None
     box_init_iterations: int = 0
     box_init_step: float = 0.05
+    box_norm_step: float = 0.0
 
     def __post_init__(self) -> None:
         _check(
@@ -269,6 +278,7 @@ class ScheduleConfig:
             "an integer >= 0",
         )
         _check(0 < self.box_init_step <= 1, "box_init_step", self.box_init_step, "a fraction in (0, 1]")
+        _check(0 <= self.box_norm_step <= 1, "box_norm_step", self.box_norm_step, "a fraction in [0, 1]")
         _check(
             self.box_stop is None or self.box_stop >= 0, "box_stop", self.box_stop, "None or a number >= 0"
         )

@@ -320,30 +320,30 @@ class Guide:
             )
 
         schedule = self.config.schedule
+        names = schedule.box_update_terms
+
+        def normalised_step(z: torch.Tensor, size: float, stop=None) -> tuple[torch.Tensor, LossTerms]:
+            grad, box_terms, _ = latent_gradient(
+                self.unet, self.forward, z, t, self.targets, self.config, names, layers, trainable, self.radii
+            )
+            if stop is not None:  # images at or below box_stop stay as they are
+                grad = grad * (box_terms.box > stop).to(grad.dtype).view(-1, *[1] * (grad.ndim - 1))
+            return norm_preserving_step(z, grad, size), box_terms
+
         if i == 0 and self.num_box_steps and schedule.box_init_iterations:
             # The initial noise first, on the box terms alone (InitNO's idea, with the box energy).
-            names = schedule.box_update_terms
             for _ in range(schedule.box_init_iterations):
-                grad, _, _ = latent_gradient(
-                    self.unet,
-                    self.forward,
-                    latents,
-                    t,
-                    self.targets,
-                    self.config,
-                    names,
-                    layers,
-                    trainable,
-                    self.radii,
-                )
-                latents = norm_preserving_step(latents, grad, schedule.box_init_step)
+                latents, _ = normalised_step(latents, schedule.box_init_step)
         latents, terms, attn = step(latents, alpha)
         self._calibrate(attn)
         iterations = 1
         if i < self.num_box_steps:  # the layout schedule: extra updates on the box term (+ box_update_terms)
-            size, names, stop = schedule.box_step_scale, schedule.box_update_terms, schedule.box_stop
+            size, stop = schedule.box_step_scale, schedule.box_stop
             for _ in range(schedule.box_iterations):
-                latents, box_terms, _ = step(latents, size, names, stop)
+                if schedule.box_norm_step:
+                    latents, box_terms = normalised_step(latents, schedule.box_norm_step, stop)
+                else:
+                    latents, box_terms, _ = step(latents, size, names, stop)
                 if stop is not None and not bool((box_terms.box > stop).any()):
                     break  # every image was at or below box_stop: this update left them as they were
                 iterations += 1

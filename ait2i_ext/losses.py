@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import IsolationMode, PeakSource
+from .config import BoxReduce, IsolationMode, PeakSource
 
 
 def scaled_radius(radius: float, size: int, reference_resolution: int) -> float:
@@ -485,6 +485,9 @@ def box_loss(
     leak_weight: float = 1.0,
     power: float = 1.0,
     far_weight: float = 0.0,
+    *,
+    groups: Sequence[int] | None = None,
+    reduce: BoxReduce = "mean",
 ) -> torch.Tensor:
     """Layout term: each group's attention inside its own box and out of the other groups' boxes.
 
@@ -496,7 +499,8 @@ def box_loss(
           + centroid_weight * |c(M_g) - c(box_g)| / sqrt((H - 1)^2 + (W - 1)^2)
           + far_weight * sum_p d(p) M_g[p] / S_g
 
-    averaged over the groups, where ``c(box_g)`` is the centre of the cells the box covers. With
+    averaged over the groups (or with ``reduce="max"`` the worst group's, :func:`reduce_box_energy`),
+    where ``c(box_g)`` is the centre of the cells the box covers. With
     ``power=2`` the first term is the energy of training-free layout guidance (Chen et al. 2023).
     The last term pulls far mass harder than near mass: an object drawn above a box at the image's
     centre, while the map's centre of mass sits on the box's, still gets a pull (the centroid term
@@ -509,6 +513,7 @@ def box_loss(
         leak_weight (`float`): weight of the mass a group puts in the other groups' boxes.
         power (`float`): exponent of the outside-own-box share.
         far_weight (`float`): weight of the distance-weighted outside mass (0: none).
+        groups, reduce: how the maps' energies become one per image (:func:`reduce_box_energy`).
 
     Returns:
         `torch.Tensor` of shape `(N,)`.
@@ -525,7 +530,7 @@ def box_loss(
     energy = (1 - inside).clamp(min=0) ** power + leak_weight * leaked + centroid_weight * offset
     if far_weight:
         energy = energy + far_weight * (maps * _box_distance(masks)).sum(dim=(2, 3)) / total
-    return energy.mean(dim=1)
+    return reduce_box_energy(energy, groups, reduce, inside)
 
 
 def box_extent_loss(
@@ -536,6 +541,9 @@ def box_extent_loss(
     leak_weight: float = 1.0,
     power: float = 1.0,
     side_weight: float = 1.0,
+    *,
+    groups: Sequence[int] | None = None,
+    reduce: BoxReduce = "mean",
 ) -> torch.Tensor:
     """Layout term that asks for the mass inside the box and reaching its sides, not filling it.
 
@@ -549,7 +557,7 @@ def box_extent_loss(
           + distance_weight * sum_p d(p) M_g[p] / S_g
           + side_weight * mean over the 4 sides of max(0, side_level - P_side) / side_level
 
-    averaged over the groups. The first term is layout guidance's energy (Chen et al. 2023: a
+    averaged over the groups (``groups``, ``reduce``: as :func:`box_loss`). The first term is layout guidance's energy (Chen et al. 2023: a
     gradient wherever the mass is); the distance term pulls far mass harder than near mass, so a map
     spread around a box whose centre is the box's centre still moves toward it (the centroid pull of
     :func:`box_loss` gives it nothing); the side term is BoxDiff's corner constraint made loose: the
@@ -563,6 +571,7 @@ def box_extent_loss(
         leak_weight (`float`): weight of the mass a group puts in the other groups' boxes.
         power (`float`): exponent of the outside-own-box share.
         side_weight (`float`): weight of the side term (0: the map need not reach the sides).
+        groups, reduce: how the maps' energies become one per image (:func:`reduce_box_energy`).
 
     Returns:
         `torch.Tensor` of shape `(N,)`.
@@ -582,7 +591,50 @@ def box_extent_loss(
     sides = _box_sides(maps / peak, masks)  # (N, G, 4)
     short = ((side_level - sides).clamp(min=0) / side_level).mean(dim=-1)
     share = (1 - inside).clamp(min=0) ** power
-    return (share + leak_weight * leaked + distance_weight * far + side_weight * short).mean(dim=1)
+    energy = share + leak_weight * leaked + distance_weight * far + side_weight * short
+    return reduce_box_energy(energy, groups, reduce, inside)
+
+
+def reduce_box_energy(
+    energy: torch.Tensor,
+    groups: Sequence[int] | None = None,
+    reduce: BoxReduce = "mean",
+    inside: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One box energy per image from each map's: ``"mean"`` over the maps, or ``"max"``: the energy
+    of the group whose maps hold the least of their mass in their box (Attend-and-Excite's most
+    neglected token, with boxes: only the box whose object lags pulls, so the first-named object's
+    strong map does not take every step), each group's maps averaged.
+
+    Args:
+        energy (`torch.Tensor` of shape `(N, M)`): one energy per image and map.
+        groups (sequence of `int`, length ``M``): the group of each map (``None``: one map per group).
+        reduce (`str`): ``"mean"`` or ``"max"``.
+        inside (`torch.Tensor` of shape `(N, M)`): each map's in-box share, which picks the group for
+            ``"max"`` (``None``: the group with the highest energy).
+
+    Returns:
+        `torch.Tensor` of shape `(N,)`.
+    """
+    if reduce == "mean":
+        return energy.mean(dim=1)
+    if reduce != "max":
+        raise ValueError(f"reduce={reduce!r} is invalid: expected 'mean' or 'max'")
+    index = torch.arange(energy.shape[1], device=energy.device) if groups is None else torch.as_tensor(groups)
+    index = index.to(energy.device)
+    if index.shape != energy.shape[1:]:
+        raise ValueError(f"groups of length {len(index)} do not match the {energy.shape[1]} maps' energies")
+    per_group = _group_mean(energy, index)
+    lag = per_group.detach() if inside is None else -_group_mean(inside.detach(), index)
+    worst = lag.argmax(dim=1, keepdim=True)
+    return per_group.gather(1, worst).squeeze(1)
+
+
+def _group_mean(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``(N, K)``: the mean of ``values`` ``(N, M)`` over the columns of each group ``index`` ``(M,)``."""
+    num = int(index.max()) + 1
+    sums = values.new_zeros(values.shape[0], num).index_add(1, index, values)
+    return sums / torch.bincount(index, minlength=num).clamp(min=1).to(values.dtype)
 
 
 def _box_distance(masks: torch.Tensor) -> torch.Tensor:

@@ -179,8 +179,12 @@ def _boxed_tokens(group: TokenGroup, members: bool) -> tuple[int, ...]:
     return group.indices if members else (group.main,)
 
 
-def _box_energy(maps: torch.Tensor, masks: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
-    """The box term's energy ``cfg.box_energy`` of the boxed maps (each with its box's mask)."""
+def _box_energy(
+    maps: torch.Tensor, masks: torch.Tensor, cfg: LossConfig, groups: Sequence[int] | None = None
+) -> torch.Tensor:
+    """The box term's energy ``cfg.box_energy`` of the boxed maps (each with its box's mask; ``groups``:
+    each map's group, for ``cfg.box_reduce``)."""
+    reduce = dict(groups=groups, reduce=cfg.box_reduce)
     if cfg.box_energy == "extent":
         return losses.box_extent_loss(
             maps,
@@ -190,9 +194,10 @@ def _box_energy(maps: torch.Tensor, masks: torch.Tensor, cfg: LossConfig) -> tor
             cfg.box_leak_weight,
             cfg.box_power,
             cfg.box_side_weight,
+            **reduce,
         )
     return losses.box_loss(
-        maps, masks, cfg.box_centroid_weight, cfg.box_leak_weight, cfg.box_power, cfg.box_far_weight
+        maps, masks, cfg.box_centroid_weight, cfg.box_leak_weight, cfg.box_power, cfg.box_far_weight, **reduce
     )
 
 
@@ -300,7 +305,7 @@ def compute_losses(
             maps = losses.above_floor(maps)
         elif cfg.box_maps == "softmax":
             maps = losses.spatial_softmax(maps, cfg.box_temperature)
-        box = _box_energy(maps, masks[[k for k, _ in tokens]], cfg)
+        box = _box_energy(maps, masks[[k for k, _ in tokens]], cfg, [k for k, _ in tokens])
         if cfg.w_box_topk > 0:
             box = box + cfg.w_box_topk * losses.box_topk_loss(scaled[:, boxed], masks, cfg.box_topk_fraction)
     else:

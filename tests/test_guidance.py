@@ -535,3 +535,28 @@ def test_box_init_iterations_move_the_initial_noise_only_with_boxes(tiny_sd):
         ScheduleConfig(box_init_iterations=-1)
     with pytest.raises(ValueError, match=r"box_init_step=0.0 is invalid: expected a fraction in \(0, 1\]"):
         ScheduleConfig(box_init_step=0.0)
+
+
+def test_box_norm_step_makes_the_box_only_updates_normalised_steps(tiny_sd):
+    """``box_norm_step`` > 0: each box-only update moves the latent by that share of its RMS along the
+    normalised gradient (``box_step_scale``, the raw step, no longer counts); 0 (the default) is the
+    raw step as before."""
+    from ait2i_ext import Subject
+
+    pipe = sharpen_attention(tiny_sd)
+    boxed = [
+        Subject("circle", ("red",), box=(0, 0, 0.5, 1)),
+        Subject("square", ("blue",), box=(0.5, 0, 1, 1)),
+    ]
+
+    def run(**fields):
+        config = AIT2IConfig(schedule=ScheduleConfig(box_guided_fraction=0.5, **fields))
+        call = dict(generator=_gen(), num_inference_steps=4, output_type="latent")
+        return generate(pipe, PROMPT, boxed, config=config, **call).images
+
+    base, normalised = run(), run(box_norm_step=0.1)
+    assert not torch.equal(normalised, base)
+    assert torch.equal(run(box_norm_step=0.1, box_step_scale=1e6), normalised)
+    assert torch.equal(run(box_norm_step=0.0), base)
+    with pytest.raises(ValueError, match=r"box_norm_step=1.5 is invalid: expected a fraction in \[0, 1\]"):
+        ScheduleConfig(box_norm_step=1.5)

@@ -558,3 +558,37 @@ def test_spatial_softmax_sums_to_one_drops_the_floor_and_sharpens_with_a_lower_t
     peak = soft.flatten(2).amax(-1)
     assert (losses.spatial_softmax(maps, 0.05).flatten(2).amax(-1) > peak).all()
     assert (peak > (maps / maps.sum(dim=(2, 3), keepdim=True)).flatten(2).amax(-1)).all()
+
+
+def test_reduce_box_energy_max_takes_the_group_with_the_least_in_its_box():
+    """``reduce="max"``: the energy of the group whose maps hold the least of their mass in their box
+    (each group's maps averaged); ``"mean"`` is the mean over the maps, as before."""
+    energy = torch.tensor([[0.2, 0.4, 0.9, 0.5], [0.8, 0.6, 0.1, 0.3]], requires_grad=True)
+    groups = [0, 0, 1, 2]  # group 0 has two maps (a noun and its attribute)
+    inside = torch.tensor([[0.5, 0.3, 0.1, 0.6], [0.1, 0.1, 0.4, 0.2]])
+    torch.testing.assert_close(losses.reduce_box_energy(energy, groups), energy.mean(dim=1))
+    worst = losses.reduce_box_energy(energy, groups, "max", inside)
+    torch.testing.assert_close(worst, torch.tensor([0.9, 0.7]))  # group 1; group 0 ((0.8 + 0.6) / 2)
+    (grad,) = torch.autograd.grad(worst.sum(), energy)
+    assert grad.tolist() == [[0.0, 0.0, 1.0, 0.0], [0.5, 0.5, 0.0, 0.0]]  # only the lagging group pulls
+    # without shares: the highest energy
+    torch.testing.assert_close(losses.reduce_box_energy(energy, groups, "max"), torch.tensor([0.9, 0.7]))
+    with pytest.raises(ValueError, match="reduce='min' is invalid: expected 'mean' or 'max'"):
+        losses.reduce_box_energy(energy, groups, "min")
+    with pytest.raises(ValueError, match="groups of length 3 do not match the 4 maps"):
+        losses.reduce_box_energy(energy, [0, 1, 2], "max")
+
+
+def test_box_losses_with_reduce_max_pull_only_the_group_outside_its_box():
+    masks = losses.box_masks([(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)], SIZE, SIZE)
+    maps = torch.stack([blob((8.0, 4.0)), blob((8.0, 4.0))])[None].requires_grad_(True)  # group 1 is out
+    for loss in (
+        losses.box_loss(maps, masks, 1.0, reduce="max"),
+        losses.box_extent_loss(maps, masks, 1.0, 0.5, reduce="max"),
+    ):
+        (grad,) = torch.autograd.grad(loss.sum(), maps)
+        assert grad[0, 0].abs().sum() == 0 and grad[0, 1].abs().sum() > 0
+    mean = losses.box_loss(maps, masks, 1.0)
+    torch.testing.assert_close(losses.box_loss(maps, masks, 1.0, groups=[0, 1], reduce="mean"), mean)
+    with pytest.raises(ValueError, match="box_reduce='min' is invalid: expected 'mean' or 'max'"):
+        LossConfig(box_reduce="min")

@@ -180,6 +180,30 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
             ),
         }.items()
     },
+    # issue 10, tenth round: with three boxes the first-named object's map takes the box steps (its
+    # in-box share 0.10 -> 0.40 while the last one's falls 0.11 -> 0.08): the box energy of the worst
+    # group alone (Attend-and-Excite's max), alone and with the ninth round's two three-box leads
+    **{
+        f"default-split-{name}": ({"w_split": SHAPES_LOSS.w_split, "box_reduce": "max", **loss}, schedule)
+        for name, (loss, schedule) in {
+            "max": ({}, {}),
+            "max-init10": ({}, {"box_init_iterations": 10, "box_init_step": 0.05}),
+            "max-soft25": ({"box_maps": "softmax", "box_temperature": 0.25}, {}),
+            # the box-only updates as normalised steps (each image's latent moves by a share of its
+            # RMS, InitNO's step): the raw step 20 moves a share by 0.005 per update at step 0
+            "max-norm05": ({}, {"box_norm_step": 0.05}),
+            "max-norm10": ({}, {"box_norm_step": 0.1}),
+            "norm05": ({"box_reduce": "mean"}, {"box_norm_step": 0.05}),
+            "max-init10-soft25": (
+                {"box_maps": "softmax", "box_temperature": 0.25},
+                {"box_init_iterations": 10, "box_init_step": 0.05},
+            ),
+            "init10-soft25": (
+                {"box_reduce": "mean", "box_maps": "softmax", "box_temperature": 0.25},
+                {"box_init_iterations": 10, "box_init_step": 0.05},
+            ),
+        }.items()
+    },
 }
 #: Variant names with this prefix run on the shipped ControlNet (control image: the edges of the
 #: prompt's objects at their boxes); "cn-plain" is the stock ControlNet pipeline.
