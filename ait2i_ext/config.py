@@ -20,6 +20,7 @@ ExistenceTokens = Literal["words", "all"]
 RefinementScope = Literal["image", "batch"]
 MapBlocks = Literal["down_up", "down"]
 RadiusMode = Literal["fixed", "adaptive", "calibrated"]
+RadiusShare = Literal["own", "min"]
 BoxEnergy = Literal["centroid", "extent"]
 BoxMaps = Literal["raw", "words", "peaked", "softmax"]
 #: The raw loss terms (``LossTerms`` fields) the box-only updates of the layout schedule may descend.
@@ -43,7 +44,9 @@ class LossConfig:
     (:func:`ait2i_ext.losses.blob_radius`: the cells above ``radius_level`` of its peak's rise over
     the map's median), so no per-model setting. ``"calibrated"``: the same factors times each
     subject's blob size measured once, on the run's first guided pass, then held for the run (a
-    fixed radius per subject that the maps chose; ``Guide`` keeps it).
+    fixed radius per subject that the maps chose; ``Guide`` keeps it). ``radius_share`` (adaptive and
+    calibrated): ``"own"``, each subject its own size; ``"min"``, every subject of an image the
+    smallest of their sizes (one radius per image, as fixed radii are one for all, still from the maps).
 
     ``peak_source`` picks the map the peak centroids are taken from (``"remaining"``: with earlier
     peak regions removed; ``"full"``: the whole map, as the authors' code does; see
@@ -105,6 +108,7 @@ class LossConfig:
     aggregation_factor: float = 0.7
     alignment_factor: float = 0.85
     radius_level: float = 0.5
+    radius_share: RadiusShare = "own"
     softmax_scale: float = 100.0
     smoothing_kernel: int = 3
     smoothing_sigma: float = 0.5
@@ -154,6 +158,7 @@ class LossConfig:
             self.radius_mode,
             "'fixed', 'adaptive' or 'calibrated'",
         )
+        _check(self.radius_share in ("own", "min"), "radius_share", self.radius_share, "'own' or 'min'")
         _check(0 < self.radius_level <= 1, "radius_level", self.radius_level, "a fraction in (0, 1]")
         _check(0 <= self.split_level < 1, "split_level", self.split_level, "a fraction in [0, 1)")
         for name in (

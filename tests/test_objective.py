@@ -471,3 +471,19 @@ def test_split_term_costs_a_subject_drawn_twice_and_is_off_by_default():
     assert torch.equal(compute_losses(attn, [CAT, DOG], EOT, LossConfig()).split, torch.zeros(2))
     terms = compute_losses(attn, [CAT, DOG], EOT, LossConfig(w_split=1.0))
     assert terms.split[0] < 0.01 < 0.1 < terms.split[1]
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "calibrated"])
+def test_shared_radius_gives_every_subject_of_an_image_the_smallest_size(mode):
+    """``radius_share="min"``: one radius per image, its subjects' smallest blob size (as fixed radii
+    are one for all), times the factors; ``"own"`` keeps each subject's."""
+    main = group_maps(_two_subjects(2, 6), [CAT, DOG])
+    own = group_radii(main, LossConfig(radius_mode=mode, aggregation_factor=1.0, alignment_factor=1.5))
+    shared = group_radii(
+        main, LossConfig(radius_mode=mode, aggregation_factor=1.0, alignment_factor=1.5, radius_share="min")
+    )
+    assert own[0][0, 1] == pytest.approx(3 * own[0][0, 0])
+    for got, each in zip(shared, own):
+        torch.testing.assert_close(got, each[:, :1].expand(-1, 2))
+    with pytest.raises(ValueError, match="radius_share='max' is invalid"):
+        LossConfig(radius_share="max")
