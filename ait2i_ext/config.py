@@ -47,6 +47,8 @@ class LossConfig:
     fixed radius per subject that the maps chose; ``Guide`` keeps it). ``radius_share`` (adaptive and
     calibrated): ``"own"``, each subject its own size; ``"min"``, every subject of an image the
     smallest of their sizes (one radius per image, as fixed radii are one for all, still from the maps).
+    The default, calibrated 0.85 / 1.0 shared, needs no per-model radius (docs/method.md, tenth
+    sitting); the shipped shapes models keep their fixed 2.5 / 3 (their ``ait2i.json``).
 
     ``peak_source`` picks the map the peak centroids are taken from (``"remaining"``: with earlier
     peak regions removed; ``"full"``: the whole map, as the authors' code does; see
@@ -101,14 +103,14 @@ class LossConfig:
     box_temperature: float = 0.1
     isolation: IsolationMode = "euclidean"
     top_k: int = 3
-    radius_mode: RadiusMode = "fixed"
+    radius_mode: RadiusMode = "calibrated"
     aggregation_radius: float = 5.0
     alignment_radius: float = 6.0
     reference_resolution: int = 16
-    aggregation_factor: float = 0.7
-    alignment_factor: float = 0.85
+    aggregation_factor: float = 0.85
+    alignment_factor: float = 1.0
     radius_level: float = 0.5
-    radius_share: RadiusShare = "own"
+    radius_share: RadiusShare = "min"
     softmax_scale: float = 100.0
     smoothing_kernel: int = 3
     smoothing_sigma: float = 0.5

@@ -243,7 +243,7 @@ def test_adaptive_radii_follow_each_subjects_blob_and_fixed_radii_do_not():
     main = group_maps(_two_subjects(2, 6), [CAT, DOG])
     fixed = group_radii(main, LossConfig(radius_mode="fixed", aggregation_radius=2.5, alignment_radius=3.0))
     assert fixed[0].tolist() == [[2.5, 2.5]] and fixed[1].tolist() == [[3.0, 3.0]]
-    cfg = LossConfig(radius_mode="adaptive", aggregation_factor=1.0, alignment_factor=1.5)
+    cfg = LossConfig(radius_mode="adaptive", aggregation_factor=1.0, alignment_factor=1.5, radius_share="own")
     aggregation, alignment = group_radii(main, cfg)
     assert aggregation[0, 1] == pytest.approx(3 * aggregation[0, 0])  # 6 cells wide vs 2
     torch.testing.assert_close(alignment, 1.5 * aggregation)
@@ -255,7 +255,7 @@ def test_adaptive_radii_follow_each_subjects_blob_and_fixed_radii_do_not():
 def test_adaptive_mode_gives_the_per_group_sums_with_each_groups_radius():
     attn = _two_subjects(2, 6)
     attn[0, 12:14, 1:3, CAT.members[0]] = 1.0
-    cfg = LossConfig(radius_mode="adaptive")
+    cfg = LossConfig(radius_mode="adaptive", radius_share="own")
     terms = compute_losses(attn, [CAT, DOG], EOT, cfg)
     main = group_maps(attn, [CAT, DOG])
     radii = [cfg.aggregation_factor * losses.blob_radius(main[:, g], cfg.radius_level) for g in range(2)]
@@ -478,7 +478,9 @@ def test_shared_radius_gives_every_subject_of_an_image_the_smallest_size(mode):
     """``radius_share="min"``: one radius per image, its subjects' smallest blob size (as fixed radii
     are one for all), times the factors; ``"own"`` keeps each subject's."""
     main = group_maps(_two_subjects(2, 6), [CAT, DOG])
-    own = group_radii(main, LossConfig(radius_mode=mode, aggregation_factor=1.0, alignment_factor=1.5))
+    own = group_radii(
+        main, LossConfig(radius_mode=mode, aggregation_factor=1.0, alignment_factor=1.5, radius_share="own")
+    )
     shared = group_radii(
         main, LossConfig(radius_mode=mode, aggregation_factor=1.0, alignment_factor=1.5, radius_share="min")
     )
