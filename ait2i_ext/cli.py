@@ -661,13 +661,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--aggregation-radius",
         type=float,
-        help="peak radius in cells of a 16x16 map, about a subject's radius (default: 5, the value "
-        "docs/method.md gives for Stable Diffusion; 2.5 on the shipped shapes model, whose objects are small)",
+        help="a fixed peak radius in cells of a 16x16 map, about a subject's radius (default: none, the radii "
+        "come from each subject's map; 2.5 on the shipped shapes model, whose objects are small; 5 suits Stable Diffusion)",
     )
     g.add_argument(
         "--alignment-radius",
         type=float,
-        help="radius of the attribute / member alignment term (default: 6; 3 on the shipped shapes model)",
+        help="a fixed radius of the attribute / member alignment term (default: from the maps; 3 on the shipped shapes model)",
     )
     g.add_argument(
         "--mode",

@@ -134,7 +134,8 @@ def group_radii(main: torch.Tensor, cfg: LossConfig) -> tuple[torch.Tensor, torc
     ``cfg.reference_resolution`` to the maps' height, the same for every map. ``"adaptive"`` and
     ``"calibrated"``: ``cfg.aggregation_factor`` / ``cfg.alignment_factor`` times
     :func:`~ait2i_ext.losses.blob_radius` of the group's main map (a group's members are aligned with
-    the radius of their subject); ``"calibrated"`` measures them so on a run's first guided pass and
+    the radius of their subject; with ``cfg.radius_share="min"`` every group of an image takes the
+    smallest size among them); ``"calibrated"`` measures them so on a run's first guided pass and
     the run then passes them in (``compute_losses(radii=...)``).
 
     Args:
@@ -148,6 +149,8 @@ def group_radii(main: torch.Tensor, cfg: LossConfig) -> tuple[torch.Tensor, torc
     if cfg.radius_mode in ("adaptive", "calibrated"):
         size = losses.blob_radius(main.reshape(n * num_groups, height, width), cfg.radius_level)
         size = size.view(n, num_groups)
+        if cfg.radius_share == "min":  # one radius per image: its subjects' smallest size
+            size = size.amin(dim=1, keepdim=True).expand(n, num_groups)
         return cfg.aggregation_factor * size, cfg.alignment_factor * size
     fixed = [
         losses.scaled_radius(r, height, cfg.reference_resolution)

@@ -30,6 +30,9 @@ Methods:
     down-maps           ``truncated`` with ``map_blocks="down"``: the guided pass reads the down-block
                         maps only and stops before the mid block (a fast-preset candidate that lost
                         to plain sampling on quality: docs/performance.md)
+    --variants FIELDS   one more row each: ``truncated`` with the model's settings and these
+                        ``LossConfig`` / ``ScheduleConfig`` field overrides (``"radius_mode=calibrated;
+                        guided_fraction=0.32"``, as ``benchmarks/deviations.py --variants`` reads them)
     truncated+compiled, lagged+compiled
                         opt-in what-if rows: the losses through ``torch.compile`` (see
                         ``compiled_losses``); the compile happens in the untimed warm-up
@@ -66,6 +69,9 @@ from ait2i_ext.capture import map_shape, select_factor
 from ait2i_ext.config import model_config
 from ait2i_ext.fast import LaggedGuide, frozen_parameters
 from ait2i_ext.testing import build_pipeline
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from deviations import parse_variant, variant_config  # noqa: E402
 
 PROMPTS = {
     "a red circle and a blue square": ["red circle", "blue square"],
@@ -242,6 +248,13 @@ def make_runner(method: str, pipe, ae, steps: int, batch: int = 1, settings=None
                 pipe.unet.set_attn_processor(processors)
 
         return run_ae
+    if method not in METHODS + COMPILED:  # a --variants row: the model's settings and these fields
+        config = variant_config(model_config(settings or pipe), parse_variant(method))
+
+        def run_variant(prompt, subjects, seed):
+            return generate(pipe, prompt, subjects, config=config, generator=gen(seed), **common).images
+
+        return run_variant
     blocks = "down" if method == "down-maps" else "down_up"
     preset = method if method in ("reference", "fast") else "default"
     mode = (
@@ -305,7 +318,7 @@ def benchmark(args) -> tuple[list[Row], dict]:
     if args.arch != "sd15" and (device.type != "cpu" or args.dtype != "fp32"):
         pipe = pipe.to(device=device, dtype=DTYPES[args.dtype])
     pipe.set_progress_bar_config(disable=True)
-    methods = list(args.methods)
+    methods = list(args.methods) + list(args.variants)
     if "plain" not in methods:
         methods.insert(0, "plain")
     ae = _ae_pipeline(pipe) if "attend-and-excite" in methods else None
@@ -435,6 +448,13 @@ def parse_args(argv=None):
         "--batch", type=int, default=1, help="images per call (num_images_per_prompt; seeds SEED..SEED+N-1)"
     )
     parser.add_argument("--methods", nargs="+", choices=METHODS + COMPILED, default=list(METHODS))
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=[],
+        metavar="FIELDS",
+        help="more rows: the model's settings with these field overrides, each 'field=value;field=value'",
+    )
     parser.add_argument(
         "--threads",
         type=int,

@@ -349,6 +349,33 @@ def test_overhead_memory_probe_leaves_the_allocator_alone_until_it_measures(monk
     assert probe.peak_bytes >= 0
 
 
+def test_overhead_variant_rows_run_the_models_settings_with_their_fields(monkeypatch):
+    """``overhead.py --variants``: each row is the model's settings (its ``ait2i.json``) with the given
+    field overrides, parsed as ``deviations.py --variants`` parses them."""
+    from types import SimpleNamespace
+
+    from ait2i_ext.shapes.model import default_model_path
+
+    overhead = _load("overhead")
+    args = overhead.parse_args(
+        ["--methods", "plain", "--variants", "radius_mode=calibrated;guided_fraction=0.28"]
+    )
+    assert args.variants == ["radius_mode=calibrated;guided_fraction=0.28"]
+    seen = []
+    monkeypatch.setattr(
+        overhead,
+        "generate",
+        lambda pipe, prompt, subjects, config, **kw: seen.append(config) or SimpleNamespace(images=[]),
+    )
+    run = overhead.make_runner(args.variants[0], object(), None, 2, settings=default_model_path())
+    run("a red circle and a blue square", ("red circle", "blue square"), 0)
+    (config,) = seen
+    assert (config.loss.radius_mode, config.schedule.guided_fraction) == ("calibrated", 0.28)
+    assert (config.schedule.step_scale, config.loss.w_split, config.mode) == (40.0, 2.0, "truncated")
+    with pytest.raises(SystemExit, match="not LossConfig or ScheduleConfig fields"):
+        overhead.make_runner("no_such_field=1", object(), None, 2)
+
+
 def test_guided_step_breakdown_runs_and_puts_the_functions_back(capsys):
     import torch
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import sharpen_attention
 
-from ait2i_ext import AIT2IConfig, ScheduleConfig, generate, resolve_groups
+from ait2i_ext import AIT2IConfig, LossConfig, ScheduleConfig, generate, resolve_groups
 from ait2i_ext.capture import StopForward, capture_attention
 from ait2i_ext.fast import LaggedGuide, frozen_parameters
 from ait2i_ext.guidance import PromptTarget, batch_losses
@@ -18,11 +18,14 @@ from ait2i_ext.tokens import eot_index
 PROMPT, SUBJECTS = "a red circle and a blue square", ["red circle", "blue square"]
 STRONG = ScheduleConfig(step_scale=100.0)
 OBSERVE = ScheduleConfig(step_scale=0.0)
+# Fixed radii: the library default's (calibrated) are read from a random UNet's first, near-uniform
+# maps and held; these tests compare the modes' mechanics, which the radii do not change.
+FIXED = LossConfig(radius_mode="fixed")
 
 
 def _run(pipe, mode="full", schedule=STRONG, seed=0, **kw):
     kw = {"num_inference_steps": 6, "output_type": "np", **kw}
-    config = AIT2IConfig(mode=mode, schedule=schedule)
+    config = AIT2IConfig(loss=FIXED, mode=mode, schedule=schedule)
     return generate(
         pipe, PROMPT, SUBJECTS, config=config, generator=torch.Generator().manual_seed(seed), **kw
     )
@@ -47,7 +50,7 @@ def test_truncated_images_equal_full(tiny_sd):
 def _straightforward(pipe, schedule: ScheduleConfig, steps: int, seed: int):
     """The reference schedule written out by hand: before each guided step, one conditional UNet
     pass under capture, the losses, their gradient, the step; then the stock CFG step."""
-    config = AIT2IConfig(schedule=schedule)
+    config = AIT2IConfig(loss=FIXED, schedule=schedule)
     target = PromptTarget(
         resolve_groups(pipe.tokenizer, PROMPT, SUBJECTS), eot_index(pipe.tokenizer, PROMPT), 1
     )
@@ -212,7 +215,7 @@ def test_lagged_on_layout_pipelines(family, split, monkeypatch):
         pipe,
         PROMPT,
         subjects,
-        config=AIT2IConfig(mode="lagged", schedule=STRONG),
+        config=AIT2IConfig(loss=FIXED, mode="lagged", schedule=STRONG),
         num_inference_steps=4,
         generator=torch.Generator().manual_seed(0),
         output_type="np",

@@ -243,7 +243,7 @@ def test_adaptive_radii_follow_each_subjects_blob_and_fixed_radii_do_not():
     main = group_maps(_two_subjects(2, 6), [CAT, DOG])
     fixed = group_radii(main, LossConfig(radius_mode="fixed", aggregation_radius=2.5, alignment_radius=3.0))
     assert fixed[0].tolist() == [[2.5, 2.5]] and fixed[1].tolist() == [[3.0, 3.0]]
-    cfg = LossConfig(radius_mode="adaptive", aggregation_factor=1.0, alignment_factor=1.5)
+    cfg = LossConfig(radius_mode="adaptive", aggregation_factor=1.0, alignment_factor=1.5, radius_share="own")
     aggregation, alignment = group_radii(main, cfg)
     assert aggregation[0, 1] == pytest.approx(3 * aggregation[0, 0])  # 6 cells wide vs 2
     torch.testing.assert_close(alignment, 1.5 * aggregation)
@@ -255,7 +255,7 @@ def test_adaptive_radii_follow_each_subjects_blob_and_fixed_radii_do_not():
 def test_adaptive_mode_gives_the_per_group_sums_with_each_groups_radius():
     attn = _two_subjects(2, 6)
     attn[0, 12:14, 1:3, CAT.members[0]] = 1.0
-    cfg = LossConfig(radius_mode="adaptive")
+    cfg = LossConfig(radius_mode="adaptive", radius_share="own")
     terms = compute_losses(attn, [CAT, DOG], EOT, cfg)
     main = group_maps(attn, [CAT, DOG])
     radii = [cfg.aggregation_factor * losses.blob_radius(main[:, g], cfg.radius_level) for g in range(2)]
@@ -471,3 +471,21 @@ def test_split_term_costs_a_subject_drawn_twice_and_is_off_by_default():
     assert torch.equal(compute_losses(attn, [CAT, DOG], EOT, LossConfig()).split, torch.zeros(2))
     terms = compute_losses(attn, [CAT, DOG], EOT, LossConfig(w_split=1.0))
     assert terms.split[0] < 0.01 < 0.1 < terms.split[1]
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "calibrated"])
+def test_shared_radius_gives_every_subject_of_an_image_the_smallest_size(mode):
+    """``radius_share="min"``: one radius per image, its subjects' smallest blob size (as fixed radii
+    are one for all), times the factors; ``"own"`` keeps each subject's."""
+    main = group_maps(_two_subjects(2, 6), [CAT, DOG])
+    own = group_radii(
+        main, LossConfig(radius_mode=mode, aggregation_factor=1.0, alignment_factor=1.5, radius_share="own")
+    )
+    shared = group_radii(
+        main, LossConfig(radius_mode=mode, aggregation_factor=1.0, alignment_factor=1.5, radius_share="min")
+    )
+    assert own[0][0, 1] == pytest.approx(3 * own[0][0, 0])
+    for got, each in zip(shared, own):
+        torch.testing.assert_close(got, each[:, :1].expand(-1, 2))
+    with pytest.raises(ValueError, match="radius_share='max' is invalid"):
+        LossConfig(radius_share="max")

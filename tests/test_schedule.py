@@ -3,7 +3,7 @@
 import pytest
 
 from ait2i_ext import ScheduleConfig
-from ait2i_ext.config import model_config, read_model_settings, write_model_settings
+from ait2i_ext.config import LossConfig, model_config, read_model_settings, write_model_settings
 from ait2i_ext.shapes.model import SHAPES_LOSS, SHAPES_SCHEDULE, default_model_path
 
 
@@ -24,6 +24,8 @@ def test_the_shipped_shapes_model_has_its_own_schedule_and_reference_restores_th
     assert shipped == SHAPES_SCHEDULE
     assert (shipped.guided_steps(25), shipped.step_scale) == ((0, 1, 2, 3, 4), 40.0)
     assert model_config(model).loss.aggregation_radius == 2.5  # the radii stay
+    # pinned in its ait2i.json: the library default (calibrated) does not reach it
+    assert model_config(model).loss.radius_mode == SHAPES_LOSS.radius_mode == "fixed"
     assert model_config(model).loss.w_split == SHAPES_LOSS.w_split == 2.0  # the split term is on
     reference = model_config(model, preset="reference").schedule
     assert (reference.guided_steps(25), reference.step_scale) == (tuple(range(12)), 20.0)
@@ -39,3 +41,12 @@ def test_fast_preset_guides_few_steps_at_a_larger_step_over_any_models_schedule(
         fast = model_config(model, preset="fast").schedule
         assert (fast.guided_steps(steps), fast.step_scale) == (expected, 60.0), model
     assert model_config(tmp_path, preset="fast", schedule={"step_scale": 30.0}).schedule.step_scale == 30.0
+
+
+def test_the_library_default_radii_need_no_per_model_setting():
+    """Without an ``ait2i.json`` radius the radii come from the maps: calibrated on the first guided
+    pass, 0.85 / 1.0 times the smallest blob size of an image's subjects (docs/method.md, tenth sitting)."""
+    loss = LossConfig()
+    assert (loss.radius_mode, loss.radius_share) == ("calibrated", "min")
+    assert (loss.aggregation_factor, loss.alignment_factor) == (0.85, 1.0)
+    assert model_config().loss.radius_mode == "calibrated"

@@ -32,4 +32,4 @@ def test_shipped_gligen_shares_the_shapes_models_other_components():
         for f in files:
             assert (gligen / name / f).read_bytes() == (base / name / f).read_bytes(), f"{name}/{f}"
     settings = json.loads((gligen / "ait2i.json").read_text())
-    assert settings["loss"] == {"aggregation_radius": 2.5, "alignment_radius": 3.0}
+    assert settings["loss"] == {"radius_mode": "fixed", "aggregation_radius": 2.5, "alignment_radius": 3.0}

@@ -53,7 +53,7 @@ def test_training_exports_a_stock_loadable_gligen_pipeline(base, tmp_path):
     pipe = StableDiffusionGLIGENPipeline.from_pretrained(export)
     assert pipe.unet.config.attention_type == "gated"
     settings = json.loads((export / "ait2i.json").read_text())
-    assert settings == {"loss": {"aggregation_radius": 2.5, "alignment_radius": 3.0}}
+    assert settings == {"loss": {"radius_mode": "fixed", "aggregation_radius": 2.5, "alignment_radius": 3.0}}
     weights, original = _unet(export), _unet(base)
     assert {v.dtype for v in weights.values()} == {torch.float16}
     for key, value in original.items():  # the base stays frozen (stored in fp16)

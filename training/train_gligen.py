@@ -381,6 +381,7 @@ def grounding_inputs(pipe, layouts: list[tuple[list[str], list]], device) -> dic
 def write_settings(path: Path) -> None:
     """The ``ait2i.json`` of the exported folder: the loss radii sized to this model's objects."""
     radii = {
+        "radius_mode": SHAPES_LOSS.radius_mode,
         "aggregation_radius": SHAPES_LOSS.aggregation_radius,
         "alignment_radius": SHAPES_LOSS.alignment_radius,
     }

@@ -227,7 +227,10 @@ def export_pipeline(
     # The model's ait2i settings travel with it: loss radii sized to its objects, its schedule.
     write_model_settings(
         tmp,
-        loss={k: getattr(SHAPES_LOSS, k) for k in ("aggregation_radius", "alignment_radius", "w_split")},
+        loss={
+            k: getattr(SHAPES_LOSS, k)
+            for k in ("radius_mode", "aggregation_radius", "alignment_radius", "w_split")
+        },
         schedule={k: getattr(SHAPES_SCHEDULE, k) for k in ("guided_fraction", "step_scale")},
     )
     shutil.rmtree(path, ignore_errors=True)
