@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -371,7 +372,9 @@ def test_prior_target_base_changes_the_prior_loss_and_is_saved(model_dir, instan
     class_dir = _captioned_class_dir(tmp_path / "class")
     extra = ["--with_prior_preservation", "--class_data_dir", str(class_dir), "--num_class_images", "2",
              "--max_train_steps", "2"]  # fmt: skip
-    noise = train_lora.main(argv(model_dir, instance_dir, tmp_path / "noise", *extra))
+    noise = train_lora.main(
+        argv(model_dir, instance_dir, tmp_path / "noise", *extra, "--prior_target", "noise")
+    )
     base = train_lora.main(argv(model_dir, instance_dir, tmp_path / "base", *extra, "--prior_target", "base"))
     assert base.global_step == 2
     assert json.loads((tmp_path / "base" / "train_config.json").read_text())["prior_target"] == "base"
@@ -423,6 +426,13 @@ def test_resolution_and_recipe_come_from_the_model_and_are_saved(model_dir, inst
 def test_recipe_follows_the_model_size():
     assert train_lora.default_recipe(64) is train_lora.SMALL_MODEL_RECIPE
     assert train_lora.default_recipe(512) is train_lora.STANDARD_RECIPE
+    # the small model's recipe composes the concept at its own size and distils the base on the class half
+    # (tenth sitting, fresh seeds 53000-53063); the standard recipe stays DreamBooth's
+    small, standard = train_lora.SMALL_MODEL_RECIPE, train_lora.STANDARD_RECIPE
+    assert (small.world_compositions, small.composition_sides, small.prior_target) == (0.3, "own", "base")
+    assert (standard.world_compositions, standard.prior_target) == (0.0, "noise")
+    with pytest.raises(ValueError, match="prior_target='teacher' is invalid"):
+        dataclasses.replace(small, prior_target="teacher")
     assert (
         train_lora.model_resolution(
             type("U", (), {"sample_size": 64})(), type("V", (), {"block_out_channels": [1, 2, 3, 4]})()
@@ -502,7 +512,15 @@ def test_run_stopped_at_step_3_resumes_mid_epoch_with_accumulation(model_dir, tm
 def test_world_compositions_train_and_a_stopped_run_resumes_to_the_same_weights(
     model_dir, instance_dir, tmp_path
 ):
-    common = ["--checkpointing_steps", "2", "--random_flip", "--world_compositions", "1"]
+    common = [
+        "--checkpointing_steps",
+        "2",
+        "--random_flip",
+        "--composition_sides",
+        "18,28",
+        "--world_compositions",
+        "1",
+    ]
     reference = train_lora.main(
         argv(model_dir, instance_dir, tmp_path / "ref", *common, "--max_train_steps", "4")
     )
@@ -540,7 +558,17 @@ def test_world_compositions_need_an_image_of_the_concept_alone(model_dir, tmp_pa
         ValueError,
         match=r"--world_compositions=0.5 --composition_sides=18,28: no instance image is captioned 'a photo of",
     ):
-        train_lora.parse_args(argv(model_dir, images, tmp_path / "out", "--world_compositions", "0.5"))
+        train_lora.parse_args(
+            argv(
+                model_dir,
+                images,
+                tmp_path / "out",
+                "--world_compositions",
+                "0.5",
+                "--composition_sides",
+                "18,28",
+            )
+        )
     train_lora.parse_args(argv(model_dir, images, tmp_path / "out", "--world_compositions", "0"))
 
 

@@ -99,7 +99,8 @@ class Recipe:
         name: how the log names it.
         rank, lora_alpha, lora_targets, train_text_encoder, text_encoder_targets, learning_rate,
             max_train_steps, train_batch_size, random_flip, world_compositions, composition_others,
-            composition_sides: the flags' defaults (``lora_alpha=None``: equal to the rank).
+            composition_sides, prior_target: the flags' defaults (``lora_alpha=None``: equal to the rank;
+            ``prior_target`` counts only with ``--with_prior_preservation``).
     """
 
     name: str
@@ -115,6 +116,7 @@ class Recipe:
     world_compositions: float = 0.0
     composition_others: str = "1,3,1"
     composition_sides: str = "18,28"
+    prior_target: str = "noise"
 
     def __post_init__(self) -> None:
         for field in ("rank", "max_train_steps", "train_batch_size"):
@@ -132,6 +134,10 @@ class Recipe:
                 f"world_compositions={self.world_compositions} is invalid: expected a number in [0, 1]"
             )
         composition_options(self.composition_others, self.composition_sides)
+        if self.prior_target not in PRIOR_TARGETS:
+            raise ValueError(
+                f"prior_target={self.prior_target!r} is invalid: expected one of {PRIOR_TARGETS}"
+            )
 
 
 # --prior_target: DreamBooth's noise, or the base model's prediction (a distillation of the base model).
@@ -162,7 +168,13 @@ SMALL_MODEL_RECIPE = Recipe(
     max_train_steps=500,
     train_batch_size=4,
     random_flip=True,
-    world_compositions=0.0,
+    # the concept pasted at its own size beside one world object in 30 % of the instance slots (the concept
+    # beside a second subject), with the class half distilled to the frozen base model (keeps the world the
+    # compositions alone moved): tenth sitting, docs/personalization.md
+    world_compositions=0.3,
+    composition_others="0,1",
+    composition_sides="own",
+    prior_target="base",
 )
 # diffusers' DreamBooth-LoRA defaults for Stable Diffusion 1.x/2.x (512-768 px).
 STANDARD_RECIPE = Recipe(
@@ -266,10 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--prior_target",
         choices=PRIOR_TARGETS,
-        default="noise",
+        default=None,
         help="what the class half is pulled to: 'noise' (DreamBooth: the noise added to the class image) or "
         "'base' (the base model's own prediction for the same noisy class image and caption, adapters "
-        "off: the LoRA is pulled back only where it changes the base model, without the noise's variance)",
+        "off: the LoRA is pulled back only where it changes the base model, without the noise's variance). "
+        + _MODEL_DEFAULT,
     )
     g.add_argument("--class_batch_size", type=int, default=4, help="images per call when generating")
     g.add_argument("--class_inference_steps", type=int, default=25)
