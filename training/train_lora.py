@@ -497,11 +497,11 @@ def world_composer(args: argparse.Namespace):
         return None
     logger.info(
         "world compositions: %.0f%% of the instance slots show the concept (cut from %d images of it alone) "
-        "in a scene of the world (0/1/2 other objects weighted %s, the concept %s px)",
+        "in a scene of the world (0/1/2 other objects weighted %s, the concept %s)",
         100 * args.world_compositions,
         len(composer.crops),
         args.composition_others,
-        "-".join(map(str, composer.concept_sides)) if composer.concept_sides else "at its own",
+        "-".join(map(str, composer.concept_sides)) + " px" if composer.concept_sides else "at its own size",
     )
     return composer
 
