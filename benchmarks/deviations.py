@@ -64,12 +64,15 @@ def variant_config(base: AIT2IConfig, overrides: dict[str, object]) -> AIT2IConf
         )
     if "refinement_thresholds" in schedule:
         schedule["refinement_thresholds"] = tuple(tuple(p) for p in schedule["refinement_thresholds"])
-    return dataclasses.replace(
-        base,
-        loss=dataclasses.replace(base.loss, **loss),
-        schedule=dataclasses.replace(base.schedule, **schedule),
-        **options,
-    )
+    try:
+        return dataclasses.replace(
+            base,
+            loss=dataclasses.replace(base.loss, **loss),
+            schedule=dataclasses.replace(base.schedule, **schedule),
+            **options,
+        )
+    except ValueError as err:  # a field's value the config refuses: one line, naming it
+        raise SystemExit(f"--variants: {err}") from None
 
 
 def paired(records: list[dict], first: str, name: str) -> dict[str, int]:

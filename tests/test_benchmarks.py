@@ -374,6 +374,11 @@ def test_overhead_variant_rows_run_the_models_settings_with_their_fields(monkeyp
     assert (config.schedule.step_scale, config.loss.w_split, config.mode) == (40.0, 2.0, "truncated")
     with pytest.raises(SystemExit, match="not LossConfig or ScheduleConfig fields"):
         overhead.make_runner("no_such_field=1", object(), None, 2)
+    # a value the config refuses: one line naming it, before any image
+    with pytest.raises(
+        SystemExit, match=r"^--variants: radius_share='max' is invalid: expected 'own' or 'min'$"
+    ):
+        overhead.make_runner("radius_share=max", object(), None, 2, settings=default_model_path())
 
 
 def test_guided_step_breakdown_runs_and_puts_the_functions_back(capsys):
